@@ -1,0 +1,90 @@
+"""The one error hierarchy of hal0.
+
+Every error has a stable `code` and an HTTP `status`; the API converts them to JSON in one place.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class Hal0Error(Exception):
+    code = "internal_error"
+    status = 500
+
+    def __init__(self, message: str, *, code: str | None = None, detail: dict[str, Any] | None = None,
+                 status: int | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        if code is not None:
+            self.code = code
+        if status is not None:
+            self.status = status
+        self.detail: dict[str, Any] = detail or {}
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"code": self.code, "message": self.message}
+        if self.detail:
+            out["detail"] = self.detail
+        return out
+
+
+class ConfigError(Hal0Error):
+    code = "config_error"
+    status = 400
+
+
+class InvalidRequest(Hal0Error):
+    code = "invalid_request"
+    status = 400
+
+
+class NotFound(Hal0Error):
+    code = "not_found"
+    status = 404
+
+
+class Conflict(Hal0Error):
+    code = "conflict"
+    status = 409
+
+
+class IllegalTransition(Hal0Error):
+    """A lifecycle transition outside the table: a bug, never a user error."""
+
+    code = "illegal_transition"
+    status = 409
+
+
+class SlotNotFound(NotFound):
+    code = "slot_not_found"
+
+
+class ModelNotFound(NotFound):
+    code = "model_not_found"
+
+
+class PortUnavailable(Hal0Error):
+    code = "port_unavailable"
+    status = 409
+
+
+class BackendError(Hal0Error):
+    """A backend failed to start, warm up or answer; detail holds exit code, log tail and probe."""
+
+    code = "backend_error"
+    status = 503
+
+
+class BinaryNotFound(BackendError):
+    code = "binary_not_found"
+
+
+class UpstreamError(Hal0Error):
+    code = "upstream_error"
+    status = 502
+
+
+class RegistryError(Hal0Error):
+    code = "registry_error"
+    status = 400

