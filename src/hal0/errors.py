@@ -88,3 +88,48 @@ class UpstreamError(Hal0Error):
 class RegistryError(Hal0Error):
     code = "registry_error"
     status = 400
+
+
+class InvalidRef(InvalidRequest):
+    code = "invalid_ref"
+
+
+class ModelInUse(Conflict):
+    code = "model_in_use"
+
+
+class LoadoutNotFound(NotFound):
+    code = "loadout_not_found"
+
+
+class InsufficientMemory(Conflict):
+    code = "insufficient_memory"
+
+
+class InsufficientDisk(RegistryError):
+    code = "insufficient_disk"
+    status = 507
+
+
+class PullError(RegistryError):
+    """A pull failed at its source; subclasses name why. Status 502: the fault is upstream, not the caller."""
+
+    code = "pull_failed"
+    status = 502
+
+
+class SourceUnauthorized(PullError):
+    code = "source_unauthorized"
+
+
+class SourceNotFound(PullError):
+    code = "source_not_found"
+    status = 404
+
+
+class PullInterrupted(PullError):
+    code = "pull_interrupted"
+
+
+class ChecksumMismatch(PullError):
+    code = "checksum_mismatch"

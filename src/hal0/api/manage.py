@@ -1,0 +1,134 @@
+"""/api: slots (list, show, create, update, delete, assign, load, unload, restart, logs) and events.
+
+Thin over the SlotManager; the CLI and the dashboard both use exactly these routes.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Query, Request, Response
+from pydantic import BaseModel, ConfigDict, Field
+
+from hal0.api.sse import sse_response
+from hal0.slots.manager import SlotManager
+from hal0.slots.slot import Slot
+
+router = APIRouter(prefix="/api", tags=["management"])
+
+
+class SlotFields(BaseModel):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    type: str | None = Field(None, description="chat, embed, rerank, stt or tts")
+    provider: str | None = Field(None, description="llama.cpp, moonshine, kokoro or flm")
+    model: str | None = Field(None, description="model ref in the registry")
+    port: int | None = Field(None, description="fixed backend port; 0 or absent allocates one")
+    aliases: list[str] | None = None
+    ctx_size: int | None = None
+    args: list[str] | None = Field(None, description="extra backend arguments")
+    env: dict[str, str] | None = None
+    idle_timeout_s: float | None = None
+    ttl_s: float | None = None
+    warmup_budget_s: float | None = None
+
+
+class SlotCreate(SlotFields):
+    name: str = Field(..., max_length=200)
+
+
+class ModelAssign(BaseModel):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    model: str | None = Field(..., max_length=200, description="model ref, or null to unassign")
+
+
+def _manager(request: Request) -> SlotManager:
+    manager: SlotManager = request.app.state.manager
+    return manager
+
+
+def _view(slot: Slot) -> dict[str, Any]:
+    return slot.snapshot()
+
+
+@router.get("/health", summary="The API itself is up")
+async def health(request: Request) -> dict[str, Any]:
+    manager = _manager(request)
+    return {"status": "ok", "supervisor": manager.supervisor.kind, "slots": len(manager.slots)}
+
+
+@router.get("/slots", summary="Every slot with its live state")
+async def list_slots(request: Request) -> dict[str, Any]:
+    return {"data": [_view(s) for s in _manager(request).list()]}
+
+
+@router.post("/slots", status_code=201, summary="Create a user slot")
+async def create_slot(body: SlotCreate, request: Request) -> dict[str, Any]:
+    slot = await _manager(request).create(body.model_dump(exclude_none=True))
+    return _view(slot)
+
+
+@router.get("/slots/{name}", summary="One slot")
+async def show_slot(name: str, request: Request) -> dict[str, Any]:
+    slot = _manager(request).get(name)
+    view = _view(slot)
+    view["history"] = slot.history
+    return view
+
+
+@router.patch("/slots/{name}", summary="Change a slot's config (a loaded slot restarts)")
+async def update_slot(name: str, body: SlotFields, request: Request) -> dict[str, Any]:
+    return _view(await _manager(request).update(name, body.model_dump(exclude_unset=True)))
+
+
+@router.delete("/slots/{name}", status_code=204, summary="Delete a user slot (unloads it first)")
+async def delete_slot(name: str, request: Request) -> Response:
+    await _manager(request).delete(name)
+    return Response(status_code=204)
+
+
+@router.put("/slots/{name}/model", summary="Assign a model ref to a slot")
+async def assign_model(name: str, body: ModelAssign, request: Request) -> dict[str, Any]:
+    return _view(await _manager(request).assign(name, body.model))
+
+
+@router.post("/slots/{name}/load", summary="Load a slot's model; waits for ready unless wait=false")
+async def load_slot(name: str, request: Request, wait: bool = True) -> dict[str, Any]:
+    manager = _manager(request)
+    slot = manager.get(name)
+    if wait:
+        await slot.ensure_loaded(manager.settings.cold_boot_grace_s)
+    else:
+        slot.start_load()
+    return _view(slot)
+
+
+@router.post("/slots/{name}/unload", summary="Unload a slot (SIGTERM, then SIGKILL after a timeout)")
+async def unload_slot(name: str, request: Request) -> dict[str, Any]:
+    slot = _manager(request).get(name)
+    await slot.unload()
+    return _view(slot)
+
+
+@router.post("/slots/{name}/restart", summary="Unload and load again, waiting for ready")
+async def restart_slot(name: str, request: Request) -> dict[str, Any]:
+    manager = _manager(request)
+    slot = manager.get(name)
+    await slot.unload("restart requested")
+    await slot.ensure_loaded(manager.settings.cold_boot_grace_s)
+    return _view(slot)
+
+
+@router.get("/slots/{name}/logs", summary="The last lines of a slot's backend log")
+async def slot_logs(name: str, request: Request, lines: int = Query(100, ge=1, le=5000)) -> dict[str, Any]:
+    manager = _manager(request)
+    slot = manager.get(name)
+    return {"slot": slot.name, "lines": manager.supervisor.log_tail(slot.name, lines)}
+
+
+@router.get("/events", summary="Server-sent events: slot transitions, decisions, pulls",
+            response_description="text/event-stream; resume with the Last-Event-ID header")
+async def events(request: Request, topics: str | None = None) -> Response:
+    wanted = [t for t in (topics or "").split(",") if t] or None
+    return sse_response(request.app.state.events, request, wanted)

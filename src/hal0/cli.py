@@ -1,0 +1,248 @@
+"""The `hal0` command: `serve` runs the API; everything else is a thin client over its HTTP API.
+
+Human tables by default, `--json` for machines; the CLI and the dashboard read the same routes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from hal0.cli_http import ApiClient
+from hal0.errors import Hal0Error
+from hal0.settings import load_settings
+
+_LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def _print_json(data: Any) -> None:
+    print(json.dumps(data, indent=2, sort_keys=True))
+
+
+def print_table(rows: list[dict[str, Any]], columns: Sequence[str]) -> None:
+    cells = [[("" if row.get(c) is None else str(row.get(c))) for c in columns] for row in rows]
+    widths = [max([len(c)] + [len(r[i]) for r in cells]) for i, c in enumerate(columns)]
+    print("  ".join(c.upper().ljust(w) for c, w in zip(columns, widths, strict=True)).rstrip())
+    for r in cells:
+        print("  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)).rstrip())
+
+
+def _age(ts: float | None) -> str:
+    if not ts:
+        return ""
+    secs = max(0, int(time.time() - ts))
+    if secs < 120:
+        return f"{secs}s"
+    if secs < 7200:
+        return f"{secs // 60}m"
+    return f"{secs // 3600}h"
+
+
+# -- serve ------------------------------------------------------------------------------------------------
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from hal0.api.app import AppOptions, create_app
+
+    settings = load_settings(overrides={"host": args.host, "port": args.port})
+    if settings.host not in _LOOPBACK and not settings.api_keys:
+        print(f"hal0: refusing to bind {settings.host}: set HAL0_API_KEYS first (only loopback is open "
+              "without keys)", file=sys.stderr)
+        return 2
+    app = create_app(settings, AppOptions(demo=not args.no_demo))
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level=args.log_level,
+                loop="uvloop", http="httptools", access_log=False, timeout_graceful_shutdown=5)
+    return 0
+
+
+# -- slots ------------------------------------------------------------------------------------------------
+def _slot_row(s: dict[str, Any]) -> dict[str, Any]:
+    err = s.get("error") or {}
+    return {"name": s["name"], "type": s.get("type"), "state": s["state"], "model": s.get("model")
+            or s.get("config", {}).get("model"), "provider": s.get("config", {}).get("provider"),
+            "port": s.get("port"), "pid": s.get("pid"), "since": _age(s.get("since")),
+            "note": err.get("message") or s.get("reason") or ""}
+
+
+def cmd_slot_list(args: argparse.Namespace) -> int:
+    data = args.client.get("/api/slots")["data"]
+    if args.json:
+        _print_json(data)
+    else:
+        print_table([_slot_row(s) for s in data],
+                    ["name", "type", "state", "model", "provider", "port", "pid", "since", "note"])
+    return 0
+
+
+def _show(args: argparse.Namespace, slot: dict[str, Any]) -> int:
+    if args.json:
+        _print_json(slot)
+        return 0
+    row = _slot_row(slot)
+    for key in ("name", "type", "state", "model", "provider", "port", "pid", "since"):
+        print(f"{key:>9}: {row[key] if row[key] is not None else ''}")
+    print(f"{'reason':>9}: {slot.get('reason', '')}")
+    err = slot.get("error")
+    if err:
+        print(f"{'error':>9}: [{err['code']}] {err['message']}")
+        detail = err.get("detail") or {}
+        if detail.get("exit_code") is not None:
+            print(f"{'exit code':>9}: {detail['exit_code']}")
+        if detail.get("log_tail"):
+            print("  log tail:")
+            for line in detail["log_tail"][-15:]:
+                print(f"    {line}")
+    return 0
+
+
+def cmd_slot_show(args: argparse.Namespace) -> int:
+    return _show(args, args.client.get(f"/api/slots/{args.name}"))
+
+
+def cmd_slot_create(args: argparse.Namespace) -> int:
+    body: dict[str, Any] = {"name": args.name, "type": args.type}
+    for key in ("provider", "model", "port", "ctx_size", "ttl_s", "idle_timeout_s"):
+        value = getattr(args, key)
+        if value is not None:
+            body[key] = value
+    if args.alias:
+        body["aliases"] = args.alias
+    if args.arg:
+        body["args"] = args.arg
+    return _show(args, args.client.post("/api/slots", json=body))
+
+
+def cmd_slot_delete(args: argparse.Namespace) -> int:
+    args.client.delete(f"/api/slots/{args.name}")
+    if not args.json:
+        print(f"deleted slot {args.name}")
+    return 0
+
+
+def cmd_slot_assign(args: argparse.Namespace) -> int:
+    ref = None if args.ref in ("none", "-") else args.ref
+    return _show(args, args.client.put(f"/api/slots/{args.name}/model", json={"model": ref}))
+
+
+def _action(verb: str) -> Callable[[argparse.Namespace], int]:
+    def run(args: argparse.Namespace) -> int:
+        params = {"wait": "false"} if verb == "load" and args.no_wait else None
+        slot = args.client.post(f"/api/slots/{args.name}/{verb}", params=params)
+        return _show(args, slot)
+
+    return run
+
+
+def cmd_slot_logs(args: argparse.Namespace) -> int:
+    data = args.client.get(f"/api/slots/{args.name}/logs", params={"lines": args.lines})
+    if args.json:
+        _print_json(data)
+    else:
+        print("\n".join(data["lines"]))
+    return 0
+
+
+def cmd_events(args: argparse.Namespace) -> int:
+    topics = ",".join(args.topic) if args.topic else None
+    for event in args.client.stream_events("/api/events", params={"topics": topics} if topics else None):
+        if args.json:
+            print(json.dumps(event), flush=True)
+        elif event.get("topic") == "slot" and "to" in event:
+            print(f"{time.strftime('%H:%M:%S', time.localtime(event['time']))}  {event['slot']:<12} "
+                  f"{event['from']:>9} -> {event['to']:<9} {event.get('reason', '')}", flush=True)
+        else:
+            print(json.dumps(event), flush=True)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hal0", description="Control plane for local AI inference.")
+    parser.add_argument("--url", help="API address (default: from settings, http://127.0.0.1:8080)")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    serve = sub.add_parser("serve", help="run the API on 127.0.0.1:8080 (and re-adopt running slots)")
+    serve.add_argument("--host")
+    serve.add_argument("--port", type=int)
+    serve.add_argument("--no-demo", action="store_true",
+                       help="do not give `primary` the generated demo model on a first run")
+    serve.add_argument("--log-level", default="info")
+    serve.set_defaults(func=cmd_serve, local=True)
+
+    slot = sub.add_parser("slot", help="list and drive slots").add_subparsers(dest="slot_cmd", required=True)
+    p = slot.add_parser("list", help="every slot and its state")
+    p.set_defaults(func=cmd_slot_list)
+    p = slot.add_parser("show", help="one slot, with its error if it failed")
+    p.add_argument("name")
+    p.set_defaults(func=cmd_slot_show)
+    p = slot.add_parser("create", help="create a user slot")
+    p.add_argument("name")
+    p.add_argument("--type", default="chat", choices=["chat", "embed", "rerank", "stt", "tts"])
+    p.add_argument("--provider")
+    p.add_argument("--model", help="model ref")
+    p.add_argument("--port", type=int)
+    p.add_argument("--ctx-size", dest="ctx_size", type=int)
+    p.add_argument("--ttl", dest="ttl_s", type=float, help="unload after this many seconds idle")
+    p.add_argument("--idle-timeout", dest="idle_timeout_s", type=float)
+    p.add_argument("--alias", action="append", help="another name clients may use (repeatable)")
+    p.add_argument("--arg", action="append", help="extra backend argument (repeatable)")
+    p.set_defaults(func=cmd_slot_create)
+    p = slot.add_parser("delete", help="delete a user slot")
+    p.add_argument("name")
+    p.set_defaults(func=cmd_slot_delete)
+    p = slot.add_parser("assign", help="give a slot a model ref ('none' to unassign)")
+    p.add_argument("name")
+    p.add_argument("ref")
+    p.set_defaults(func=cmd_slot_assign)
+    for verb, text in (("load", "load and wait until ready"), ("unload", "stop the backend"),
+                       ("restart", "unload, then load and wait")):
+        p = slot.add_parser(verb, help=text)
+        p.add_argument("name")
+        if verb == "load":
+            p.add_argument("--no-wait", action="store_true", help="return at once")
+        p.set_defaults(func=_action(verb))
+    p = slot.add_parser("logs", help="the slot backend's log tail")
+    p.add_argument("name")
+    p.add_argument("-n", "--lines", type=int, default=100)
+    p.set_defaults(func=cmd_slot_logs)
+
+    p = sub.add_parser("events", help="follow slot transitions and other events live")
+    p.add_argument("--topic", action="append", help="slot, decision or pull (repeatable)")
+    p.set_defaults(func=cmd_events)
+
+    try:
+        from hal0 import cli_models
+    except ImportError:
+        pass
+    else:
+        cli_models.register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        if not getattr(args, "local", False):
+            settings = load_settings()
+            args.client = ApiClient(args.url or settings.base_url,
+                                    settings.api_keys[0] if settings.api_keys else None,
+                                    timeout=settings.cold_boot_grace_s + 30)
+        code: int = args.func(args)
+        return code
+    except Hal0Error as exc:
+        if getattr(args, "json", False):
+            _print_json({"error": exc.to_dict()})
+        else:
+            print(f"hal0: {exc.message} [{exc.code}]", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

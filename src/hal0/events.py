@@ -1,0 +1,123 @@
+"""In-process event bus: publish/subscribe with numbered events and a bounded replay ring.
+
+SSE endpoints stream from it; `Last-Event-ID` resumes from the ring.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    id: int
+    topic: str
+    data: dict[str, Any]
+    time: float
+
+
+class EventBus:
+    def __init__(self, ring_size: int = 2048, queue_size: int = 4096) -> None:
+        self._ids = itertools.count(1)
+        self._ring: deque[Event] = deque(maxlen=ring_size)
+        self._subscribers: set[asyncio.Queue[Event | None]] = set()
+        self._queue_size = queue_size
+
+    @property
+    def last_id(self) -> int:
+        return self._ring[-1].id if self._ring else 0
+
+    def publish(self, topic: str, data: dict[str, Any]) -> Event:
+        event = Event(next(self._ids), topic, data, time.time())
+        self._ring.append(event)
+        for queue in list(self._subscribers):
+            try:
+                queue.put_nowait(event)
+            except asyncio.QueueFull:
+                # A consumer this far behind is dropped rather than allowed to grow memory without bound.
+                # The stream ends; the client resumes from the ring with Last-Event-ID.
+                self._subscribers.discard(queue)
+                while not queue.empty():
+                    queue.get_nowait()
+                queue.put_nowait(None)
+        return event
+
+    def replay(self, after_id: int, topics: Iterable[str] | None = None) -> list[Event]:
+        wanted = set(topics) if topics else None
+        return [e for e in self._ring if e.id > after_id and (wanted is None or e.topic in wanted)]
+
+    def subscription(self, topics: Iterable[str] | None = None,
+                     last_event_id: int | None = None) -> Subscription:
+        wanted = frozenset(topics) if topics else None
+        queue: asyncio.Queue[Event | None] = asyncio.Queue(self._queue_size)
+        backlog = self.replay(last_event_id, wanted) if last_event_id is not None else []
+        self._subscribers.add(queue)
+        return Subscription(self, queue, wanted, backlog)
+
+    async def subscribe(
+        self, topics: Iterable[str] | None = None, last_event_id: int | None = None
+    ) -> AsyncIterator[Event]:
+        """Yield events (replayed ones first when resuming) until the bus closes the stream."""
+        sub = self.subscription(topics, last_event_id)
+        try:
+            while True:
+                try:
+                    event = await sub.get(None)
+                except StreamEnded:
+                    return
+                if event is not None:
+                    yield event
+        finally:
+            sub.close()
+
+    def _unsubscribe(self, queue: asyncio.Queue[Event | None]) -> None:
+        self._subscribers.discard(queue)
+
+    def close(self) -> None:
+        for queue in list(self._subscribers):
+            try:
+                queue.put_nowait(None)
+            except asyncio.QueueFull:
+                pass
+        self._subscribers.clear()
+
+
+class StreamEnded(Exception):
+    """The bus closed this subscription (shutdown, or the consumer fell too far behind)."""
+
+
+class Subscription:
+    def __init__(self, bus: EventBus, queue: asyncio.Queue[Event | None], wanted: frozenset[str] | None,
+                 backlog: list[Event]) -> None:
+        self._bus = bus
+        self._queue = queue
+        self._wanted = wanted
+        self._backlog = deque(backlog)
+        self._seen = backlog[-1].id if backlog else 0
+
+    async def get(self, timeout: float | None) -> Event | None:
+        """The next event; None when `timeout` passes first. Raises StreamEnded when the bus ends it."""
+        if self._backlog:
+            return self._backlog.popleft()
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
+        while True:
+            remaining = None if deadline is None else max(0.0, deadline - loop.time())
+            try:
+                item = await asyncio.wait_for(self._queue.get(), remaining)
+            except TimeoutError:
+                return None
+            if item is None:
+                raise StreamEnded
+            if item.id <= self._seen or (self._wanted is not None and item.topic not in self._wanted):
+                continue
+            return item
+
+    def close(self) -> None:
+        self._bus._unsubscribe(self._queue)

@@ -1,0 +1,65 @@
+"""The Provider protocol: how to start one kind of backend, probe its readiness and explain its failures.
+
+A provider is data plus a few functions; it never owns a process (supervisors do).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import aiohttp
+
+
+@dataclass(frozen=True, slots=True)
+class LaunchSpec:
+    """Everything a provider needs to build a backend's command line."""
+
+    slot: str
+    slot_type: str
+    model_path: Path
+    port: int
+    host: str = "127.0.0.1"
+    ctx_size: int | None = None
+    extra_args: tuple[str, ...] = ()
+    env: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class Command:
+    argv: tuple[str, ...]
+    env: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class ProbeResult:
+    ok: bool
+    stage: str
+    status: int | None = None
+    message: str = ""
+    #: True when the backend answers but is still loading (a normal part of warm-up).
+    loading: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"ok": self.ok, "stage": self.stage, "status": self.status, "message": self.message}
+
+
+class Provider(Protocol):
+    name: str
+    #: Slot types this provider can serve (chat, embed, rerank, stt, tts).
+    slot_types: frozenset[str]
+
+    def endpoints(self, slot_type: str) -> frozenset[str]:
+        """The /v1 paths a slot of this type answers through this provider."""
+        ...
+
+    def command(self, spec: LaunchSpec) -> Command: ...
+
+    async def probe(self, session: aiohttp.ClientSession, base_url: str, slot_type: str) -> ProbeResult:
+        """One readiness check; ok only when the backend really answers."""
+        ...
+
+    def explain_failure(self, exit_code: int | None, log_tail: list[str]) -> str:
+        """A one-line human reason from the backend's own output."""
+        ...

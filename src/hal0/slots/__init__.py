@@ -1,0 +1,1 @@
+"""Slots: one inference workload each (model, provider, port, lifecycle)."""

@@ -1,0 +1,170 @@
+"""Slot configuration: one TOML file per slot in `<config_dir>/slots/`, and the four built-in slots.
+
+Names and fields are validated here, so nothing downstream ever sees a hostile name or argument.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import tomli_w
+
+from hal0.errors import ConfigError, InvalidRequest
+from hal0.slots.store import atomic_write_json
+
+SLOT_TYPES = ("chat", "embed", "rerank", "stt", "tts")
+DEFAULT_PROVIDER = {"chat": "llama.cpp", "embed": "llama.cpp", "rerank": "llama.cpp",
+                    "stt": "moonshine", "tts": "kokoro"}
+BUILTIN_SLOTS = {"primary": "chat", "embed": "embed", "stt": "stt", "tts": "tts"}
+
+_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
+_REF = re.compile(r"^[a-z0-9][a-z0-9._-]{0,127}$")
+_ALIAS = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/@-]{0,127}$")
+_ARG = re.compile(r"^[^\x00-\x1f\x7f]{1,512}$")
+_ENV_KEY = re.compile(r"^[A-Z_][A-Z0-9_]{0,63}$")
+
+
+def validate_slot_name(name: str) -> str:
+    if not isinstance(name, str) or not _NAME.match(name):
+        raise InvalidRequest(
+            "slot names are 1-63 characters of lowercase letters, digits, '-' and '_', starting with a "
+            f"letter or digit; got {name[:80]!r}" if isinstance(name, str) else "slot name must be a string",
+            code="invalid_slot_name",
+        )
+    return name
+
+
+def validate_ref(ref: str) -> str:
+    if not isinstance(ref, str) or not _REF.match(ref) or ".." in ref:
+        shown = ref[:80] if isinstance(ref, str) else ref
+        raise InvalidRequest(
+            f"model refs are lowercase letters, digits, '.', '_' and '-' (no '..'); got {shown!r}",
+            code="invalid_model_ref",
+        )
+    return ref
+
+
+@dataclass(frozen=True, slots=True)
+class SlotConfig:
+    name: str
+    type: str = "chat"
+    provider: str = ""
+    model: str | None = None
+    #: 0 means "allocate from the slot port range".
+    port: int = 0
+    aliases: tuple[str, ...] = ()
+    ctx_size: int | None = None
+    args: tuple[str, ...] = ()
+    env: dict[str, str] = field(default_factory=dict)
+    idle_timeout_s: float | None = None
+    #: Unload after this long idle; None keeps the model loaded.
+    ttl_s: float | None = None
+    warmup_budget_s: float | None = None
+    builtin: bool = False
+
+    def __post_init__(self) -> None:
+        validate_slot_name(self.name)
+        if self.type not in SLOT_TYPES:
+            raise InvalidRequest(f"slot type must be one of {', '.join(SLOT_TYPES)}; got {self.type!r}",
+                                 code="invalid_slot_type")
+        if not self.provider:
+            object.__setattr__(self, "provider", DEFAULT_PROVIDER[self.type])
+        if self.model is not None:
+            validate_ref(self.model)
+        if self.port and not (1024 <= self.port < 65536):
+            raise InvalidRequest(f"port must be 1024-65535; got {self.port}", code="invalid_port")
+        for alias in self.aliases:
+            if not isinstance(alias, str) or not _ALIAS.match(alias):
+                raise InvalidRequest(f"invalid alias {str(alias)[:80]!r}", code="invalid_alias")
+        for arg in self.args:
+            if not isinstance(arg, str) or not _ARG.match(arg):
+                raise InvalidRequest(f"invalid backend argument {str(arg)[:80]!r}", code="invalid_arg")
+        for key, value in self.env.items():
+            if not _ENV_KEY.match(key) or not isinstance(value, str) or "\x00" in value:
+                raise InvalidRequest(f"invalid environment entry {key[:64]!r}", code="invalid_env")
+        for name in ("ctx_size", "idle_timeout_s", "ttl_s", "warmup_budget_s"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int | float) or value <= 0):
+                raise InvalidRequest(f"{name} must be a positive number; got {value!r}", code="invalid_value")
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["aliases"] = list(self.aliases)
+        out["args"] = list(self.args)
+        return out
+
+    def to_toml(self) -> str:
+        data = {k: v for k, v in self.to_dict().items() if v is not None and k != "builtin"}
+        return tomli_w.dumps(data)
+
+    @classmethod
+    def from_mapping(cls, data: dict[str, Any], *, builtin: bool = False) -> SlotConfig:
+        known = {f for f in cls.__dataclass_fields__}
+        unknown = set(data) - known
+        if unknown:
+            raise InvalidRequest(f"unknown slot field(s): {', '.join(sorted(unknown))}", code="invalid_field")
+        values = dict(data)
+        for key in ("aliases", "args"):
+            if key in values:
+                if not isinstance(values[key], list | tuple):
+                    raise InvalidRequest(f"{key} must be a list of strings", code="invalid_field")
+                values[key] = tuple(values[key])
+        if "env" in values and not isinstance(values["env"], dict):
+            raise InvalidRequest("env must be a table of strings", code="invalid_field")
+        if "port" in values and not isinstance(values["port"], int):
+            raise InvalidRequest("port must be an integer", code="invalid_port")
+        values["builtin"] = builtin
+        try:
+            return cls(**values)
+        except TypeError as exc:
+            raise InvalidRequest(str(exc), code="invalid_field") from exc
+
+
+class ConfigStore:
+    """The slot TOML files. Built-in slots exist even without a file."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def path(self, name: str) -> Path:
+        return self.root / f"{validate_slot_name(name)}.toml"
+
+    def load_all(self) -> dict[str, SlotConfig]:
+        configs = {name: SlotConfig(name=name, type=typ, builtin=True) for name, typ in BUILTIN_SLOTS.items()}
+        if self.root.is_dir():
+            for path in sorted(self.root.glob("*.toml")):
+                name = path.stem
+                try:
+                    data = tomllib.loads(path.read_text())
+                    data.setdefault("name", name)
+                    if data["name"] != name:
+                        raise ConfigError(f"name {data['name']!r} does not match the file name")
+                    configs[name] = SlotConfig.from_mapping(data, builtin=name in BUILTIN_SLOTS)
+                except (tomllib.TOMLDecodeError, ConfigError, InvalidRequest) as exc:
+                    raise ConfigError(f"{path}: {exc}") from exc
+        return configs
+
+    def save(self, config: SlotConfig) -> None:
+        path = self.path(config.name)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".toml.tmp")
+        tmp.write_text(config.to_toml())
+        tmp.replace(path)
+
+    def delete(self, name: str) -> None:
+        try:
+            self.path(name).unlink()
+        except FileNotFoundError:
+            pass
+
+
+def updated(config: SlotConfig, **changes: Any) -> SlotConfig:
+    return replace(config, **changes)
+
+
+__all__ = ["BUILTIN_SLOTS", "SLOT_TYPES", "ConfigStore", "SlotConfig", "atomic_write_json", "updated",
+           "validate_ref", "validate_slot_name"]

@@ -1,0 +1,365 @@
+"""One slot's lifecycle driver: load (single-flight), readiness probing, request accounting, unload.
+
+Every state change goes through `_transition`, which checks the table, writes state.json and publishes an event.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from hal0.errors import BackendError, Conflict, Hal0Error
+from hal0.events import EventBus
+from hal0.providers.base import LaunchSpec, ProbeResult, Provider
+from hal0.settings import Settings
+from hal0.slots.config import SlotConfig
+from hal0.slots.state import ACTIVE, LOADED, LOADING, SlotState, check_transition
+from hal0.slots.store import SlotError, SlotRecord, StateStore
+from hal0.supervisors.base import Handle, ProcessStatus, Supervisor
+
+S = SlotState
+
+#: First probe interval; probing backs off from here while the backend warms up.
+PROBE_FIRST_S = 0.005
+PROBE_MAX_S = 0.25
+PROBE_BACKOFF = 1.5
+WATCH_INTERVAL_S = 0.25
+LOG_TAIL_LINES = 30
+
+
+@dataclass(slots=True)
+class SlotContext:
+    """What every slot shares: built once by the manager."""
+
+    settings: Settings
+    store: StateStore
+    bus: EventBus
+    supervisor: Supervisor
+    providers: dict[str, Provider]
+    session: aiohttp.ClientSession
+    resolve_model: Callable[[str], Path]
+    allocate_port: Callable[[Slot], int]
+
+
+class Slot:
+    def __init__(self, config: SlotConfig, record: SlotRecord, ctx: SlotContext) -> None:
+        self.config = config
+        self.record = record
+        self._ctx = ctx
+        self._op_lock = asyncio.Lock()
+        self._load_task: asyncio.Task[None] | None = None
+        self._watch_task: asyncio.Task[None] | None = None
+        self.in_flight = 0
+        self.requests_total = 0
+        self._last_activity = time.monotonic()
+        self.history: list[dict[str, Any]] = []
+        self.last_probe: ProbeResult | None = None
+
+    # -- views ---------------------------------------------------------------------------------------
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+    @property
+    def state(self) -> SlotState:
+        return self.record.state
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.record.port}"
+
+    def snapshot(self) -> dict[str, Any]:
+        rec = self.record.to_dict()
+        rec["config"] = self.config.to_dict()
+        rec["type"] = self.config.type
+        rec["in_flight"] = self.in_flight
+        rec["requests_total"] = self.requests_total
+        rec["uptime_s"] = (time.time() - self.record.loaded_at) if (
+            self.record.loaded_at and self.state in LOADED) else None
+        if self.state is S.OFFLINE and not self.config.model:
+            rec["reason"] = rec["reason"] or "no model assigned"
+        return rec
+
+    # -- transitions ---------------------------------------------------------------------------------
+    def _transition(self, dst: SlotState, reason: str = "", **changes: Any) -> None:
+        src = self.record.state
+        check_transition(src, dst)
+        rec = self.record
+        rec.state = dst
+        rec.seq += 1
+        rec.since = time.time()
+        rec.reason = reason
+        if dst is not S.ERROR:
+            rec.error = None
+        for key, value in changes.items():
+            setattr(rec, key, value)
+        self._ctx.store.write(rec)
+        entry = {"slot": self.name, "from": src.value, "to": dst.value, "seq": rec.seq, "time": rec.since,
+                 "reason": reason}
+        self.history.append(entry)
+        del self.history[:-100]
+        event = dict(entry)
+        event["record"] = self.snapshot()
+        self._ctx.bus.publish("slot", event)
+
+    def _fail(self, code: str, message: str, *, exit_code: int | None = None,
+              probe: ProbeResult | None = None, extra: dict[str, Any] | None = None) -> None:
+        detail: dict[str, Any] = {
+            "exit_code": exit_code,
+            "log_tail": self._ctx.supervisor.log_tail(self.name, LOG_TAIL_LINES),
+            "probe": (probe or self.last_probe).to_dict() if (probe or self.last_probe) else None,
+        }
+        if extra:
+            detail.update(extra)
+        self._transition(S.ERROR, message, error=SlotError(code, message, detail))
+
+    # -- loading ---------------------------------------------------------------------------------------
+    def start_load(self) -> asyncio.Task[None]:
+        """Start a load, or join the one under way: N callers, one backend process."""
+        if self._load_task is None or self._load_task.done():
+            if not self.config.model:
+                raise Conflict(
+                    f"slot {self.name} has no model assigned; assign one with "
+                    f"`hal0 slot assign {self.name} REF`", code="no_model",
+                )
+            self._load_task = asyncio.create_task(self._load(), name=f"load:{self.name}")
+        return self._load_task
+
+    async def ensure_loaded(self, timeout: float) -> bool:
+        """Wait until the slot serves; load it if cold. True when this call had to wait for a load."""
+        if self.state in LOADED:
+            return False
+        task = self.start_load()
+        try:
+            async with asyncio.timeout(timeout):
+                await asyncio.shield(task)
+        except TimeoutError:
+            raise BackendError(
+                f"slot {self.name} is still {self.state.value} after the cold-boot grace of {timeout:g}s",
+                code="cold_boot_timeout", detail={"state": self.state.value},
+            ) from None
+        if self.state not in LOADED:
+            raise self.error_exception()
+        return True
+
+    def error_exception(self) -> BackendError:
+        err = self.record.error
+        if err is None:
+            return BackendError(f"slot {self.name} is {self.state.value}", code="slot_not_ready")
+        return BackendError(f"slot {self.name} failed to load: {err.message}", code=err.code,
+                            detail={"slot": self.name, **err.detail})
+
+    async def _load(self) -> None:
+        async with self._op_lock:
+            if self.state in LOADED:
+                return
+            if self.state in (S.STARTING, S.WARMING) and self.record.pid:
+                # Adopted mid-load from an earlier API process: keep probing the same backend.
+                await self._warm(Handle(self.record.pid, self.record.unit), time.monotonic())
+                return
+            await self._start_and_warm()
+
+    async def _start_and_warm(self) -> None:
+        cfg = self.config
+        assert cfg.model is not None
+        provider = self._ctx.providers.get(cfg.provider)
+        self._transition(S.STARTING, "load requested", model=cfg.model, provider=cfg.provider, pid=None,
+                         supervisor=self._ctx.supervisor.kind)
+        if provider is None:
+            self._fail("provider_unavailable",
+                       f"provider {cfg.provider!r} is not available in this hal0 installation")
+            return
+        if cfg.type not in provider.slot_types:
+            self._fail("provider_mismatch", f"provider {provider.name} cannot serve {cfg.type} slots")
+            return
+        try:
+            model_path = self._ctx.resolve_model(cfg.model)
+            port = self._ctx.allocate_port(self)
+            self.record.port = port
+            command = provider.command(LaunchSpec(
+                slot=self.name, slot_type=cfg.type, model_path=model_path, port=port,
+                ctx_size=cfg.ctx_size, extra_args=cfg.args, env=dict(cfg.env),
+            ))
+            handle = await self._ctx.supervisor.start(self.name, command)
+        except Hal0Error as exc:
+            self._fail(exc.code, exc.message, extra=exc.detail)
+            return
+        started = time.monotonic()
+        self.record.pid = handle.pid
+        self.record.unit = handle.unit
+        self._ctx.store.write(self.record)
+        await self._warm(handle, started)
+
+    async def _warm(self, handle: Handle, started: float) -> None:
+        """Probe adaptively until ready, dead, or out of warm-up budget."""
+        provider = self._ctx.providers[self.config.provider]
+        budget = self.config.warmup_budget_s or self._ctx.settings.warmup_budget_s
+        interval = PROBE_FIRST_S
+        self.last_probe = None
+        while True:
+            status = self._ctx.supervisor.status(self.name, handle)
+            if not status.alive:
+                self._died(status, provider)
+                return
+            probe = await provider.probe(self._ctx.session, self.base_url, self.config.type)
+            self.last_probe = probe
+            if self.state is S.STARTING and (probe.ok or probe.stage != "connect"):
+                self._transition(S.WARMING, "backend process is up; waiting for its probe")
+            if probe.ok:
+                status = self._ctx.supervisor.status(self.name, handle)
+                if not status.alive:
+                    self._died(status, provider)
+                    return
+                self._last_activity = time.monotonic()
+                self._transition(S.READY, f"probe passed after {time.monotonic() - started:.3f}s",
+                                 loaded_at=time.time())
+                self._ensure_watch()
+                return
+            if time.monotonic() - started > budget:
+                await self._ctx.supervisor.stop(self.name, handle, self._ctx.settings.stop_timeout_s)
+                self._fail("warmup_timeout",
+                           f"backend did not pass its readiness probe within {budget:g}s "
+                           f"(last probe: {probe.stage} {probe.status or ''} {probe.message})".strip(),
+                           probe=probe)
+                return
+            await asyncio.sleep(interval)
+            interval = min(interval * PROBE_BACKOFF, PROBE_MAX_S)
+
+    def _died(self, status: ProcessStatus, provider: Provider) -> None:
+        tail = self._ctx.supervisor.log_tail(self.name, LOG_TAIL_LINES)
+        why = provider.explain_failure(status.exit_code, tail)
+        self._fail("backend_exited", f"backend {status.detail or 'exited'}: {why}", exit_code=status.exit_code)
+
+    # -- unloading -------------------------------------------------------------------------------------
+    async def unload(self, reason: str = "unload requested") -> None:
+        if self._load_task is not None and not self._load_task.done():
+            self._load_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._load_task
+        async with self._op_lock:
+            if self.state not in ACTIVE or self.state is S.UNLOADING:
+                if self.state is S.ERROR:
+                    await self._stop_process()
+                    self._transition(S.OFFLINE, "error acknowledged", pid=None)
+                return
+            self._transition(S.UNLOADING, reason)
+            status = await self._stop_process()
+            self._transition(S.OFFLINE, f"{reason}; backend {status.detail or 'stopped'}".rstrip("; "),
+                             pid=None, loaded_at=None)
+
+    async def _stop_process(self) -> ProcessStatus:
+        handle = Handle(self.record.pid, self.record.unit)
+        if handle.pid is None and handle.unit is None:
+            return ProcessStatus(False)
+        return await self._ctx.supervisor.stop(self.name, handle, self._ctx.settings.stop_timeout_s)
+
+    async def restart(self) -> None:
+        await self.unload("restart requested")
+        await self.start_load()
+
+    # -- adoption ----------------------------------------------------------------------------------------
+    async def adopt(self) -> None:
+        """Take over whatever an earlier API process left: a live backend is kept, a dead one explained."""
+        rec = self.record
+        if rec.state is S.PULLING:
+            self._transition(S.OFFLINE, "pull interrupted by an API restart")
+            return
+        if rec.state not in ACTIVE:
+            return
+        handle = Handle(rec.pid, rec.unit)
+        status = self._ctx.supervisor.adopt(self.name, handle)
+        if rec.state is S.UNLOADING:
+            if status.alive:
+                await self._ctx.supervisor.stop(self.name, handle, self._ctx.settings.stop_timeout_s)
+            self._transition(S.OFFLINE, "unload finished after an API restart", pid=None)
+            return
+        if not status.alive:
+            self._fail("backend_gone", f"backend of slot {self.name} ended while the API was down "
+                       f"({status.detail})")
+            return
+        if rec.state in LOADING:
+            self.start_load()
+            return
+        provider = self._ctx.providers.get(self.config.provider)
+        probe = await provider.probe(self._ctx.session, self.base_url, self.config.type) if provider else None
+        self.last_probe = probe
+        if probe is None or not probe.ok:
+            await self._ctx.supervisor.stop(self.name, handle, self._ctx.settings.stop_timeout_s)
+            self._fail("adoption_probe_failed",
+                       f"backend pid {rec.pid} is alive but does not answer its probe", probe=probe)
+            return
+        if rec.state is S.SERVING:
+            self._transition(S.READY, "adopted after an API restart (requests in flight were lost)")
+        else:
+            # No transition: same backend, same state; the record is only re-published.
+            self._ctx.bus.publish("slot", {"slot": self.name, "from": rec.state.value, "to": rec.state.value,
+                                           "seq": rec.seq, "time": time.time(), "reason": "adopted",
+                                           "record": self.snapshot()})
+        self._last_activity = time.monotonic()
+        self._ensure_watch()
+
+    # -- requests ----------------------------------------------------------------------------------------
+    @contextlib.asynccontextmanager
+    async def serving(self) -> AsyncIterator[None]:
+        """Account one request: the slot is `serving` while any is in flight, `ready` after."""
+        if self.state not in LOADED:
+            raise self.error_exception()
+        self.in_flight += 1
+        self.requests_total += 1
+        if self.in_flight == 1 and self.state in (S.READY, S.IDLE):
+            self._transition(S.SERVING, "request in flight")
+        try:
+            yield
+        finally:
+            self.in_flight -= 1
+            self._last_activity = time.monotonic()
+            if self.in_flight == 0 and self.state is S.SERVING:
+                self._transition(S.READY, "requests done")
+
+    def backend_failed(self) -> None:
+        """Called by the dispatcher when the backend refused a connection: check it at once."""
+        if self.state in LOADED and self.record.pid:
+            status = self._ctx.supervisor.status(self.name, Handle(self.record.pid, self.record.unit))
+            if not status.alive:
+                provider = self._ctx.providers[self.config.provider]
+                self._died(status, provider)
+
+    # -- watching ----------------------------------------------------------------------------------------
+    def _ensure_watch(self) -> None:
+        if self._watch_task is None or self._watch_task.done():
+            self._watch_task = asyncio.create_task(self._watch(), name=f"watch:{self.name}")
+
+    async def _watch(self) -> None:
+        """While loaded: notice a dead backend, move to idle after the idle timeout, unload after the TTL."""
+        settings = self._ctx.settings
+        idle_timeout = self.config.idle_timeout_s or settings.idle_timeout_s
+        while self.state in LOADED:
+            await asyncio.sleep(WATCH_INTERVAL_S)
+            if self.state not in LOADED or self._op_lock.locked():
+                continue
+            status = self._ctx.supervisor.status(self.name, Handle(self.record.pid, self.record.unit))
+            if not status.alive:
+                self._died(status, self._ctx.providers[self.config.provider])
+                return
+            quiet = time.monotonic() - self._last_activity
+            if self.state is S.READY and self.in_flight == 0 and quiet >= idle_timeout:
+                self._transition(S.IDLE, f"no requests for {idle_timeout:g}s")
+            elif (self.state is S.IDLE and self.config.ttl_s is not None
+                  and quiet >= idle_timeout + self.config.ttl_s):
+                await self.unload(f"ttl of {self.config.ttl_s:g}s expired")
+                return
+
+    async def close(self) -> None:
+        """Stop hal0's own tasks for this slot. The backend keeps running: the slot owns the model."""
+        for task in (self._load_task, self._watch_task):
+            if task is not None and not task.done():
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task

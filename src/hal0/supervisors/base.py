@@ -1,0 +1,64 @@
+"""The Supervisor protocol: start, stop and watch one backend process per slot.
+
+A supervisor says whether a process is alive; it never says whether it is ready (the provider's probe does).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+from hal0.providers.base import Command
+
+
+@dataclass(frozen=True, slots=True)
+class Handle:
+    """How to find a slot's backend again, also from a fresh API process (persisted in state.json)."""
+
+    pid: int | None
+    unit: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ProcessStatus:
+    alive: bool
+    pid: int | None = None
+    #: Known when the process has ended and its status could be collected.
+    exit_code: int | None = None
+    detail: str = ""
+
+
+class Supervisor(Protocol):
+    kind: str
+
+    async def start(self, slot: str, command: Command) -> Handle: ...
+
+    async def stop(self, slot: str, handle: Handle, timeout: float) -> ProcessStatus:
+        """Graceful stop (SIGTERM), forced after `timeout`; returns the final status."""
+        ...
+
+    def status(self, slot: str, handle: Handle) -> ProcessStatus: ...
+
+    def adopt(self, slot: str, handle: Handle) -> ProcessStatus:
+        """Check a process started by an earlier API process: alive and really the slot's backend."""
+        ...
+
+    def log_path(self, slot: str) -> Path: ...
+
+    def log_tail(self, slot: str, lines: int = 40) -> list[str]: ...
+
+
+def tail_file(path: Path, lines: int) -> list[str]:
+    """The last `lines` lines of a text file, reading only its end."""
+    try:
+        with path.open("rb") as fh:
+            fh.seek(0, 2)
+            size = fh.tell()
+            block = min(size, max(4096, lines * 512))
+            fh.seek(size - block)
+            data = fh.read()
+    except FileNotFoundError:
+        return []
+    text = data.decode("utf-8", errors="replace").splitlines()
+    return text[-lines:]

