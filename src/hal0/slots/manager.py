@@ -19,7 +19,7 @@ from hal0.errors import Conflict, InvalidRequest, PortUnavailable, SlotNotFound
 from hal0.events import EventBus
 from hal0.providers.base import Provider
 from hal0.settings import Settings
-from hal0.slots.config import BUILTIN_SLOTS, ConfigStore, SlotConfig, updated, validate_ref
+from hal0.slots.config import BUILTIN_SLOTS, ConfigStore, SlotConfig, validate_ref
 from hal0.slots.slot import Slot, SlotContext
 from hal0.slots.state import ACTIVE, SlotState
 from hal0.slots.store import CorruptState, SlotError, SlotRecord, StateStore
@@ -87,7 +87,7 @@ class SlotManager:
                                detail={"available": sorted(self.slots)})
         return slot
 
-    def list(self) -> list[Slot]:
+    def ordered(self) -> list[Slot]:
         return [self.slots[name] for name in sorted(self.slots, key=_slot_order)]
 
     def slots_using(self, ref: str) -> list[str]:

@@ -101,7 +101,7 @@ class Slot:
         for key, value in changes.items():
             setattr(rec, key, value)
         self._ctx.store.write(rec)
-        entry = {"slot": self.name, "from": src.value, "to": dst.value, "seq": rec.seq, "time": rec.since,
+        entry: dict[str, Any] = {"slot": self.name, "from": src.value, "to": dst.value, "seq": rec.seq, "time": rec.since,
                  "reason": reason}
         self.history.append(entry)
         del self.history[:-100]
@@ -111,10 +111,11 @@ class Slot:
 
     def _fail(self, code: str, message: str, *, exit_code: int | None = None,
               probe: ProbeResult | None = None, extra: dict[str, Any] | None = None) -> None:
+        last = probe or self.last_probe
         detail: dict[str, Any] = {
             "exit_code": exit_code,
             "log_tail": self._ctx.supervisor.log_tail(self.name, LOG_TAIL_LINES),
-            "probe": (probe or self.last_probe).to_dict() if (probe or self.last_probe) else None,
+            "probe": last.to_dict() if last else None,
         }
         if extra:
             detail.update(extra)

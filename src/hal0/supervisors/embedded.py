@@ -62,7 +62,7 @@ class EmbeddedSupervisor:
                       f"{' '.join(command.argv)}\n".encode())
             log.flush()
             try:
-                proc = subprocess.Popen(
+                proc = subprocess.Popen(  # noqa: ASYNC220 - a detached child, spawned in microseconds
                     command.argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                     env=env, start_new_session=True, close_fds=True,
                 )

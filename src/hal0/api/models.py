@@ -1,0 +1,165 @@
+"""/api/models, /api/catalog and /api/loadouts: the registry over HTTP.
+
+Pull progress goes out on the event bus (topic "pull") and as a per-pull SSE stream the CLI follows.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+from fastapi import APIRouter, Query, Request, Response
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.responses import StreamingResponse
+
+from hal0.registry import catalog, loadouts
+from hal0.registry.pull import EventCallback, PullEvent, Registry
+
+router = APIRouter(prefix="/api", tags=["models"])
+
+
+class PullRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    ref: str = Field(..., max_length=200)
+    source: str | None = Field(None, max_length=2000,
+                               description="hf:owner/repo/path/file, an https URL or a file path; "
+                                           "absent: the catalog entry of `ref`")
+    sha256: str | None = Field(None, max_length=64)
+    slot_type: str | None = Field(None, description="hint: chat, embed, stt or tts")
+    provider: str | None = None
+    wait: bool = Field(False, description="answer when the pull has finished, with the manifest")
+
+
+class ImportRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    ref: str = Field(..., max_length=200)
+    path: str = Field(..., max_length=4096, description="absolute path of a file on the API's host")
+    link: bool = Field(False, description="hard-link instead of copying (falls back to copy)")
+    slot_type: str | None = None
+    provider: str | None = None
+
+
+class ApplyRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    force: bool = Field(False, description="apply even when the estimate exceeds the machine's memory")
+
+
+def _registry(request: Request) -> Registry:
+    registry: Registry = request.app.state.registry
+    return registry
+
+
+def _publisher(request: Request) -> EventCallback:
+    bus = request.app.state.events
+
+    def publish(event: PullEvent) -> None:
+        bus.publish("pull", event.to_dict())
+
+    return publish
+
+
+@router.get("/models", summary="Installed models and pulls in flight")
+async def list_models(request: Request) -> dict[str, Any]:
+    registry = _registry(request)
+    manager = request.app.state.manager
+    models = [{**m.to_dict(), "slots": manager.slots_using(m.ref)} for m in registry.list_models()]
+    return {"models": models, "pulling": registry.pulling()}
+
+
+@router.get("/catalog", summary="Search the built-in catalog")
+async def search_catalog(request: Request, q: str = Query("", max_length=200),
+                         type: str | None = Query(None, description="chat, embed, stt or tts")
+                         ) -> dict[str, Any]:
+    registry = _registry(request)
+    return {"catalog": [{**e.to_dict(), "installed": registry.exists(e.ref)}
+                        for e in catalog.search(q, type)]}
+
+
+@router.post("/models/pull", summary="Pull a model (from the catalog or a source)", status_code=202)
+async def pull_model(body: PullRequest, request: Request, response: Response) -> dict[str, Any]:
+    registry = _registry(request)
+    events_url = f"/api/models/{body.ref}/pull"
+    if body.wait:
+        manifest = await registry.pull(body.ref, body.source, sha256=body.sha256, slot_type=body.slot_type,
+                                       provider=body.provider, on_event=_publisher(request))
+        response.status_code = 200
+        return {"ref": body.ref, "status": "installed", "manifest": manifest.to_dict()}
+    if registry.exists(body.ref) and not body.source:
+        response.status_code = 200
+        return {"ref": body.ref, "status": "installed", "manifest": registry.get(body.ref).to_dict(),
+                "events": events_url}
+    registry.start_pull(body.ref, body.source, sha256=body.sha256, slot_type=body.slot_type,
+                        provider=body.provider, on_event=_publisher(request))
+    return {"ref": body.ref, "status": "pulling", "events": events_url}
+
+
+@router.get("/models/{ref}/pull", summary="Progress of the pull of `ref` (SSE), ending with done or error")
+async def pull_events(ref: str, request: Request) -> StreamingResponse:
+    registry = _registry(request)
+    events = registry.watch(ref)
+    # The first event is taken here so an unknown ref answers 404 instead of an empty stream.
+    first = await anext(events)
+
+    async def stream() -> AsyncIterator[bytes]:
+        try:
+            yield _frame(first)
+            async for event in events:
+                yield _frame(event)
+        finally:
+            await events.aclose()
+
+    return StreamingResponse(stream(), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+def _frame(event: PullEvent) -> bytes:
+    return f"event: pull\ndata: {json.dumps(event.to_dict(), separators=(',', ':'))}\n\n".encode()
+
+
+@router.post("/models/import", summary="Install a local file as a model", status_code=201)
+async def import_model(body: ImportRequest, request: Request) -> dict[str, Any]:
+    registry = _registry(request)
+    manifest = await asyncio.to_thread(registry.import_file, body.ref, Path(body.path), link=body.link,
+                                       slot_type=body.slot_type, provider=body.provider)
+    return manifest.to_dict()
+
+
+@router.get("/models/{ref}", summary="One installed model's manifest")
+async def show_model(ref: str, request: Request) -> dict[str, Any]:
+    manifest = _registry(request).get(ref)
+    return {**manifest.to_dict(), "slots": request.app.state.manager.slots_using(ref)}
+
+
+@router.delete("/models/{ref}", summary="Remove a model (refused while a slot uses it)")
+async def remove_model(ref: str, request: Request) -> dict[str, Any]:
+    manifest = _registry(request).remove(ref, request.app.state.manager.slots_using)
+    return {"removed": manifest.ref, "freed_bytes": manifest.size}
+
+
+@router.get("/loadouts", summary="Recommended model-per-slot sets by hardware tier")
+async def list_loadouts() -> dict[str, Any]:
+    return {"loadouts": [lo.to_dict() for lo in loadouts.list_loadouts()]}
+
+
+@router.get("/loadouts/{name}", summary="A loadout with its memory estimate for this machine")
+async def show_loadout(name: str, request: Request) -> dict[str, Any]:
+    return loadouts.plan_loadout(_registry(request), name).to_dict()
+
+
+@router.post("/loadouts/{name}/apply", summary="Pull what is missing and assign every slot")
+async def apply_loadout(name: str, request: Request, body: ApplyRequest | None = None) -> dict[str, Any]:
+    manager = request.app.state.manager
+
+    async def assign(slot: str, ref: str) -> None:
+        await manager.assign(slot, ref)
+
+    report = await loadouts.apply_loadout(_registry(request), name, assign,
+                                          force=body.force if body else False,
+                                          on_event=_publisher(request))
+    return report.to_dict()

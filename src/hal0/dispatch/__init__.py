@@ -1,0 +1,1 @@
+"""The dispatcher: model -> slot resolution, cold-boot waits, coalescing, proxying, decision records."""

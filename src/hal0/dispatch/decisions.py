@@ -1,0 +1,99 @@
+"""Decision records: one per routed request, appended to a rotating JSONL file and published on the bus.
+
+The last records stay in memory for `/api/decisions`; the file keeps the history across restarts.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+from collections import deque
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+from hal0.events import EventBus
+
+
+@dataclass(slots=True)
+class Decision:
+    request_id: str
+    endpoint: str
+    model: str | None
+    time: float = field(default_factory=time.time)
+    candidates: list[dict[str, Any]] = field(default_factory=list)
+    slot: str | None = None
+    reason: str = ""
+    wait_ms: float = 0.0
+    status: int | None = None
+    duration_ms: float = 0.0
+    outcome: str = ""
+    error: dict[str, Any] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class DecisionLog:
+    def __init__(self, path: Path, bus: EventBus, max_bytes: int, keep: int = 3, memory: int = 2000) -> None:
+        self.path = path
+        self._bus = bus
+        self._max_bytes = max_bytes
+        self._keep = keep
+        self.recent: deque[dict[str, Any]] = deque(maxlen=memory)
+        self._lock = threading.Lock()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._fh: IO[str] = path.open("a", encoding="utf-8")
+        self._load_tail()
+
+    def _load_tail(self) -> None:
+        try:
+            with self.path.open(encoding="utf-8") as fh:
+                for line in fh:
+                    try:
+                        self.recent.append(json.loads(line))
+                    except ValueError:
+                        continue
+        except FileNotFoundError:
+            pass
+
+    def record(self, decision: Decision) -> None:
+        data = decision.to_dict()
+        line = json.dumps(data, separators=(",", ":")) + "\n"
+        with self._lock:
+            self._fh.write(line)
+            self._fh.flush()
+            if self._fh.tell() >= self._max_bytes:
+                self._rotate()
+        self.recent.append(data)
+        self._bus.publish("decision", data)
+
+    def _rotate(self) -> None:
+        self._fh.close()
+        for i in range(self._keep - 1, 0, -1):
+            older = self.path.with_name(f"{self.path.name}.{i}")
+            if older.exists():
+                os.replace(older, self.path.with_name(f"{self.path.name}.{i + 1}"))
+        os.replace(self.path, self.path.with_name(f"{self.path.name}.1"))
+        self._fh = self.path.open("a", encoding="utf-8")
+
+    def query(self, *, slot: str | None = None, endpoint: str | None = None, outcome: str | None = None,
+              limit: int = 100) -> list[dict[str, Any]]:
+        out: list[dict[str, Any]] = []
+        for rec in reversed(self.recent):
+            if slot and rec.get("slot") != slot:
+                continue
+            if endpoint and rec.get("endpoint") != endpoint:
+                continue
+            if outcome and rec.get("outcome") != outcome:
+                continue
+            out.append(rec)
+            if len(out) >= limit:
+                break
+        return out
+
+    def close(self) -> None:
+        with self._lock:
+            self._fh.close()

@@ -1,0 +1,336 @@
+"""The /v1 edge as a plain ASGI app: resolve `model`, hold through a cold boot, proxy bytes through.
+
+Responses stream chunk by chunk; a client that goes away closes the upstream connection; every request
+leaves one decision record.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import re
+import time
+import uuid
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any
+
+import aiohttp
+from multidict import CIMultiDict
+from starlette.requests import Request
+
+from hal0.dispatch.coalesce import BufferedResponse, Coalescer
+from hal0.dispatch.decisions import Decision, DecisionLog
+from hal0.dispatch.resolve import ENDPOINT_TYPES, resolve
+from hal0.errors import Hal0Error, InvalidRequest, UpstreamError
+from hal0.settings import Settings
+from hal0.slots.manager import SlotManager
+from hal0.slots.slot import Slot
+from hal0.slots.state import LOADED
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+
+#: Clients mark a request as a prefetch (safe to share with identical in-flight requests) with this header.
+PREFETCH_HEADER = b"x-hal0-prefetch"
+#: Endpoints whose identical in-flight requests are always shared: deterministic and side-effect free.
+COALESCED_ENDPOINTS = frozenset({"/v1/embeddings", "/v1/rerank", "/v1/reranking"})
+_HOP_BY_HOP = frozenset({
+    b"connection", b"keep-alive", b"proxy-authenticate", b"proxy-authorization", b"te", b"trailer",
+    b"trailers", b"transfer-encoding", b"upgrade", b"host", b"content-length", b"authorization",
+    PREFETCH_HEADER, b"x-request-id", b"expect",
+})
+_RESPONSE_DROP = frozenset({
+    b"connection", b"keep-alive", b"proxy-authenticate", b"transfer-encoding", b"upgrade", b"trailer",
+    b"date", b"server", b"x-request-id", b"access-control-allow-origin",
+})
+_REQUEST_ID = re.compile(rb"^[A-Za-z0-9._:-]{1,128}$")
+_UPSTREAM_TIMEOUT = aiohttp.ClientTimeout(total=None, sock_connect=10)
+_JSON = [(b"content-type", b"application/json")]
+
+
+def error_bytes(status: int, code: str, message: str, detail: dict[str, Any] | None = None) -> bytes:
+    # Same shape as hal0.api.errors.error_body, built here without importing the API layer.
+    kind = {401: "authentication_error", 403: "authentication_error", 404: "not_found_error"}.get(
+        status, "invalid_request_error" if status < 500 else "server_error")
+    err: dict[str, Any] = {"message": message, "type": kind, "param": None, "code": code}
+    if detail:
+        err["detail"] = detail
+    return json.dumps({"error": err}).encode()
+
+
+class Dispatcher:
+    def __init__(self, settings: Settings, manager: SlotManager, session: aiohttp.ClientSession,
+                 decisions: DecisionLog) -> None:
+        self.settings = settings
+        self.manager = manager
+        self.session = session
+        self.decisions = decisions
+        self.coalescer = Coalescer()
+
+    async def close(self) -> None:
+        await self.coalescer.close()
+
+    # -- entry ------------------------------------------------------------------------------------------
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path: str = scope["path"]
+        method: str = scope["method"]
+        headers = scope["headers"]
+        request_id = b""
+        prefetch = False
+        for key, value in headers:
+            if key == b"x-request-id" and _REQUEST_ID.match(value):
+                request_id = value
+            elif key == PREFETCH_HEADER and value.strip().lower() in (b"1", b"true", b"yes"):
+                prefetch = True
+        rid = request_id or uuid.uuid4().hex.encode()
+        if path == "/v1/models" and method in ("GET", "HEAD"):
+            await self._send_json(send, 200, self.models_listing(), rid)
+            return
+        if path not in ENDPOINT_TYPES:
+            await self._send_error(send, 404, "unknown_endpoint", f"no endpoint {method} {path[:200]}", rid)
+            return
+        if method != "POST" and not (path == "/v1/audio/voices" and method == "GET"):
+            await self._send_error(send, 405, "method_not_allowed", f"{path} takes POST, not {method}", rid)
+            return
+        decision = Decision(request_id=rid.decode(), endpoint=path, model=None)
+        started = time.perf_counter()
+        try:
+            await self._dispatch(scope, receive, send, decision, rid, prefetch)
+        except Hal0Error as exc:
+            decision.status = exc.status
+            decision.outcome = f"rejected:{exc.code}"
+            decision.error = {"code": exc.code, "message": exc.message}
+            await self._send_error(send, exc.status, exc.code, exc.message, rid, exc.detail or None)
+        finally:
+            decision.duration_ms = round((time.perf_counter() - started) * 1000, 3)
+            self.decisions.record(decision)
+
+    async def _dispatch(self, scope: Scope, receive: Receive, send: Send, decision: Decision, rid: bytes,
+                        prefetch: bool) -> None:
+        path: str = scope["path"]
+        body = await self._read_body(scope, receive)
+        content_type = _header(scope, b"content-type")
+        if content_type.startswith(b"multipart/form-data"):
+            model, canonical = await _form_model(scope, body), body
+        else:
+            model, canonical = _json_model(body)
+        decision.model = model
+        res = resolve(self.manager.slots.values(), model, path)
+        slot = res.slot
+        decision.candidates = [c.to_dict() for c in res.candidates]
+        decision.slot = slot.name
+        decision.reason = res.reason
+        if slot.state not in LOADED:
+            wait_started = time.perf_counter()
+            decision.reason += ",cold-load"
+            await slot.ensure_loaded(self.settings.cold_boot_grace_s)
+            decision.wait_ms = round((time.perf_counter() - wait_started) * 1000, 3)
+        upstream_headers = _forward_headers(scope, rid)
+        query = scope.get("query_string", b"")
+        url = f"{slot.base_url}{path}" + (f"?{query.decode('latin-1')}" if query else "")
+        if prefetch or path in COALESCED_ENDPOINTS:
+            key = (slot.name, path, canonical)
+            buffered, joined = await self.coalescer.run(
+                key, lambda: self._fetch(slot, scope["method"], url, body, upstream_headers))
+            if joined:
+                decision.reason += ",coalesced"
+            decision.status = buffered.status
+            decision.outcome = "ok" if buffered.status < 400 else "upstream_error"
+            await send({"type": "http.response.start", "status": buffered.status,
+                        "headers": [*buffered.headers, (b"x-request-id", rid)]})
+            await send({"type": "http.response.body", "body": buffered.body})
+            return
+        await self._stream(slot, scope, receive, send, url, body, upstream_headers, decision, rid)
+
+    # -- upstream ---------------------------------------------------------------------------------------
+    async def _open(self, slot: Slot, method: str, url: str, body: bytes,
+                    headers: CIMultiDict[str]) -> aiohttp.ClientResponse:
+        try:
+            return await self.session.request(method, url, data=body, headers=headers,
+                                              timeout=_UPSTREAM_TIMEOUT, skip_auto_headers=("User-Agent",))
+        except (aiohttp.ClientConnectionError, OSError) as exc:
+            slot.backend_failed()
+            raise UpstreamError(
+                f"backend of slot {slot.name} did not answer: {type(exc).__name__}: {exc}",
+                code="backend_unreachable", detail={"slot": slot.name, "state": slot.state.value},
+            ) from exc
+
+    async def _fetch(self, slot: Slot, method: str, url: str, body: bytes,
+                     headers: CIMultiDict[str]) -> BufferedResponse:
+        async with slot.serving():
+            resp = await self._open(slot, method, url, body, headers)
+            try:
+                data = await resp.read()
+            except aiohttp.ClientError as exc:
+                slot.backend_failed()
+                raise UpstreamError(f"backend of slot {slot.name} failed mid-response: {exc}",
+                                    code="backend_failed") from exc
+            finally:
+                resp.release()
+            return BufferedResponse(resp.status, tuple(_response_headers(resp)), data)
+
+    async def _stream(self, slot: Slot, scope: Scope, receive: Receive, send: Send, url: str, body: bytes,
+                      headers: CIMultiDict[str], decision: Decision, rid: bytes) -> None:
+        async with slot.serving():
+            resp = await self._open(slot, scope["method"], url, body, headers)
+            decision.status = resp.status
+            is_sse = resp.headers.get("content-type", "").startswith("text/event-stream")
+            out_headers = _response_headers(resp)
+            if is_sse:
+                out_headers = [(k, v) for k, v in out_headers if k != b"content-length"]
+            out_headers.append((b"x-request-id", rid))
+            failure: list[BaseException] = []
+
+            async def pump() -> None:
+                await send({"type": "http.response.start", "status": resp.status, "headers": out_headers})
+                try:
+                    async for chunk in resp.content.iter_any():
+                        await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                except (TimeoutError, aiohttp.ClientError) as exc:
+                    failure.append(exc)
+                    slot.backend_failed()
+                tail = b""
+                if failure and is_sse:
+                    tail = b"data: " + error_bytes(
+                        502, "backend_failed", f"backend of slot {slot.name} failed mid-stream: "
+                        f"{type(failure[0]).__name__}: {failure[0]}") + b"\n\n"
+                await send({"type": "http.response.body", "body": tail, "more_body": False})
+
+            pump_task = asyncio.ensure_future(pump())
+            watch_task = asyncio.ensure_future(_wait_disconnect(receive))
+            try:
+                done, _ = await asyncio.wait({pump_task, watch_task}, return_when=asyncio.FIRST_COMPLETED)
+                if pump_task in done:
+                    pump_task.result()
+                    decision.outcome = "backend_failed" if failure else (
+                        "ok" if resp.status < 400 else "upstream_error")
+                else:
+                    decision.outcome = "client_disconnected"
+            finally:
+                for task in (pump_task, watch_task):
+                    if not task.done():
+                        task.cancel()
+                        with contextlib.suppress(BaseException):
+                            await task
+                # Closing (not releasing) the connection is what tells the backend to stop generating.
+                if decision.outcome == "ok":
+                    resp.release()
+                else:
+                    resp.close()
+
+    # -- helpers ---------------------------------------------------------------------------------------
+    async def _read_body(self, scope: Scope, receive: Receive) -> bytes:
+        limit = self.settings.max_body_bytes
+        declared = _header(scope, b"content-length")
+        if declared.isdigit() and int(declared) > limit:
+            raise InvalidRequest(f"request body of {int(declared)} bytes exceeds the limit of {limit}",
+                                 code="body_too_large", status=413)
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                raise InvalidRequest("client went away while sending the body", code="client_disconnected")
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > limit:
+                raise InvalidRequest(f"request body exceeds the limit of {limit} bytes", code="body_too_large",
+                                     status=413)
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                return b"".join(chunks)
+
+    def models_listing(self) -> dict[str, Any]:
+        data = []
+        for slot in self.manager.ordered():
+            if not slot.config.model:
+                continue
+            data.append({"id": slot.config.model, "object": "model", "created": int(slot.record.since),
+                         "owned_by": "hal0", "slot": slot.name, "type": slot.config.type,
+                         "state": slot.state.value, "aliases": [slot.name, *slot.config.aliases]})
+        return {"object": "list", "data": data}
+
+    async def _send_json(self, send: Send, status: int, data: Any, rid: bytes) -> None:
+        body = json.dumps(data).encode()
+        await send({"type": "http.response.start", "status": status,
+                    "headers": [*_JSON, (b"x-request-id", rid)]})
+        await send({"type": "http.response.body", "body": body})
+
+    async def _send_error(self, send: Send, status: int, code: str, message: str, rid: bytes,
+                          detail: dict[str, Any] | None = None) -> None:
+        with contextlib.suppress(Exception):  # the client may be gone already
+            await send({"type": "http.response.start", "status": status,
+                        "headers": [*_JSON, (b"x-request-id", rid)]})
+            await send({"type": "http.response.body", "body": error_bytes(status, code, message, detail)})
+
+
+def _header(scope: Scope, name: bytes) -> bytes:
+    for key, value in scope["headers"]:
+        if key == name:
+            return bytes(value)
+    return b""
+
+
+def _forward_headers(scope: Scope, rid: bytes) -> CIMultiDict[str]:
+    out: CIMultiDict[str] = CIMultiDict()
+    for key, value in scope["headers"]:
+        if key not in _HOP_BY_HOP:
+            out.add(key.decode("latin-1"), value.decode("latin-1"))
+    out["X-Request-Id"] = rid.decode()
+    return out
+
+
+def _response_headers(resp: aiohttp.ClientResponse) -> list[tuple[bytes, bytes]]:
+    return [(k.lower(), v) for k, v in resp.raw_headers if k.lower() not in _RESPONSE_DROP]
+
+
+async def _wait_disconnect(receive: Receive) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+def _json_model(body: bytes) -> tuple[str, bytes]:
+    """The request's `model` and a canonical form of the body (the coalescing key)."""
+    if not body.strip():
+        raise InvalidRequest("request body is empty; expected a JSON object with a `model` field",
+                             code="missing_model")
+    try:
+        data = json.loads(body)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise InvalidRequest(f"request body is not valid JSON: {exc}", code="invalid_json") from None
+    if not isinstance(data, dict):
+        raise InvalidRequest("request body must be a JSON object", code="invalid_json")
+    model = data.get("model")
+    if model is None or model == "":
+        raise InvalidRequest("the `model` field is required (a slot name, model ref or alias)",
+                             code="missing_model")
+    if not isinstance(model, str):
+        raise InvalidRequest("the `model` field must be a string", code="invalid_model")
+    return model, json.dumps(data, sort_keys=True, separators=(",", ":")).encode()
+
+
+async def _form_model(scope: Scope, body: bytes) -> str:
+    sent = False
+
+    async def replay() -> Message:
+        nonlocal sent
+        if sent:
+            return {"type": "http.disconnect"}
+        sent = True
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    try:
+        form = await Request(scope, replay).form()
+    except Exception as exc:
+        raise InvalidRequest(f"malformed multipart body: {exc}", code="invalid_multipart") from None
+    try:
+        model = form.get("model")
+        if not isinstance(model, str) or not model:
+            raise InvalidRequest("the `model` form field is required (a slot name, model ref or alias)",
+                                 code="missing_model")
+        return model
+    finally:
+        await form.close()
