@@ -159,6 +159,30 @@ def cmd_events(args: argparse.Namespace) -> int:
     return 0
 
 
+def _decision_line(d: dict[str, Any]) -> str:
+    when = time.strftime("%H:%M:%S", time.localtime(d.get("time", 0)))
+    return (f"{when}  {d.get('request_id', '')[:12]:<12} {d.get('endpoint', ''):<22} model={d.get('model')} "
+            f"-> {d.get('slot') or '-'} ({d.get('reason') or '-'}) status={d.get('status')} "
+            f"wait={d.get('wait_ms', 0):.1f}ms took={d.get('duration_ms', 0):.1f}ms {d.get('outcome', '')}")
+
+
+def cmd_logs(args: argparse.Namespace) -> int:
+    params = {k: v for k, v in (("slot", args.slot), ("endpoint", args.endpoint), ("outcome", args.outcome),
+                                ("limit", args.lines)) if v}
+    recent = list(reversed(args.client.get("/api/decisions", params=params)["data"]))
+    for d in recent:
+        print(json.dumps(d) if args.json else _decision_line(d), flush=True)
+    if not args.follow:
+        return 0
+    for event in args.client.stream_events("/api/events", params={"topics": "decision"}):
+        if any(getattr(args, k) and event.get(k) != getattr(args, k) for k in ("slot", "endpoint", "outcome")):
+            continue
+        event.pop("topic", None)
+        event.pop("id", None)
+        print(json.dumps(event) if args.json else _decision_line(event), flush=True)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hal0", description="Control plane for local AI inference.")
     parser.add_argument("--url", help="API address (default: from settings, http://127.0.0.1:8080)")
@@ -209,6 +233,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name")
     p.add_argument("-n", "--lines", type=int, default=100)
     p.set_defaults(func=cmd_slot_logs)
+
+    p = sub.add_parser("logs", help="the decision log: where each request went and why")
+    p.add_argument("-f", "--follow", action="store_true", help="keep printing new decisions live")
+    p.add_argument("-n", "--lines", type=int, default=50)
+    p.add_argument("--slot")
+    p.add_argument("--endpoint")
+    p.add_argument("--outcome")
+    p.set_defaults(func=cmd_logs)
 
     p = sub.add_parser("events", help="follow slot transitions and other events live")
     p.add_argument("--topic", action="append", help="slot, decision or pull (repeatable)")

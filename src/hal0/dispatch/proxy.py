@@ -103,6 +103,8 @@ class Dispatcher:
             decision.status = exc.status
             decision.outcome = f"rejected:{exc.code}"
             decision.error = {"code": exc.code, "message": exc.message}
+            if not decision.candidates and isinstance(exc.detail.get("candidates"), list):
+                decision.candidates = exc.detail["candidates"]
             await self._send_error(send, exc.status, exc.code, exc.message, rid, exc.detail or None)
         finally:
             decision.duration_ms = round((time.perf_counter() - started) * 1000, 3)

@@ -101,8 +101,8 @@ class Slot:
         for key, value in changes.items():
             setattr(rec, key, value)
         self._ctx.store.write(rec)
-        entry: dict[str, Any] = {"slot": self.name, "from": src.value, "to": dst.value, "seq": rec.seq, "time": rec.since,
-                 "reason": reason}
+        entry: dict[str, Any] = {"slot": self.name, "from": src.value, "to": dst.value, "seq": rec.seq,
+                                 "time": rec.since, "reason": reason}
         self.history.append(entry)
         del self.history[:-100]
         event = dict(entry)

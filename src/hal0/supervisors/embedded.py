@@ -128,7 +128,12 @@ class EmbeddedSupervisor:
             while self.status(slot, handle).alive:
                 await asyncio.sleep(0.01)
             status = self.status(slot, handle)
+            self._forget(slot)
+            return ProcessStatus(False, pid, status.exit_code, f"killed (SIGKILL) after {timeout:g}s")
         self._forget(slot)
+        if status.exit_code is None:
+            # Not our child (adopted): its exit code belongs to init, only the clean stop is known.
+            return ProcessStatus(False, pid, None, "stopped (SIGTERM)")
         return status
 
     def _forget(self, slot: str) -> None:
