@@ -51,7 +51,7 @@ case "$mode" in
     ;;
   test)
     say "lint (ruff) and types (mypy --strict)"
-    "$VENV/bin/ruff" check src tests bench
+    "$VENV/bin/ruff" check
     "$VENV/bin/mypy"
     say "test suite"
     exec "$VENV/bin/python" -m pytest "$@"
