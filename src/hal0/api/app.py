@@ -5,6 +5,8 @@ the /v1 edge, the /api management routes and the dashboard.
 from __future__ import annotations
 
 import contextlib
+import hmac
+import json
 import logging
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -14,7 +16,7 @@ import aiohttp
 from fastapi import FastAPI
 
 from hal0 import __version__
-from hal0.api import errors, manage, models
+from hal0.api import dashboard, errors, manage, models
 from hal0.dispatch.decisions import DecisionLog
 from hal0.dispatch.proxy import Dispatcher, Receive, Scope, Send
 from hal0.events import EventBus
@@ -25,7 +27,7 @@ from hal0.registry.store import ModelStore
 from hal0.settings import Settings
 from hal0.slots.manager import SlotManager
 from hal0.supervisors.base import Supervisor
-from hal0.supervisors.embedded import EmbeddedSupervisor
+from hal0.supervisors.choose import choose_supervisor
 
 log = logging.getLogger("hal0")
 
@@ -41,7 +43,9 @@ def build_providers(settings: Settings) -> dict[str, Provider]:
 
 
 def build_supervisor(settings: Settings) -> Supervisor:
-    return EmbeddedSupervisor(settings.slots_state_dir, settings.log_dir)
+    supervisor, reason = choose_supervisor(settings)
+    log.info("supervisor: %s (%s)", supervisor.kind, reason)
+    return supervisor
 
 
 def model_resolver(store: ModelStore) -> Callable[[str], Path]:
@@ -57,21 +61,53 @@ class Hal0App:
     everything else, lifespan included, goes to the FastAPI app.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, api_keys: tuple[str, ...] = ()) -> None:
         self.fastapi: FastAPI | None = None
         self.dispatcher: Dispatcher | None = None
+        self._keys = tuple(k.encode() for k in api_keys)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["path"].startswith("/v1/") and self.dispatcher is not None:
-            await self.dispatcher(scope, receive, send)
-            return
+        if scope["type"] == "http":
+            path: str = scope["path"]
+            if self._keys and _needs_key(path) and not self._authorized(scope):
+                await _unauthorized(send)
+                return
+            if path.startswith("/v1/") and self.dispatcher is not None:
+                await self.dispatcher(scope, receive, send)
+                return
         assert self.fastapi is not None
         await self.fastapi(scope, receive, send)
 
 
+    def _authorized(self, scope: Scope) -> bool:
+        for key, value in scope["headers"]:
+            if key == b"authorization" and value[:7].lower() == b"bearer ":
+                given = value[7:].strip()
+            elif key == b"x-api-key":  # what Anthropic-style clients send
+                given = value.strip()
+            else:
+                continue
+            if any(hmac.compare_digest(given, k) for k in self._keys):
+                return True
+        return False
+
+
+def _needs_key(path: str) -> bool:
+    # The dashboard's static page and the API's liveness check stay open; data and actions need a key.
+    return (path.startswith("/v1/") or path.startswith("/api/")) and path != "/api/health"
+
+
+async def _unauthorized(send: Send) -> None:
+    body = json.dumps(errors.error_body(401, "invalid_api_key",
+                                        "missing or wrong API key: send `Authorization: Bearer <key>`")).encode()
+    await send({"type": "http.response.start", "status": 401,
+                "headers": [(b"content-type", b"application/json"), (b"www-authenticate", b"Bearer")]})
+    await send({"type": "http.response.body", "body": body})
+
+
 def create_app(settings: Settings, options: AppOptions | None = None) -> Hal0App:
     options = options or AppOptions()
-    edge = Hal0App()
+    edge = Hal0App(settings.api_keys)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -115,5 +151,6 @@ def create_app(settings: Settings, options: AppOptions | None = None) -> Hal0App
     errors.install(app)
     app.include_router(manage.router)
     app.include_router(models.router)
+    app.include_router(dashboard.router)
     edge.fastapi = app
     return edge
