@@ -8,7 +8,7 @@ import contextlib
 import hmac
 import json
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,8 +22,8 @@ from hal0.dispatch.proxy import Dispatcher, Receive, Scope, Send
 from hal0.events import EventBus
 from hal0.providers.base import Provider
 from hal0.providers.llamacpp import LlamaCppProvider
-from hal0.registry.pull import Registry
-from hal0.registry.store import ModelStore
+from hal0.registry import catalog
+from hal0.registry.pull import PullEvent, Registry
 from hal0.settings import Settings
 from hal0.slots.manager import SlotManager
 from hal0.supervisors.base import Supervisor
@@ -39,7 +39,11 @@ class AppOptions:
 
 
 def build_providers(settings: Settings) -> dict[str, Provider]:
-    return {"llama.cpp": LlamaCppProvider(settings.llama_server)}
+    from hal0.providers.kokoro import KokoroProvider
+    from hal0.providers.moonshine import MoonshineProvider
+
+    return {"llama.cpp": LlamaCppProvider(settings.llama_server), "moonshine": MoonshineProvider(),
+            "kokoro": KokoroProvider()}
 
 
 def build_supervisor(settings: Settings) -> Supervisor:
@@ -48,12 +52,27 @@ def build_supervisor(settings: Settings) -> Supervisor:
     return supervisor
 
 
-def model_resolver(store: ModelStore) -> Callable[[str], Path]:
-    def resolve(ref: str) -> Path:
-        manifest = store.get(ref)
-        return store.file_path(ref, manifest.primary_file.name)
+class RegistryModels:
+    """The registry as the slots' ModelSource: installed files, catalog pulls published on the bus."""
 
-    return resolve
+    def __init__(self, registry: Registry, bus: EventBus) -> None:
+        self._registry = registry
+        self._bus = bus
+
+    def path(self, ref: str) -> Path | None:
+        if not self._registry.exists(ref):
+            return None
+        return self._registry.model_path(ref)
+
+    def pullable(self, ref: str) -> bool:
+        return catalog.lookup(ref) is not None
+
+    async def pull(self, ref: str) -> Path:
+        await self._registry.pull(ref, on_event=self._publish)
+        return self._registry.model_path(ref)
+
+    def _publish(self, event: PullEvent) -> None:
+        self._bus.publish("pull", event.to_dict())
 
 
 class Hal0App:
@@ -117,7 +136,7 @@ def create_app(settings: Settings, options: AppOptions | None = None) -> Hal0App
         session = aiohttp.ClientSession(connector=connector, auto_decompress=False)
         registry = Registry(settings, hf_endpoint=settings.hf_endpoint, hf_token=settings.hf_token or None)
         manager = SlotManager(settings, bus, build_supervisor(settings), build_providers(settings), session,
-                              model_resolver(registry.store))
+                              RegistryModels(registry, bus))
         app.state.settings = settings
         app.state.events = bus
         app.state.session = session

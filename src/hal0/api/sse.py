@@ -33,9 +33,12 @@ def sse_response(bus: EventBus, request: Request, topics: Iterable[str] | None) 
     topics = list(topics) if topics else None
     resume = last_event_id(request)
 
+    # Subscribed before the headers go out: a client that acts once it sees them misses no event.
+    # (Should the body never be iterated, the bus drops the subscription when its queue fills.)
+    sub = bus.subscription(topics, resume)
+
     async def stream() -> AsyncIterator[bytes]:
         yield b": hal0 event stream\nretry: 1000\n\n"
-        sub = bus.subscription(topics, resume)
         try:
             while True:
                 try:

@@ -9,18 +9,16 @@ import asyncio
 import contextlib
 import errno
 import socket
-from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import aiohttp
 
-from hal0.errors import Conflict, InvalidRequest, PortUnavailable, SlotNotFound
+from hal0.errors import Conflict, InvalidRequest, ModelNotFound, PortUnavailable, SlotNotFound
 from hal0.events import EventBus
 from hal0.providers.base import Provider
 from hal0.settings import Settings
 from hal0.slots.config import BUILTIN_SLOTS, ConfigStore, SlotConfig, validate_ref
-from hal0.slots.slot import Slot, SlotContext
+from hal0.slots.slot import ModelSource, Slot, SlotContext
 from hal0.slots.state import ACTIVE, SlotState
 from hal0.slots.store import CorruptState, SlotError, SlotRecord, StateStore
 from hal0.supervisors.base import Supervisor
@@ -40,14 +38,13 @@ def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
 
 class SlotManager:
     def __init__(self, settings: Settings, bus: EventBus, supervisor: Supervisor,
-                 providers: dict[str, Provider], session: aiohttp.ClientSession,
-                 resolve_model: Callable[[str], Path]) -> None:
+                 providers: dict[str, Provider], session: aiohttp.ClientSession, models: ModelSource) -> None:
         self.settings = settings
         self.bus = bus
         self.configs = ConfigStore(settings.slots_config_dir)
         self.store = StateStore(settings.slots_state_dir)
         self.ctx = SlotContext(settings=settings, store=self.store, bus=bus, supervisor=supervisor,
-                               providers=providers, session=session, resolve_model=resolve_model,
+                               providers=providers, session=session, models=models,
                                allocate_port=self._allocate_port)
         self.slots: dict[str, Slot] = {}
         self._mutate = asyncio.Lock()
@@ -145,7 +142,10 @@ class SlotManager:
     async def assign(self, name: str, ref: str | None) -> Slot:
         if ref is not None:
             validate_ref(ref)
-            self.ctx.resolve_model(ref)
+            if self.ctx.models.path(ref) is None and not self.ctx.models.pullable(ref):
+                raise ModelNotFound(
+                    f"model {ref!r} is not installed and not in the catalog; pull or import it first",
+                    detail={"ref": ref})
         return await self.update(name, {"model": ref})
 
     def _check_port_unique(self, config: SlotConfig) -> None:

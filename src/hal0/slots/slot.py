@@ -11,11 +11,11 @@ import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import aiohttp
 
-from hal0.errors import BackendError, Conflict, Hal0Error
+from hal0.errors import BackendError, Conflict, Hal0Error, ModelNotFound
 from hal0.events import EventBus
 from hal0.providers.base import LaunchSpec, ProbeResult, Provider
 from hal0.settings import Settings
@@ -34,6 +34,18 @@ WATCH_INTERVAL_S = 0.25
 LOG_TAIL_LINES = 30
 
 
+class ModelSource(Protocol):
+    """Where slots get model files: the registry, seen through the three questions a load asks."""
+
+    def path(self, ref: str) -> Path | None:
+        """The file a backend loads for `ref`, or None when it is not installed."""
+        ...
+
+    def pullable(self, ref: str) -> bool: ...
+
+    async def pull(self, ref: str) -> Path: ...
+
+
 @dataclass(slots=True)
 class SlotContext:
     """What every slot shares: built once by the manager."""
@@ -44,7 +56,7 @@ class SlotContext:
     supervisor: Supervisor
     providers: dict[str, Provider]
     session: aiohttp.ClientSession
-    resolve_model: Callable[[str], Path]
+    models: ModelSource
     allocate_port: Callable[[Slot], int]
 
 
@@ -125,10 +137,17 @@ class Slot:
     def start_load(self) -> asyncio.Task[None]:
         """Start a load, or join the one under way: N callers, one backend process."""
         if self._load_task is None or self._load_task.done():
-            if not self.config.model:
+            ref = self.config.model
+            if not ref:
                 raise Conflict(
                     f"slot {self.name} has no model assigned; assign one with "
                     f"`hal0 slot assign {self.name} REF`", code="no_model",
+                )
+            if self._ctx.models.path(ref) is None and not self._ctx.models.pullable(ref):
+                raise ModelNotFound(
+                    f"model {ref!r} of slot {self.name} is not installed and not in the catalog; "
+                    f"`hal0 model pull {ref} --source ...` or `hal0 model import {ref} FILE`",
+                    detail={"ref": ref, "slot": self.name},
                 )
             self._load_task = asyncio.create_task(self._load(), name=f"load:{self.name}")
         return self._load_task
@@ -170,6 +189,15 @@ class Slot:
     async def _start_and_warm(self) -> None:
         cfg = self.config
         assert cfg.model is not None
+        model_path = self._ctx.models.path(cfg.model)
+        if model_path is None:
+            self._transition(S.PULLING, f"pulling model {cfg.model}", model=cfg.model, provider=cfg.provider,
+                             pid=None)
+            try:
+                model_path = await self._ctx.models.pull(cfg.model)
+            except Hal0Error as exc:
+                self._fail(exc.code, f"pull of {cfg.model} failed: {exc.message}", extra=exc.detail)
+                return
         provider = self._ctx.providers.get(cfg.provider)
         self._transition(S.STARTING, "load requested", model=cfg.model, provider=cfg.provider, pid=None,
                          supervisor=self._ctx.supervisor.kind)
@@ -181,7 +209,6 @@ class Slot:
             self._fail("provider_mismatch", f"provider {provider.name} cannot serve {cfg.type} slots")
             return
         try:
-            model_path = self._ctx.resolve_model(cfg.model)
             port = self._ctx.allocate_port(self)
             self.record.port = port
             command = provider.command(LaunchSpec(
