@@ -183,6 +183,32 @@ def cmd_logs(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from hal0.setup_systemd import doctor_checks
+
+    checks = doctor_checks(load_settings())
+    if args.json:
+        _print_json([{"name": c.name, "ok": c.ok, "detail": c.detail} for c in checks])
+    else:
+        for c in checks:
+            print(f"{'ok  ' if c.ok else 'FAIL'}  {c.name:<14} {c.detail}")
+    return 0 if all(c.ok for c in checks) else 1
+
+
+def cmd_setup(args: argparse.Namespace) -> int:
+    from hal0.setup_systemd import install_units
+
+    if not args.systemd:
+        print("hal0 setup: nothing to do; `hal0 setup --systemd` installs the systemd units", file=sys.stderr)
+        return 2
+    paths = install_units(load_settings(), dry_run=args.dry_run)
+    for path in paths:
+        print(("would write " if args.dry_run else "wrote ") + str(path))
+    if not args.dry_run:
+        print("hal0-api.service is enabled; start it with: systemctl start hal0-api")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hal0", description="Control plane for local AI inference.")
     parser.add_argument("--url", help="API address (default: from settings, http://127.0.0.1:8080)")
@@ -241,6 +267,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--endpoint")
     p.add_argument("--outcome")
     p.set_defaults(func=cmd_logs)
+
+    p = sub.add_parser("doctor", help="check the installation: supervisor, llama-server, ports, disk")
+    p.set_defaults(func=cmd_doctor, local=True)
+
+    p = sub.add_parser("setup", help="install hal0 as a system service")
+    p.add_argument("--systemd", action="store_true",
+                   help="install hal0-api.service and the hal0-slot@.service template (needs root)")
+    p.add_argument("--dry-run", action="store_true", help="show what would be written")
+    p.set_defaults(func=cmd_setup, local=True)
 
     p = sub.add_parser("events", help="follow slot transitions and other events live")
     p.add_argument("--topic", action="append", help="slot, decision or pull (repeatable)")

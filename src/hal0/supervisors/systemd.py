@@ -1,0 +1,351 @@
+"""hal0's systemd supervisor: each slot's backend is an instance of the `hal0-slot@.service` template.
+
+A per-slot drop-in carries the provider's argv and environment; `systemctl` starts, stops and reports the unit and
+the journal holds its output. An active unit is alive, never ready: the slot's probe decides readiness.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import signal
+import subprocess
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from hal0.errors import BackendError
+from hal0.providers.base import Command
+from hal0.supervisors.base import Handle, ProcessStatus
+
+UNIT_DIR = Path("/etc/systemd/system")
+TEMPLATE_UNIT = "hal0-slot@.service"
+DROPIN_NAME = "10-hal0.conf"
+#: Bound on one systemctl/journalctl call; they talk to PID 1 over a local socket and answer in milliseconds.
+SYSTEMCTL_TIMEOUT_S = 30.0
+_SHOW_PROPERTIES = ("LoadState", "ActiveState", "SubState", "MainPID", "ExecMainCode", "ExecMainStatus",
+                    "Result", "NRestarts")
+#: States in which the unit's main process exists (with MainPID > 0): the process is alive, maybe not ready.
+_LIVE_STATES = frozenset({"active", "activating", "reloading", "deactivating"})
+# siginfo si_code values systemd reports as ExecMainCode.
+_CLD_EXITED, _CLD_KILLED, _CLD_DUMPED = 1, 2, 3
+
+
+def unit_name(slot: str) -> str:
+    return f"hal0-slot@{slot}.service"
+
+
+def dropin_path(unit_dir: Path, slot: str) -> Path:
+    return unit_dir / f"{unit_name(slot)}.d" / DROPIN_NAME
+
+
+def _escape(value: str, *, dollars: bool) -> str:
+    """`value` as one double-quoted word of a unit file: C escapes, `%%` for specifiers, `$$` where expanded."""
+    out = ['"']
+    for ch in value:
+        if ch == "\\":
+            out.append("\\\\")
+        elif ch == '"':
+            out.append('\\"')
+        elif ch == "%":
+            out.append("%%")
+        elif ch == "$" and dollars:
+            out.append("$$")
+        elif ch == "\n":
+            out.append("\\n")
+        elif ch == "\t":
+            out.append("\\t")
+        elif ord(ch) < 0x20 or ord(ch) == 0x7F:
+            out.append(f"\\x{ord(ch):02x}")
+        else:
+            out.append(ch)
+    out.append('"')
+    return "".join(out)
+
+
+def quote_exec_argv(argv: Sequence[str]) -> str:
+    """An ExecStart= value that systemd splits back into exactly `argv`.
+
+    Every word is double-quoted, which also keeps a lone `;` from being read as a command separator.
+    """
+    return " ".join(_escape(arg, dollars=True) for arg in argv)
+
+
+def quote_environment(key: str, value: str) -> str:
+    """One Environment= assignment (systemd does not expand `$` there, but does expand `%` specifiers)."""
+    return _escape(f"{key}={value}", dollars=False)
+
+
+def render_dropin(slot: str, command: Command, *, stop_timeout_s: float) -> str:
+    """The drop-in that turns the template into slot `slot`'s backend."""
+    lines = [
+        f"# Written by hal0 for slot {slot}; rewritten every time the slot loads. Do not edit.",
+        "[Service]",
+        # An empty ExecStart= clears the template's placeholder command.
+        "ExecStart=",
+        f"ExecStart={quote_exec_argv(command.argv)}",
+        f"TimeoutStopSec={max(1, round(stop_timeout_s))}s",
+    ]
+    lines += [f"Environment={quote_environment(k, v)}" for k, v in sorted(command.env.items())]
+    return "\n".join(lines) + "\n"
+
+
+@dataclass(frozen=True, slots=True)
+class UnitState:
+    """What `systemctl show` says about one unit."""
+
+    load_state: str
+    active_state: str
+    sub_state: str
+    main_pid: int
+    exec_main_code: int
+    exec_main_status: int
+    result: str
+    restarts: int
+
+    @classmethod
+    def parse(cls, text: str) -> UnitState:
+        props: dict[str, str] = {}
+        for line in text.splitlines():
+            key, sep, value = line.partition("=")
+            if sep:
+                props[key] = value
+
+        def num(key: str) -> int:
+            try:
+                return int(props.get(key, "0") or 0)
+            except ValueError:
+                return 0
+
+        return cls(props.get("LoadState", ""), props.get("ActiveState", ""), props.get("SubState", ""),
+                   num("MainPID"), num("ExecMainCode"), num("ExecMainStatus"), props.get("Result", ""),
+                   num("NRestarts"))
+
+    @property
+    def alive(self) -> bool:
+        return self.main_pid > 0 and self.active_state in _LIVE_STATES
+
+    @property
+    def exit_code(self) -> int | None:
+        """Like Popen.returncode: the exit status, or minus the signal that ended the last main process."""
+        if self.exec_main_code == _CLD_EXITED:
+            return self.exec_main_status
+        if self.exec_main_code in (_CLD_KILLED, _CLD_DUMPED):
+            return -self.exec_main_status
+        return None
+
+    def describe(self) -> str:
+        if self.load_state == "not-found":
+            return "unit not found (is hal0-slot@.service installed? run `hal0 setup --systemd`)"
+        code = self.exit_code
+        if code is None:
+            what = "never started" if self.result in ("", "success") else f"failed ({self.result})"
+        elif code >= 0:
+            what = f"exited with code {code}"
+        else:
+            what = f"killed by {_signal_name(-code)}"
+            if self.exec_main_code == _CLD_DUMPED:
+                what += " (core dumped)"
+        notes = {
+            "oom-kill": "the kernel's OOM killer ended it",
+            "timeout": "systemd timed out waiting for it",
+            "start-limit-hit": "systemd stopped restarting it: start limit hit",
+            "watchdog": "watchdog timeout",
+        }
+        if self.result in notes:
+            what += f"; {notes[self.result]}"
+        if self.sub_state == "auto-restart":
+            what += "; systemd will restart it (Restart=on-failure)"
+        return what
+
+
+def _signal_name(num: int) -> str:
+    try:
+        return signal.Signals(num).name
+    except ValueError:
+        return f"signal {num}"
+
+
+class SystemdSupervisor:
+    kind = "systemd"
+
+    def __init__(
+        self,
+        unit_dir: Path = UNIT_DIR,
+        *,
+        stop_timeout_s: float = 10.0,
+        systemctl: Sequence[str] = ("systemctl",),
+        journalctl: Sequence[str] = ("journalctl",),
+    ) -> None:
+        """`systemctl`/`journalctl` are command prefixes, so a caller can aim them at another systemd
+        (e.g. `nsenter -t PID -a systemctl` for a container); `unit_dir` is where that systemd reads units."""
+        self._unit_dir = unit_dir
+        self._stop_timeout_s = stop_timeout_s
+        self._systemctl = tuple(systemctl)
+        self._journalctl = tuple(journalctl)
+
+    def log_path(self, slot: str) -> Path:
+        """Backends log to the journal (`journalctl -u hal0-slot@SLOT`); the nearest file is the drop-in that
+        defines the unit's command."""
+        return dropin_path(self._unit_dir, slot)
+
+    # -- starting ------------------------------------------------------------------------------------------
+    async def start(self, slot: str, command: Command) -> Handle:
+        unit = unit_name(slot)
+        argv = _absolute_argv(slot, command.argv)
+        self._write_dropin(slot, Command(argv, dict(command.env)))
+        await self._systemctl_async("daemon-reload", what="reload systemd's units")
+        # A unit left failed (or at its start limit) by an earlier load must not block this one.
+        await self._systemctl_async("reset-failed", unit, check=False)
+        await self._systemctl_async("restart", unit, what=f"start {unit}", unit=unit)
+        state = await self._show_async(unit)
+        return Handle(pid=state.main_pid or None, unit=unit)
+
+    def _write_dropin(self, slot: str, command: Command) -> None:
+        path = dropin_path(self._unit_dir, slot)
+        text = render_dropin(slot, command, stop_timeout_s=self._stop_timeout_s)
+        tmp = path.with_name(f".{path.name}.tmp")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp.write_text(text)
+            os.replace(tmp, path)
+        except OSError as exc:
+            raise BackendError(
+                f"cannot write the systemd drop-in of slot {slot}: {exc.strerror or exc}",
+                code="systemd_unit_write_failed",
+                detail={"path": str(path), "hint": "the API needs write access to the unit directory "
+                        "(run it as the hal0-api.service unit, or choose supervisor = embedded)"},
+            ) from exc
+
+    # -- watching ------------------------------------------------------------------------------------------
+    def status(self, slot: str, handle: Handle) -> ProcessStatus:
+        unit = handle.unit or unit_name(slot)
+        try:
+            state = UnitState.parse(self._run(self._show_argv(unit)).stdout)
+        except BackendError as exc:
+            # Unknown is reported as not alive, with the reason, rather than raised into a watch loop.
+            return ProcessStatus(False, handle.pid, detail=exc.message)
+        return _process_status(state, handle)
+
+    def adopt(self, slot: str, handle: Handle) -> ProcessStatus:
+        if handle.unit is None:
+            return ProcessStatus(False, handle.pid,
+                                 detail="recorded without a systemd unit (started by the embedded supervisor)")
+        if handle.unit != unit_name(slot):
+            return ProcessStatus(False, handle.pid, detail=f"recorded unit {handle.unit} is not this slot's")
+        if not dropin_path(self._unit_dir, slot).is_file():
+            return ProcessStatus(False, handle.pid, detail=f"{handle.unit} has no hal0 drop-in")
+        return self.status(slot, handle)
+
+    # -- stopping ------------------------------------------------------------------------------------------
+    async def stop(self, slot: str, handle: Handle, timeout: float) -> ProcessStatus:
+        unit = handle.unit or unit_name(slot)
+        state = await self._show_async(unit)
+        if state.load_state == "not-found":
+            return _process_status(state, handle)
+        # --no-block: the caller's timeout, not the unit's TimeoutStopSec, decides when SIGKILL follows.
+        await self._systemctl_async("stop", "--no-block", unit, what=f"stop {unit}", unit=unit)
+        deadline = time.monotonic() + timeout
+        killed = False
+        delay = 0.01
+        while True:
+            state = await self._show_async(unit)
+            if state.active_state in ("inactive", "failed") or (
+                    state.main_pid == 0 and state.sub_state == "auto-restart"):
+                break
+            if not killed and time.monotonic() >= deadline:
+                await self._systemctl_async("kill", "--signal=SIGKILL", unit, check=False)
+                killed = True
+                # After SIGKILL only the kernel's reaping is left; bound it anyway.
+                deadline = time.monotonic() + SYSTEMCTL_TIMEOUT_S
+            elif killed and time.monotonic() >= deadline:
+                raise BackendError(f"{unit} did not stop even after SIGKILL", code="stop_failed",
+                                   detail={"unit": unit, "state": state.active_state})
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 0.2)
+        status = _process_status(state, handle)
+        if killed:
+            return ProcessStatus(False, status.pid, status.exit_code,
+                                 f"{status.detail} (SIGKILL after a {timeout:g}s grace)")
+        return status
+
+    # -- logs ----------------------------------------------------------------------------------------------
+    def log_tail(self, slot: str, lines: int = 40) -> list[str]:
+        argv = [*self._journalctl, "-u", unit_name(slot), "-n", str(lines), "--no-pager", "-o", "cat"]
+        try:
+            out = self._run(argv)
+        except BackendError as exc:
+            return [f"hal0: cannot read the journal of {unit_name(slot)}: {exc.message}"]
+        if out.returncode != 0:
+            return [f"hal0: journalctl failed: {out.stderr.strip()}"]
+        return out.stdout.splitlines()[-lines:]
+
+    # -- systemctl -----------------------------------------------------------------------------------------
+    def _show_argv(self, unit: str) -> list[str]:
+        return [*self._systemctl, "show", unit, "--property=" + ",".join(_SHOW_PROPERTIES)]
+
+    @staticmethod
+    def _run(argv: Sequence[str]) -> subprocess.CompletedProcess[str]:
+        try:
+            return subprocess.run(list(argv), capture_output=True, text=True, timeout=SYSTEMCTL_TIMEOUT_S,
+                                  check=False, stdin=subprocess.DEVNULL)
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            raise BackendError(f"{argv[0]} failed: {exc}", code="systemctl_failed",
+                               detail={"argv": list(argv)}) from exc
+
+    async def _show_async(self, unit: str) -> UnitState:
+        return UnitState.parse(await self._systemctl_async(*self._show_argv(unit)[len(self._systemctl):],
+                                                           what=f"query {unit}"))
+
+    async def _systemctl_async(self, *args: str, what: str = "", unit: str | None = None,
+                               check: bool = True) -> str:
+        argv = [*self._systemctl, *args]
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                *argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        except OSError as exc:
+            raise BackendError(f"cannot run systemctl to {what or args[0]}: {exc.strerror or exc}",
+                               code="systemctl_failed", detail={"argv": argv}) from exc
+        try:
+            async with asyncio.timeout(SYSTEMCTL_TIMEOUT_S):
+                out, err = await proc.communicate()
+        except TimeoutError:
+            proc.kill()
+            await proc.wait()
+            raise BackendError(f"systemctl did not answer within {SYSTEMCTL_TIMEOUT_S:g}s ({what})",
+                               code="systemctl_failed", detail={"argv": argv}) from None
+        if check and proc.returncode != 0:
+            detail: dict[str, object] = {"argv": argv, "returncode": proc.returncode,
+                                         "stderr": err.decode(errors="replace").strip()}
+            if unit is not None:
+                detail["log_tail"] = await asyncio.to_thread(self.log_tail, unit.split("@", 1)[1]
+                                                             .removesuffix(".service"), 30)
+            raise BackendError(f"systemctl could not {what or args[0]}: {detail['stderr']}",
+                               code="systemctl_failed", detail=detail)
+        return out.decode(errors="replace")
+
+
+def _absolute_argv(slot: str, argv: Sequence[str]) -> tuple[str, ...]:
+    """ExecStart= wants an absolute executable; resolve a bare name the way the embedded supervisor's exec would."""
+    if not argv:
+        raise BackendError(f"slot {slot} has an empty command", code="spawn_failed")
+    exe = argv[0]
+    if not os.path.isabs(exe):
+        found = shutil.which(exe)
+        if found is None:
+            raise BackendError(f"cannot start the backend of slot {slot}: {exe} not found on PATH",
+                               code="spawn_failed", detail={"argv": list(argv)})
+        exe = os.path.abspath(found)
+    return (exe, *argv[1:])
+
+
+def _process_status(state: UnitState, handle: Handle) -> ProcessStatus:
+    if state.alive:
+        detail = ""
+        if handle.pid is not None and state.main_pid != handle.pid:
+            detail = f"restarted by systemd (pid {handle.pid} -> {state.main_pid}, {state.restarts} restarts)"
+        return ProcessStatus(True, state.main_pid, detail=detail)
+    return ProcessStatus(False, handle.pid, exit_code=state.exit_code, detail=state.describe())
+

@@ -1,0 +1,367 @@
+"""The systemd supervisor: rendered units that systemd itself accepts, the supervisor chooser, doctor checks,
+and (opt-in, HAL0_TEST_SYSTEMD=1) a real systemd booted in a container driving a slot unit end to end.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import socket
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import replace
+from pathlib import Path
+from typing import TypeVar
+
+import pytest
+
+from hal0.errors import ConfigError
+from hal0.providers.base import Command
+from hal0.settings import Settings, load_settings
+from hal0.setup_systemd import API_UNIT, doctor_checks, install_units, render_unit
+from hal0.supervisors.base import Handle, ProcessStatus
+from hal0.supervisors.choose import choose_supervisor
+from hal0.supervisors.systemd import (
+    TEMPLATE_UNIT,
+    SystemdSupervisor,
+    dropin_path,
+    quote_exec_argv,
+    render_dropin,
+    unit_name,
+)
+
+T = TypeVar("T")
+IN_CI = bool(os.environ.get("CI"))
+TRICKY_ARGV = ("a b", 'q"x', "100%", "$HOME", "${HOME}", "back\\slash", ";", "it's", "tab\there", "")
+
+
+def _settings(tmp_path: Path, **changes: object) -> Settings:
+    return replace(load_settings(env={"HAL0_HOME": str(tmp_path / "home")}), **changes)  # type: ignore[arg-type]
+
+
+def _hal0_bin() -> Path:
+    return Path(shutil.which("true") or "/bin/true")
+
+
+@pytest.fixture
+def analyze() -> str:
+    found = shutil.which("systemd-analyze")
+    if found is None:
+        if IN_CI:
+            pytest.fail("systemd-analyze is missing in CI: run.sh must install Debian's `systemd` package")
+        pytest.skip("systemd-analyze not installed (apt-get install systemd); unit files not verified")
+    return found
+
+
+def _verify(analyze: str, unit_dir: Path, unit: str) -> None:
+    """systemd's own parser over a unit (with its drop-ins): no error, and not one warning about our files."""
+    proc = subprocess.run([analyze, "verify", "--man=no", str(unit_dir / unit)], capture_output=True,
+                          text=True, timeout=60, check=False)
+    ours = [ln for ln in (proc.stdout + proc.stderr).splitlines() if "hal0" in ln]
+    assert proc.returncode == 0, proc.stderr
+    assert ours == [], "\n".join(ours)
+
+
+def test_rendered_units_pass_systemd_analyze_verify(tmp_path: Path, analyze: str) -> None:
+    settings = _settings(tmp_path)
+    unit_dir = tmp_path / "etc/systemd/system"
+    unit_dir.mkdir(parents=True)
+    for name in (TEMPLATE_UNIT, API_UNIT):
+        (unit_dir / name).write_text(render_unit(name, settings, hal0=_hal0_bin(), unit_dir=unit_dir))
+    dropin = dropin_path(unit_dir, "primary")
+    dropin.parent.mkdir(parents=True)
+    dropin.write_text(render_dropin("primary", Command((_hal0_bin().as_posix(), *TRICKY_ARGV),
+                                                       {"LLAMA_ARG_X": "1 2", "ODD": 'x%y$z"\\'}),
+                                    stop_timeout_s=7))
+
+    _verify(analyze, unit_dir, API_UNIT)
+    _verify(analyze, unit_dir, TEMPLATE_UNIT)
+    _verify(analyze, unit_dir, unit_name("primary"))
+
+
+def test_a_broken_dropin_is_caught_by_verify(tmp_path: Path, analyze: str) -> None:
+    """Guards the verification itself: it must really read the slot's drop-in."""
+    unit_dir = tmp_path / "units"
+    unit_dir.mkdir()
+    (unit_dir / TEMPLATE_UNIT).write_text(render_unit(TEMPLATE_UNIT, _settings(tmp_path)))
+    dropin = dropin_path(unit_dir, "embed")
+    dropin.parent.mkdir()
+    dropin.write_text("[Service]\nNoSuchSetting=1\n")
+    with pytest.raises(AssertionError, match="NoSuchSetting"):
+        _verify(analyze, unit_dir, unit_name("embed"))
+
+
+def test_exec_start_quotes_every_word_for_systemd() -> None:
+    line = quote_exec_argv(("/opt/llama-server", *TRICKY_ARGV))
+    assert line == ('"/opt/llama-server" "a b" "q\\"x" "100%%" "$$HOME" "$${HOME}" "back\\\\slash" ";" '
+                    '"it\'s" "tab\\there" ""')
+
+
+def test_dropin_replaces_the_command_and_sets_the_environment() -> None:
+    text = render_dropin("stt", Command(("/usr/bin/srv", "--port", "8082"), {"B": "2", "A": "1%"}),
+                         stop_timeout_s=12.4)
+    lines = text.splitlines()
+    assert lines[1:] == ["[Service]", "ExecStart=", 'ExecStart="/usr/bin/srv" "--port" "8082"',
+                         "TimeoutStopSec=12s", 'Environment="A=1%%"', 'Environment="B=2"']
+
+
+def test_slot_units_are_independent_of_the_api_unit(tmp_path: Path) -> None:
+    slot = render_unit(TEMPLATE_UNIT, _settings(tmp_path))
+    for binding in ("PartOf=", "BindsTo=", "Requires=", "Requisite="):
+        assert binding not in slot
+    assert "hal0-api" not in slot.split("[Unit]", 1)[1]
+    api = render_unit(API_UNIT, _settings(tmp_path), hal0=_hal0_bin())
+    assert "hal0-slot" not in api.split("[Unit]", 1)[1]
+
+
+def test_units_carry_restart_policy_user_and_sandbox(tmp_path: Path) -> None:
+    settings = _settings(tmp_path)
+    slot = render_unit(TEMPLATE_UNIT, settings)
+    for line in ("User=hal0", "Restart=on-failure", "KillMode=mixed", "NoNewPrivileges=yes",
+                 "ProtectSystem=strict", f"ReadWritePaths=-{settings.state_dir} -{settings.log_dir}",
+                 "PrivateTmp=yes", "ProtectHome=read-only"):
+        assert line in slot.splitlines()
+    assert any(ln.startswith("StartLimitBurst=") for ln in slot.splitlines())
+    api = render_unit(API_UNIT, settings, hal0=Path("/opt/hal0/bin/hal0"))
+    assert "ExecStart=/opt/hal0/bin/hal0 serve" in api.splitlines()
+    assert "WantedBy=multi-user.target" in api.splitlines()
+
+
+def test_paths_a_unit_cannot_hold_are_refused(tmp_path: Path) -> None:
+    settings = replace(_settings(tmp_path), state_dir=Path("/var/lib/my hal0"))
+    with pytest.raises(ConfigError, match="state_dir"):
+        render_unit(TEMPLATE_UNIT, settings)
+
+
+def test_install_dry_run_lists_the_units_and_changes_nothing(tmp_path: Path) -> None:
+    paths = install_units(_settings(tmp_path), root=tmp_path / "root", dry_run=True, hal0=_hal0_bin())
+    assert paths == [tmp_path / "root/etc/systemd/system" / TEMPLATE_UNIT,
+                     tmp_path / "root/etc/systemd/system" / API_UNIT]
+    assert not (tmp_path / "root").exists()
+
+
+# -- choosing ---------------------------------------------------------------------------------------------
+def test_chooser_picks_embedded_on_this_machine_with_a_reason(tmp_path: Path) -> None:
+    supervisor, reason = choose_supervisor(_settings(tmp_path))
+    if Path("/run/systemd/system").is_dir():
+        pytest.skip("this machine runs systemd as PID 1")
+    assert supervisor.kind == "embedded"
+    assert reason.startswith("auto: systemd is not the init system")
+
+
+def test_chooser_wants_systemd_running_and_the_template_installed(tmp_path: Path) -> None:
+    settings = _settings(tmp_path)
+    root = tmp_path / "root"
+    (root / "run/systemd/system").mkdir(parents=True)
+    supervisor, reason = choose_supervisor(settings, root=root)
+    assert (supervisor.kind, "not installed" in reason) == ("embedded", True)
+    (root / "usr/lib/systemd/system").mkdir(parents=True)
+    (root / "usr/lib/systemd/system" / TEMPLATE_UNIT).write_text("")
+    supervisor, reason = choose_supervisor(settings, root=root)
+    assert supervisor.kind == "systemd"
+    assert "is installed" in reason
+
+
+def test_settings_force_either_supervisor(tmp_path: Path) -> None:
+    forced, reason = choose_supervisor(_settings(tmp_path, supervisor="systemd"), root=tmp_path)
+    assert forced.kind == "systemd"
+    assert "supervisor = systemd in settings" in reason and "not seem to be running" in reason
+    root = tmp_path / "root"
+    (root / "run/systemd/system").mkdir(parents=True)
+    (root / "etc/systemd/system").mkdir(parents=True)
+    (root / "etc/systemd/system" / TEMPLATE_UNIT).write_text("")
+    embedded, reason = choose_supervisor(_settings(tmp_path, supervisor="embedded"), root=root)
+    assert (embedded.kind, reason) == ("embedded", "supervisor = embedded in settings")
+
+
+# -- doctor -----------------------------------------------------------------------------------------------
+def _free_port_pair() -> tuple[int, int]:
+    for _ in range(100):
+        with socket.socket() as a:
+            a.bind(("127.0.0.1", 0))
+            port = int(a.getsockname()[1])
+        if port < 65000:
+            with socket.socket() as b:
+                try:
+                    b.bind(("127.0.0.1", port + 1))
+                except OSError:
+                    continue
+            return port, port + 1
+    raise RuntimeError("no two free ports")
+
+
+def test_doctor_reports_each_check_and_a_foreign_port(tmp_path: Path) -> None:
+    lo, hi = _free_port_pair()
+    settings = _settings(tmp_path, port_min=lo, port_max=hi)
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", hi))
+        squatter.listen()
+        checks = {c.name: c for c in doctor_checks(settings)}
+    assert list(checks) == ["supervisor", "llama-server", "ports", "state dir", "disk"]
+    assert checks["supervisor"].detail.startswith(("embedded: ", "systemd: "))
+    assert not checks["ports"].ok and str(hi) in checks["ports"].detail
+    assert checks["state dir"].ok, checks["state dir"].detail
+
+
+def test_doctor_names_hal0s_own_ports(tmp_path: Path) -> None:
+    lo, hi = _free_port_pair()
+    settings = _settings(tmp_path, port_min=lo, port_max=hi)
+    state = settings.slots_state_dir / "primary" / "state.json"
+    state.parent.mkdir(parents=True)
+    state.write_text(json.dumps({"name": "primary", "state": "ready", "port": lo}))
+    with socket.socket() as backend:
+        backend.bind(("127.0.0.1", lo))
+        backend.listen()
+        ports = next(c for c in doctor_checks(settings) if c.name == "ports")
+    assert ports.ok and f"{lo} (slot primary)" in ports.detail
+
+
+# -- a real systemd (opt-in) ------------------------------------------------------------------------------
+BACKEND = """
+import json, os, sys, time
+out = {"argv": sys.argv[1:], "env": {k: os.environ.get(k) for k in ("ODD", "SPACED")}, "user": os.getuid()}
+with open("/var/lib/hal0/dump-" + os.environ["SLOT"] + ".json", "w") as fh:
+    json.dump(out, fh)
+print("backend says: hello from", os.environ["SLOT"], flush=True)
+if os.environ.get("FAIL"):
+    print("backend says: model file is corrupt", file=sys.stderr, flush=True)
+    sys.exit(3)
+time.sleep(3600)
+"""
+NSPAWN_ROOT = Path(os.environ.get("HAL0_TEST_SYSTEMD_ROOT",
+                                  Path.home() / ".cache/hal0/systemd-bookworm")).expanduser()
+
+
+def _wait(predicate: Callable[[], T | None], timeout: float, what: str) -> T:
+    deadline = time.monotonic() + timeout
+    delay = 0.05
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(delay)
+        delay = min(delay * 2, 0.5)
+
+
+@pytest.fixture(scope="module")
+def container() -> Iterator[tuple[Path, list[str]]]:
+    """A Debian bookworm root booted with systemd as its PID 1; yields (root, command prefix into it)."""
+    if os.environ.get("HAL0_TEST_SYSTEMD") != "1":
+        pytest.skip("real-systemd test is opt-in: HAL0_TEST_SYSTEMD=1 (needs root, systemd-nspawn, debootstrap)")
+    for tool in ("systemd-nspawn", "debootstrap", "nsenter"):
+        if shutil.which(tool) is None:
+            pytest.fail(f"HAL0_TEST_SYSTEMD=1 but {tool} is missing (apt-get install systemd-container "
+                        "debootstrap)")
+    if not (NSPAWN_ROOT / "usr/lib/systemd/systemd").exists():
+        NSPAWN_ROOT.parent.mkdir(parents=True, exist_ok=True)
+        subprocess.run(["debootstrap", "--variant=minbase", "--include=systemd,systemd-sysv,dbus,python3",
+                        "bookworm", str(NSPAWN_ROOT), "http://deb.debian.org/debian"],
+                       check=True, timeout=1800, capture_output=True)
+    log = (NSPAWN_ROOT.parent / "nspawn.log").open("wb")
+    # No machined or host systemd here: --register=no --keep-unit avoid needing the host's system bus.
+    nspawn = subprocess.Popen(["systemd-nspawn", "-D", str(NSPAWN_ROOT), "--boot", "--register=no",
+                               "--keep-unit", "--machine=hal0test", "--console=passive"],
+                              stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        def init_pid() -> int | None:
+            kids = Path(f"/proc/{nspawn.pid}/task/{nspawn.pid}/children").read_text().split()
+            for kid in kids:
+                if Path(f"/proc/{kid}/comm").read_text().strip() == "systemd":
+                    return int(kid)
+            return None
+
+        pid = _wait(init_pid, 60, "the container's systemd")
+        prefix = ["nsenter", "-t", str(pid), "-a"]
+
+        def booted() -> str:
+            # Empty until PID 1 listens on its socket; then --wait returns once start-up has finished.
+            return subprocess.run([*prefix, "systemctl", "is-system-running", "--wait"], capture_output=True,
+                                  text=True, timeout=120, check=False).stdout.strip()
+
+        assert _wait(booted, 120, "the container to boot") in ("running", "degraded")
+        yield NSPAWN_ROOT, prefix
+    finally:
+        nspawn.terminate()
+        try:
+            nspawn.wait(60)
+        except subprocess.TimeoutExpired:
+            nspawn.kill()
+            nspawn.wait()
+        log.close()
+
+
+@pytest.fixture(scope="module")
+def installed(container: tuple[Path, list[str]]) -> Iterator[tuple[SystemdSupervisor, Path, list[str]]]:
+    root, prefix = container
+    settings = Settings(config_dir=Path("/etc/hal0"), state_dir=Path("/var/lib/hal0"),
+                        log_dir=Path("/var/log/hal0"))
+    written = install_units(settings, root=root, hal0=Path("/usr/bin/true"))
+    (root / "var/lib/hal0").chmod(0o777)  # the backend user dumps its argv there
+    subprocess.run([*prefix, "systemctl", "daemon-reload"], check=True, timeout=60)
+    supervisor = SystemdSupervisor(root / "etc/systemd/system", stop_timeout_s=5,
+                                   systemctl=[*prefix, "systemctl"], journalctl=[*prefix, "journalctl"])
+    try:
+        yield supervisor, root, prefix
+    finally:
+        subprocess.run(["systemctl", "--root", str(root), "disable", API_UNIT], check=False, timeout=60)
+        for path in written:
+            path.unlink(missing_ok=True)
+        shutil.rmtree(root / "etc/systemd/system/hal0-slot@real.service.d", ignore_errors=True)
+        shutil.rmtree(root / "etc/systemd/system/hal0-slot@broken.service.d", ignore_errors=True)
+
+
+def _command(slot: str, **env: str) -> Command:
+    return Command(("/usr/bin/python3", "-c", BACKEND, *TRICKY_ARGV),
+                   {"SLOT": slot, "ODD": 'x%y$z"\\', "SPACED": "a b", **env})
+
+
+async def test_real_systemd_runs_a_slot_with_its_exact_argv(
+        installed: tuple[SystemdSupervisor, Path, list[str]]) -> None:
+    supervisor, root, prefix = installed
+    dump = root / "var/lib/hal0/dump-real.json"
+    dump.unlink(missing_ok=True)
+    handle = await supervisor.start("real", _command("real"))
+    assert handle.unit == "hal0-slot@real.service" and handle.pid
+    assert supervisor.status("real", handle).alive
+    data = json.loads(_wait(lambda: dump.read_text() if dump.is_file() else None, 30, "the backend's dump"))
+    assert data["argv"] == list(TRICKY_ARGV)
+    assert data["env"] == {"ODD": 'x%y$z"\\', "SPACED": "a b"}
+    assert data["user"] != 0
+    _wait(lambda: "backend says: hello from real" in supervisor.log_tail("real") or None, 30, "journal output")
+
+    # A fresh supervisor (as after an API restart) adopts the running unit.
+    fresh = SystemdSupervisor(root / "etc/systemd/system", systemctl=[*prefix, "systemctl"],
+                              journalctl=[*prefix, "journalctl"])
+    adopted = fresh.adopt("real", handle)
+    assert adopted.alive and adopted.pid == handle.pid
+
+    # The API unit (here a stand-in command) restarting or stopping never takes a slot down with it.
+    for verb in ("restart", "stop"):
+        await asyncio.to_thread(subprocess.run, [*prefix, "systemctl", verb, API_UNIT], check=True, timeout=60)
+    assert supervisor.status("real", handle).alive
+
+    stopped = await supervisor.stop("real", handle, timeout=5)
+    assert not stopped.alive
+    assert not supervisor.status("real", handle).alive
+
+
+async def test_real_systemd_reports_a_crash_with_exit_code_and_journal(
+        installed: tuple[SystemdSupervisor, Path, list[str]]) -> None:
+    supervisor, _, _ = installed
+    handle = await supervisor.start("broken", _command("broken", FAIL="1"))
+
+    def crashed() -> ProcessStatus | None:
+        status = supervisor.status("broken", handle)
+        return None if status.alive else status
+
+    status = _wait(crashed, 30, "the crash")
+    assert status.exit_code == 3, status
+    assert "exited with code 3" in status.detail
+    assert any("model file is corrupt" in ln for ln in supervisor.log_tail("broken"))
+    final = await supervisor.stop("broken", Handle(None, handle.unit), timeout=5)
+    assert not final.alive
