@@ -5,6 +5,7 @@ Only the header and tensor table are read (the file is memory-mapped), so this i
 
 from __future__ import annotations
 
+import struct
 from pathlib import Path
 from typing import Any, TypedDict
 
@@ -54,7 +55,14 @@ def read_gguf_metadata(path: Path) -> GGUFMetadata:
     """
     from gguf import GGUFReader
 
-    reader = GGUFReader(path, "r")
+    try:
+        return _read(GGUFReader(path, "r"))
+    except (IndexError, KeyError, OverflowError, struct.error, UnicodeDecodeError) as exc:
+        # The gguf package reports a truncated or damaged file with whatever its parser tripped on.
+        raise ValueError(f"unreadable GGUF ({type(exc).__name__}: {exc})") from exc
+
+
+def _read(reader: Any) -> GGUFMetadata:
     meta: GGUFMetadata = {}
     arch = _scalar(reader, "general.architecture")
     if isinstance(arch, str):

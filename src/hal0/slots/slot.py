@@ -302,7 +302,14 @@ class Slot:
         if rec.state not in ACTIVE:
             return
         handle = Handle(rec.pid, rec.unit)
+        if handle.pid is None and handle.unit is None:
+            recorded = self._ctx.supervisor.recorded_handle(self.name)
+            if recorded is not None:
+                handle = recorded
+                rec.pid, rec.unit = recorded.pid, recorded.unit
         status = self._ctx.supervisor.adopt(self.name, handle)
+        if status.alive and status.pid and rec.pid is None:
+            rec.pid = status.pid
         if rec.state is S.UNLOADING:
             if status.alive:
                 await self._ctx.supervisor.stop(self.name, handle, self._ctx.settings.stop_timeout_s)

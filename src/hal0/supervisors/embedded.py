@@ -102,6 +102,13 @@ class EmbeddedSupervisor:
             return ProcessStatus(False, pid, detail=f"pid {pid} now belongs to another process")
         return ProcessStatus(True, pid)
 
+    def recorded_handle(self, slot: str) -> Handle | None:
+        try:
+            pid = json.loads(self._pidfile(slot).read_text()).get("pid")
+        except (OSError, ValueError, AttributeError):
+            return None
+        return Handle(pid=pid) if isinstance(pid, int) else None
+
     async def stop(self, slot: str, handle: Handle, timeout: float) -> ProcessStatus:
         status = self.status(slot, handle)
         if not status.alive or handle.pid is None:

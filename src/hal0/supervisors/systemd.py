@@ -239,6 +239,11 @@ class SystemdSupervisor:
             return ProcessStatus(False, handle.pid, detail=f"{handle.unit} has no hal0 drop-in")
         return self.status(slot, handle)
 
+    def recorded_handle(self, slot: str) -> Handle | None:
+        if not dropin_path(self._unit_dir, slot).is_file():
+            return None
+        return Handle(pid=None, unit=unit_name(slot))
+
     # -- stopping ------------------------------------------------------------------------------------------
     async def stop(self, slot: str, handle: Handle, timeout: float) -> ProcessStatus:
         unit = handle.unit or unit_name(slot)
