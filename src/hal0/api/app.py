@@ -21,7 +21,10 @@ from hal0.dispatch.decisions import DecisionLog
 from hal0.dispatch.proxy import Dispatcher, Receive, Scope, Send
 from hal0.events import EventBus
 from hal0.providers.base import Provider
+from hal0.providers.flm import FlmProvider
+from hal0.providers.kokoro import KokoroProvider
 from hal0.providers.llamacpp import LlamaCppProvider
+from hal0.providers.moonshine import MoonshineProvider
 from hal0.registry import catalog
 from hal0.registry.pull import PullEvent, Registry
 from hal0.settings import Settings
@@ -39,11 +42,8 @@ class AppOptions:
 
 
 def build_providers(settings: Settings) -> dict[str, Provider]:
-    from hal0.providers.kokoro import KokoroProvider
-    from hal0.providers.moonshine import MoonshineProvider
-
     return {"llama.cpp": LlamaCppProvider(settings.llama_server), "moonshine": MoonshineProvider(),
-            "kokoro": KokoroProvider()}
+            "kokoro": KokoroProvider(), "flm": FlmProvider()}
 
 
 def build_supervisor(settings: Settings) -> Supervisor:
@@ -80,10 +80,11 @@ class Hal0App:
     everything else, lifespan included, goes to the FastAPI app.
     """
 
-    def __init__(self, api_keys: tuple[str, ...] = ()) -> None:
+    def __init__(self, api_keys: tuple[str, ...] = (), max_body_bytes: int | None = None) -> None:
         self.fastapi: FastAPI | None = None
         self.dispatcher: Dispatcher | None = None
         self._keys = tuple(k.encode() for k in api_keys)
+        self._max_body = max_body_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
@@ -93,6 +94,9 @@ class Hal0App:
                 return
             if path.startswith("/v1/") and self.dispatcher is not None:
                 await self.dispatcher(scope, receive, send)
+                return
+            if self._max_body is not None and _declared_length(scope) > self._max_body:
+                await _too_large(send, self._max_body)
                 return
         assert self.fastapi is not None
         await self.fastapi(scope, receive, send)
@@ -111,6 +115,20 @@ class Hal0App:
         return False
 
 
+def _declared_length(scope: Scope) -> int:
+    for key, value in scope["headers"]:
+        if key == b"content-length" and value.isdigit():
+            return int(value)
+    return 0
+
+
+async def _too_large(send: Send, limit: int) -> None:
+    # /v1 enforces the limit while streaming the body in; /api bodies are small JSON, refused by their header.
+    body = json.dumps(errors.error_body(413, "body_too_large", f"request body exceeds the limit of {limit} bytes"))
+    await send({"type": "http.response.start", "status": 413, "headers": [(b"content-type", b"application/json")]})
+    await send({"type": "http.response.body", "body": body.encode()})
+
+
 def _needs_key(path: str) -> bool:
     # The dashboard's static page and the API's liveness check stay open; data and actions need a key.
     return (path.startswith("/v1/") or path.startswith("/api/")) and path != "/api/health"
@@ -126,7 +144,7 @@ async def _unauthorized(send: Send) -> None:
 
 def create_app(settings: Settings, options: AppOptions | None = None) -> Hal0App:
     options = options or AppOptions()
-    edge = Hal0App(settings.api_keys)
+    edge = Hal0App(settings.api_keys, settings.max_body_bytes)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

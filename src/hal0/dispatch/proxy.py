@@ -14,6 +14,7 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
+from urllib.parse import parse_qs
 
 import aiohttp
 from multidict import CIMultiDict
@@ -40,15 +41,15 @@ COALESCED_ENDPOINTS = frozenset({"/v1/embeddings", "/v1/rerank", "/v1/reranking"
 _HOP_BY_HOP = frozenset({
     b"connection", b"keep-alive", b"proxy-authenticate", b"proxy-authorization", b"te", b"trailer",
     b"trailers", b"transfer-encoding", b"upgrade", b"host", b"content-length", b"authorization",
-    PREFETCH_HEADER, b"x-request-id", b"expect",
+    PREFETCH_HEADER, b"x-request-id", b"expect", b"x-api-key",
 })
 _RESPONSE_DROP = frozenset({
     b"connection", b"keep-alive", b"proxy-authenticate", b"transfer-encoding", b"upgrade", b"trailer",
     b"date", b"server", b"x-request-id", b"access-control-allow-origin",
 })
 _REQUEST_ID = re.compile(rb"^[A-Za-z0-9._:-]{1,128}$")
-_UPSTREAM_TIMEOUT = aiohttp.ClientTimeout(total=None, sock_connect=10)
 _JSON = [(b"content-type", b"application/json")]
+_FILE_ENDPOINTS = frozenset({"/v1/audio/transcriptions", "/v1/audio/translations"})
 
 
 def error_bytes(status: int, code: str, message: str, detail: dict[str, Any] | None = None) -> bytes:
@@ -69,6 +70,10 @@ class Dispatcher:
         self.session = session
         self.decisions = decisions
         self.coalescer = Coalescer()
+        # sock_read bounds each wait for the next byte, not the whole answer: a long stream is fine, a hung
+        # (e.g. SIGSTOPped) backend is not.
+        self._timeout = aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=settings.request_timeout_s)
+        self._upstream_slots: dict[tuple[str, int], asyncio.Semaphore] = {}
 
     async def close(self) -> None:
         await self.coalescer.close()
@@ -115,7 +120,9 @@ class Dispatcher:
         path: str = scope["path"]
         body = await self._read_body(scope, receive)
         content_type = _header(scope, b"content-type")
-        if content_type.startswith(b"multipart/form-data"):
+        if scope["method"] == "GET":
+            model, canonical = _query_model(scope), b""
+        elif content_type.startswith(b"multipart/form-data"):
             model, canonical = await _form_model(scope, body), body
         else:
             model, canonical = _json_model(body)
@@ -148,11 +155,25 @@ class Dispatcher:
         await self._stream(slot, scope, receive, send, url, body, upstream_headers, decision, rid)
 
     # -- upstream ---------------------------------------------------------------------------------------
+    def _upstream_slot(self, slot: Slot) -> asyncio.Semaphore:
+        """Bounds the requests in flight to one backend; the rest wait here for a warm connection.
+
+        llama-server serves each connection from a small thread pool (`--threads-http`, by default about
+        `--parallel` + 2) and parks a thread on every idle keep-alive connection for 5 s. Opening one
+        connection per waiting request (a burst released by a cold boot) left most of them queued behind
+        parked threads, in 5-second steps; reusing at most `parallel` connections never does.
+        """
+        key = (slot.name, slot.record.port or 0)
+        sem = self._upstream_slots.get(key)
+        if sem is None:
+            sem = self._upstream_slots[key] = asyncio.Semaphore(_parallel(slot.config.args))
+        return sem
+
     async def _open(self, slot: Slot, method: str, url: str, body: bytes,
                     headers: CIMultiDict[str]) -> aiohttp.ClientResponse:
         try:
             return await self.session.request(method, url, data=body, headers=headers,
-                                              timeout=_UPSTREAM_TIMEOUT, skip_auto_headers=("User-Agent",))
+                                              timeout=self._timeout, skip_auto_headers=("User-Agent",))
         except (aiohttp.ClientConnectionError, OSError) as exc:
             slot.backend_failed()
             raise UpstreamError(
@@ -162,7 +183,7 @@ class Dispatcher:
 
     async def _fetch(self, slot: Slot, method: str, url: str, body: bytes,
                      headers: CIMultiDict[str]) -> BufferedResponse:
-        async with slot.serving():
+        async with slot.serving(), self._upstream_slot(slot):
             resp = await self._open(slot, method, url, body, headers)
             try:
                 data = await resp.read()
@@ -176,7 +197,7 @@ class Dispatcher:
 
     async def _stream(self, slot: Slot, scope: Scope, receive: Receive, send: Send, url: str, body: bytes,
                       headers: CIMultiDict[str], decision: Decision, rid: bytes) -> None:
-        async with slot.serving():
+        async with slot.serving(), self._upstream_slot(slot):
             resp = await self._open(slot, scope["method"], url, body, headers)
             decision.status = resp.status
             is_sse = resp.headers.get("content-type", "").startswith("text/event-stream")
@@ -233,7 +254,12 @@ class Dispatcher:
         chunks: list[bytes] = []
         size = 0
         while True:
-            message = await receive()
+            try:
+                async with asyncio.timeout(self.settings.request_timeout_s):
+                    message = await receive()
+            except TimeoutError:
+                raise InvalidRequest(f"client sent no body bytes for {self.settings.request_timeout_s:g}s",
+                                     code="body_timeout", status=408) from None
             if message["type"] == "http.disconnect":
                 raise InvalidRequest("client went away while sending the body", code="client_disconnected")
             chunk = message.get("body", b"")
@@ -269,6 +295,16 @@ class Dispatcher:
             await send({"type": "http.response.body", "body": error_bytes(status, code, message, detail)})
 
 
+def _parallel(args: tuple[str, ...], default: int = 4) -> int:
+    """The backend's parallel request slots from its arguments (llama-server's `-np`/`--parallel`)."""
+    for i, arg in enumerate(args):
+        value = args[i + 1] if arg in ("-np", "--parallel") and i + 1 < len(args) else (
+            arg.partition("=")[2] if arg.startswith("--parallel=") else "")
+        if value.isdigit() and int(value) > 0:
+            return max(default, int(value))
+    return default
+
+
 def _header(scope: Scope, name: bytes) -> bytes:
     for key, value in scope["headers"]:
         if key == name:
@@ -294,6 +330,16 @@ async def _wait_disconnect(receive: Receive) -> None:
         pass
 
 
+def _query_model(scope: Scope) -> str:
+    """`model` of a GET request (e.g. /v1/audio/voices?model=tts), from its query string."""
+    query: bytes = scope.get("query_string", b"")
+    values = parse_qs(query.decode("latin-1")).get("model")
+    if not values or not values[0]:
+        raise InvalidRequest("the `model` query parameter is required (a slot name, model ref or alias)",
+                             code="missing_model")
+    return values[0]
+
+
 def _json_model(body: bytes) -> tuple[str, bytes]:
     """The request's `model` and a canonical form of the body (the coalescing key)."""
     if not body.strip():
@@ -303,6 +349,8 @@ def _json_model(body: bytes) -> tuple[str, bytes]:
         data = json.loads(body)
     except (ValueError, UnicodeDecodeError) as exc:
         raise InvalidRequest(f"request body is not valid JSON: {exc}", code="invalid_json") from None
+    except RecursionError:
+        raise InvalidRequest("request body nests JSON too deeply", code="invalid_json") from None
     if not isinstance(data, dict):
         raise InvalidRequest("request body must be a JSON object", code="invalid_json")
     model = data.get("model")
@@ -333,6 +381,8 @@ async def _form_model(scope: Scope, body: bytes) -> str:
         if not isinstance(model, str) or not model:
             raise InvalidRequest("the `model` form field is required (a slot name, model ref or alias)",
                                  code="missing_model")
+        if scope["path"] in _FILE_ENDPOINTS and (form.get("file") is None or isinstance(form.get("file"), str)):
+            raise InvalidRequest(f"{scope['path']} needs the audio as a `file` form part", code="missing_file")
         return model
     finally:
         await form.close()

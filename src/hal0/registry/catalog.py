@@ -46,6 +46,12 @@ class CatalogEntry:
                 "description": self.description}
 
 
+def _moonshine(model: str) -> tuple[CatalogFile, ...]:
+    base = f"https://download.moonshine.ai/model/{model}/quantized/{model}"
+    return tuple(CatalogFile(f"{base}/{name}") for name in
+                 ("encoder_model.ort", "decoder_model_merged.ort", "tokenizer.bin"))
+
+
 def _hf(path: str, size_mb: float | None = None, sha256: str | None = None) -> CatalogFile:
     return CatalogFile(f"hf:{path}", None if size_mb is None else int(size_mb * _MB), sha256)
 
@@ -72,14 +78,12 @@ CATALOG: tuple[CatalogEntry, ...] = (
     CatalogEntry("bge-small-en-v1.5-q8_0", "embed", "llama.cpp",
                  (_hf("CompendiumLabs/bge-small-en-v1.5-gguf/bge-small-en-v1.5-q8_0.gguf", 37),),
                  "BGE small en v1.5, Q8_0: 384-dim English embeddings"),
-    CatalogEntry("moonshine-tiny", "stt", "moonshine",
-                 (_hf("UsefulSensors/moonshine/onnx/merged/tiny/float/encoder_model.onnx"),
-                  _hf("UsefulSensors/moonshine/onnx/merged/tiny/float/decoder_model_merged.onnx")),
-                 "Moonshine tiny (ONNX): fast English speech-to-text"),
-    CatalogEntry("moonshine-base", "stt", "moonshine",
-                 (_hf("UsefulSensors/moonshine/onnx/merged/base/float/encoder_model.onnx"),
-                  _hf("UsefulSensors/moonshine/onnx/merged/base/float/decoder_model_merged.onnx")),
-                 "Moonshine base (ONNX): English speech-to-text"),
+    # Moonshine's runtime reads its own .ort layout, published by Moonshine AI (the Hugging Face ONNX
+    # exports are a different format it cannot load).
+    CatalogEntry("moonshine-tiny-en", "stt", "moonshine", _moonshine("tiny-en"),
+                 "Moonshine tiny (English): fast on-device speech-to-text"),
+    CatalogEntry("moonshine-base-en", "stt", "moonshine", _moonshine("base-en"),
+                 "Moonshine base (English): on-device speech-to-text"),
     CatalogEntry("kokoro-82m", "tts", "kokoro",
                  (CatalogFile("https://github.com/thewh1teagle/kokoro-onnx/releases/download/"
                               "model-files-v1.0/kokoro-v1.0.onnx", 310 * _MB),

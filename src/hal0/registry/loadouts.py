@@ -48,19 +48,19 @@ LOADOUTS: tuple[Loadout, ...] = (
     Loadout("cpu-laptop", "CPU only, 8 GB RAM or more",
             "Small models that stay responsive on a laptop CPU",
             _slots("qwen2.5-1.5b-instruct-q4_k_m", 512 * _MIB, "nomic-embed-text-v1.5-q4_k_m",
-                   "moonshine-tiny", "kokoro-82m-int8")),
+                   "moonshine-tiny-en", "kokoro-82m-int8")),
     Loadout("cpu-tiny", "CPU only, 4 GB RAM",
             "The smallest useful set, for single-board computers and CI",
             _slots("qwen2.5-0.5b-instruct-q4_k_m", 256 * _MIB, "bge-small-en-v1.5-q8_0",
-                   "moonshine-tiny", "kokoro-82m-int8")),
+                   "moonshine-tiny-en", "kokoro-82m-int8")),
     Loadout("gpu-16gb", "a 16 GB GPU (or 16 GB of fast unified memory)",
             "A 14B chat model with room for an 8k-16k context",
             _slots("qwen2.5-14b-instruct-q4_k_m", 3 * _GIB, "nomic-embed-text-v1.5-q4_k_m",
-                   "moonshine-base", "kokoro-82m")),
+                   "moonshine-base-en", "kokoro-82m")),
     Loadout("unified-128gb", "128 GB unified memory (Strix Halo, Apple M-series Max/Ultra)",
             "A 32B chat model with a long context, everything resident at once",
             _slots("qwen2.5-32b-instruct-q4_k_m", 16 * _GIB, "nomic-embed-text-v1.5-q4_k_m",
-                   "moonshine-base", "kokoro-82m")),
+                   "moonshine-base-en", "kokoro-82m")),
 )
 _BY_NAME = {lo.name: lo for lo in LOADOUTS}
 assert all(catalog.lookup(s.ref) is not None for lo in LOADOUTS for s in lo.slots)

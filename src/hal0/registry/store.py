@@ -48,7 +48,7 @@ def validate_ref(ref: str) -> str:
     """Return `ref` if it is a legal model ref (lowercase letters, digits, `.`, `_`, `-`); else InvalidRef."""
     if not isinstance(ref, str) or not ref or len(ref) > MAX_REF_LEN or not _REF_RE.match(ref) or ".." in ref:
         raise InvalidRef(
-            f"invalid model ref {ref!r}: use 1-{MAX_REF_LEN} of a-z 0-9 . _ - starting with a-z or 0-9",
+            f"invalid model ref {str(ref)[:80]!r}: use 1-{MAX_REF_LEN} of a-z 0-9 . _ - starting with a-z or 0-9",
             detail={"ref": str(ref)[:200]},
         )
     return ref

@@ -1,0 +1,64 @@
+"""The moonshine provider: speech-to-text through hal0's own transcription server (hal0.backends.stt_server).
+
+The engine follows the model: Moonshine's on-device runtime for a Moonshine model (encoder_model.ort,
+decoder_model_merged.ort, tokenizer.bin), faster-whisper for a CTranslate2 Whisper model (model.bin,
+config.json, tokenizer.json). One provider keeps the built-in `stt` slot working whichever ASR model is assigned.
+"""
+
+from __future__ import annotations
+
+from contextlib import AbstractAsyncContextManager
+
+import aiohttp
+
+from hal0.backends.layout import LayoutProblem, model_dir, stt_engine
+from hal0.providers.base import Command, LaunchSpec, ProbeResult
+from hal0.providers.speech import (
+    PROBE_TIMEOUT,
+    explain,
+    probe_server,
+    require_layout,
+    require_runtime,
+    server_command,
+    silent_wav,
+)
+
+_ENDPOINTS = frozenset({"/v1/audio/transcriptions", "/v1/models"})
+_SENTINEL_AUDIO = silent_wav()
+
+
+class MoonshineProvider:
+    name = "moonshine"
+    slot_types = frozenset({"stt"})
+
+    def endpoints(self, slot_type: str) -> frozenset[str]:
+        return _ENDPOINTS
+
+    def engine(self, spec: LaunchSpec) -> str:
+        """`moonshine` or `whisper`, from the model's files; ModelFilesMissing otherwise."""
+        found = stt_engine(model_dir(spec.model_path))
+        if isinstance(found, LayoutProblem):
+            raise require_layout(found, self.name, spec.model_path,
+                                 "assign a Moonshine or Whisper (CTranslate2) model, e.g. the bundled "
+                                 "whisper-base-ct2")
+        return found
+
+    def command(self, spec: LaunchSpec) -> Command:
+        engine = self.engine(spec)
+        require_runtime(engine, self.name)
+        return server_command("stt_server", spec, "--engine", engine)
+
+    async def probe(self, session: aiohttp.ClientSession, base_url: str, slot_type: str) -> ProbeResult:
+        return await probe_server(session, base_url, "/v1/models", _sentinel)
+
+    def explain_failure(self, exit_code: int | None, log_tail: list[str]) -> str:
+        return explain("the speech-to-text server", exit_code, log_tail)
+
+
+def _sentinel(session: aiohttp.ClientSession,
+              base_url: str) -> AbstractAsyncContextManager[aiohttp.ClientResponse]:
+    form = aiohttp.FormData()
+    form.add_field("model", "probe")
+    form.add_field("response_format", "json")
+    form.add_field("file", _SENTINEL_AUDIO, filename="probe.wav", content_type="audio/wav")
+    return session.post(f"{base_url}/v1/audio/transcriptions", data=form, timeout=PROBE_TIMEOUT)
