@@ -69,6 +69,13 @@ class PortUnavailable(Hal0Error):
     status = 409
 
 
+class DiskFull(Hal0Error):
+    """hal0 could not write its own state: the disk (or quota) is full. Nothing changed."""
+
+    code = "disk_full"
+    status = 507
+
+
 class BackendError(Hal0Error):
     """A backend failed to start, warm up or answer; detail holds exit code, log tail and probe."""
 

@@ -60,6 +60,8 @@ class Settings:
     stop_timeout_s: float = 10.0
     #: Largest request body accepted at the edge.
     max_body_bytes: int = 64 * 1024 * 1024
+    #: Longest silence from a backend mid-request (no header or body byte) before the request fails.
+    request_timeout_s: float = 600.0
     #: Rotation size of the decision log.
     decision_log_max_bytes: int = 10 * 1024 * 1024
     api_keys: tuple[str, ...] = field(default_factory=tuple)
@@ -91,7 +93,7 @@ class Settings:
 _FIELD_TYPES: dict[str, type] = {
     "host": str, "port": int, "port_min": int, "port_max": int, "llama_server": str,
     "supervisor": str, "cold_boot_grace_s": float, "warmup_budget_s": float, "idle_timeout_s": float,
-    "stop_timeout_s": float, "max_body_bytes": int, "decision_log_max_bytes": int,
+    "stop_timeout_s": float, "max_body_bytes": int, "request_timeout_s": float, "decision_log_max_bytes": int,
     "hf_endpoint": str, "hf_token": str,
 }
 

@@ -138,6 +138,10 @@ class Dispatcher:
             await slot.ensure_loaded(self.settings.cold_boot_grace_s)
             decision.wait_ms = round((time.perf_counter() - wait_started) * 1000, 3)
         upstream_headers = _forward_headers(scope, rid)
+        if b'"stream":true' in canonical:
+            # llama-server closes the connection after an event stream without a `Connection: close`, and the
+            # pool would hand the dead connection to the next request the moment the stream's last byte arrives.
+            upstream_headers["Connection"] = "close"
         query = scope.get("query_string", b"")
         url = f"{slot.base_url}{path}" + (f"?{query.decode('latin-1')}" if query else "")
         if prefetch or path in COALESCED_ENDPOINTS:
@@ -171,15 +175,26 @@ class Dispatcher:
 
     async def _open(self, slot: Slot, method: str, url: str, body: bytes,
                     headers: CIMultiDict[str]) -> aiohttp.ClientResponse:
-        try:
-            return await self.session.request(method, url, data=body, headers=headers,
-                                              timeout=self._timeout, skip_auto_headers=("User-Agent",))
-        except (aiohttp.ClientConnectionError, OSError) as exc:
-            slot.backend_failed()
-            raise UpstreamError(
-                f"backend of slot {slot.name} did not answer: {type(exc).__name__}: {exc}",
-                code="backend_unreachable", detail={"slot": slot.name, "state": slot.state.value},
-            ) from exc
+        failure: BaseException
+        for attempt in (1, 2):
+            try:
+                return await self.session.request(method, url, data=body, headers=headers,
+                                                  timeout=self._timeout, skip_auto_headers=("User-Agent",))
+            except (aiohttp.ClientOSError, aiohttp.ServerDisconnectedError) as exc:
+                # llama-server closes a keep-alive connection after a streamed answer without announcing it; a
+                # request written to it in that instant never reached the backend, so it goes once more on a
+                # fresh connection. A refused connect (ClientConnectorError) is a dead backend: no retry.
+                failure = exc
+                if attempt == 1 and not isinstance(exc, aiohttp.ClientConnectorError):
+                    continue
+            except (aiohttp.ClientConnectionError, OSError) as exc:
+                failure = exc
+            break
+        slot.backend_failed()
+        raise UpstreamError(
+            f"backend of slot {slot.name} did not answer: {type(failure).__name__}: {failure}",
+            code="backend_unreachable", detail={"slot": slot.name, "state": slot.state.value},
+        ) from failure
 
     async def _fetch(self, slot: Slot, method: str, url: str, body: bytes,
                      headers: CIMultiDict[str]) -> BufferedResponse:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -15,9 +16,10 @@ from typing import Any, Protocol
 
 import aiohttp
 
-from hal0.errors import BackendError, Conflict, Hal0Error, ModelNotFound
+from hal0.errors import BackendError, Conflict, DiskFull, Hal0Error, ModelNotFound
 from hal0.events import EventBus
 from hal0.providers.base import LaunchSpec, ProbeResult, Provider
+from hal0.redact import redact_argv, redact_env
 from hal0.settings import Settings
 from hal0.slots.config import SlotConfig
 from hal0.slots.state import ACTIVE, LOADED, LOADING, SlotState, check_transition
@@ -89,7 +91,9 @@ class Slot:
 
     def snapshot(self) -> dict[str, Any]:
         rec = self.record.to_dict()
-        rec["config"] = self.config.to_dict()
+        config = self.config.to_dict()
+        config["args"], config["env"] = redact_argv(config["args"]), redact_env(config["env"])
+        rec["config"] = config
         rec["type"] = self.config.type
         rec["in_flight"] = self.in_flight
         rec["requests_total"] = self.requests_total
@@ -104,6 +108,7 @@ class Slot:
         src = self.record.state
         check_transition(src, dst)
         rec = self.record
+        before = dataclasses.replace(rec)
         rec.state = dst
         rec.seq += 1
         rec.since = time.time()
@@ -112,7 +117,13 @@ class Slot:
             rec.error = None
         for key, value in changes.items():
             setattr(rec, key, value)
-        self._ctx.store.write(rec)
+        try:
+            self._ctx.store.write(rec)
+        except DiskFull:
+            # Not persisted means not happened: memory keeps agreeing with state.json.
+            for f in dataclasses.fields(rec):
+                setattr(rec, f.name, getattr(before, f.name))
+            raise
         entry: dict[str, Any] = {"slot": self.name, "from": src.value, "to": dst.value, "seq": rec.seq,
                                  "time": rec.since, "reason": reason}
         self.history.append(entry)
@@ -165,6 +176,13 @@ class Slot:
                 f"slot {self.name} is still {self.state.value} after the cold-boot grace of {timeout:g}s",
                 code="cold_boot_timeout", detail={"state": self.state.value},
             ) from None
+        except asyncio.CancelledError:
+            current = asyncio.current_task()
+            if not task.cancelled() or (current is not None and current.cancelling()):
+                raise
+            # The load itself was cancelled (an unload or a config change came in): say so, do not crash.
+            raise Conflict(f"the load of slot {self.name} was cancelled by a later unload or change",
+                           code="load_cancelled", detail={"state": self.state.value}) from None
         if self.state not in LOADED:
             raise self.error_exception()
         return True
@@ -272,12 +290,14 @@ class Slot:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._load_task
         async with self._op_lock:
-            if self.state not in ACTIVE or self.state is S.UNLOADING:
+            if self.state not in ACTIVE:
                 if self.state is S.ERROR:
                     await self._stop_process()
                     self._transition(S.OFFLINE, "error acknowledged", pid=None)
                 return
-            self._transition(S.UNLOADING, reason)
+            # Under the lock, UNLOADING is an unload left unfinished (e.g. its last write failed): finish it.
+            if self.state is not S.UNLOADING:
+                self._transition(S.UNLOADING, reason)
             status = await self._stop_process()
             self._transition(S.OFFLINE, f"{reason}; backend {status.detail or 'stopped'}".rstrip("; "),
                              pid=None, loaded_at=None)

@@ -5,6 +5,7 @@ Temp file in the same folder, fsync, rename, fsync the folder: a reader sees the
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import tempfile
@@ -13,6 +14,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from hal0.errors import DiskFull
 from hal0.slots.state import SlotState
 
 
@@ -100,7 +102,13 @@ class StateStore:
         return self.slot_dir(name) / "state.json"
 
     def write(self, record: SlotRecord) -> None:
-        atomic_write_json(self.path(record.name), record.to_dict())
+        try:
+            atomic_write_json(self.path(record.name), record.to_dict())
+        except OSError as exc:
+            if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            raise DiskFull(f"cannot write the state of slot {record.name}: {exc.strerror}; free some disk space",
+                           detail={"path": str(self.path(record.name))}) from exc
 
     def read(self, name: str) -> SlotRecord | None:
         """The persisted record, or None. A corrupt file is quarantined, never trusted."""

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from hal0.errors import BackendError
 from hal0.providers.base import Command
+from hal0.redact import redact_argv
 from hal0.slots.store import atomic_write_json
 from hal0.supervisors.base import Handle, ProcessStatus, tail_file
 
@@ -38,6 +39,10 @@ def _proc_state(pid: int) -> str | None:
     return stat[stat.rindex(")") + 2:].split()[0]
 
 
+#: Set in every backend's environment: ties an orphaned backend to its slot when its pidfile is missing.
+MARK_ENV = "HAL0_SLOT_STATE"
+
+
 class EmbeddedSupervisor:
     kind = "embedded"
 
@@ -56,10 +61,12 @@ class EmbeddedSupervisor:
     async def start(self, slot: str, command: Command) -> Handle:
         log_path = self.log_path(slot)
         log_path.parent.mkdir(parents=True, exist_ok=True)
-        env = {**os.environ, **command.env}
+        # A backend never needs hal0's own API keys: keep them out of its environment.
+        env = {**{k: v for k, v in os.environ.items() if k != "HAL0_API_KEYS"}, **command.env,
+               MARK_ENV: self._mark(slot)}
         with log_path.open("ab") as log:
             log.write(f"\n=== hal0: starting slot {slot} at {time.strftime('%Y-%m-%dT%H:%M:%S')}: "
-                      f"{' '.join(command.argv)}\n".encode())
+                      f"{' '.join(redact_argv(command.argv))}\n".encode())
             log.flush()
             try:
                 proc = subprocess.Popen(  # noqa: ASYNC220 - a detached child, spawned in microseconds
@@ -69,11 +76,11 @@ class EmbeddedSupervisor:
             except OSError as exc:
                 raise BackendError(
                     f"cannot start the backend of slot {slot}: {exc.strerror or exc}",
-                    code="spawn_failed", detail={"argv": list(command.argv), "errno": exc.errno},
+                    code="spawn_failed", detail={"argv": redact_argv(command.argv), "errno": exc.errno},
                 ) from exc
         self._children[slot] = proc
         atomic_write_json(self._pidfile(slot), {"pid": proc.pid, "start_time": _proc_start_time(proc.pid),
-                                                "argv": list(command.argv)})
+                                                "argv": redact_argv(command.argv)})
         return Handle(pid=proc.pid)
 
     def status(self, slot: str, handle: Handle) -> ProcessStatus:
@@ -106,8 +113,30 @@ class EmbeddedSupervisor:
         try:
             pid = json.loads(self._pidfile(slot).read_text()).get("pid")
         except (OSError, ValueError, AttributeError):
-            return None
+            pid = self._find_marked(slot)
         return Handle(pid=pid) if isinstance(pid, int) else None
+
+    def _mark(self, slot: str) -> str:
+        return str((self._state_root / slot).resolve())
+
+    def _find_marked(self, slot: str) -> int | None:
+        """A backend of `slot` whose pidfile was never written (the API died between spawn and pidfile):
+        found by the marker in its environment, and given its pidfile back so it can be adopted."""
+        wanted = f"{MARK_ENV}={self._mark(slot)}".encode()
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            pid = int(entry.name)
+            try:
+                environ = (entry / "environ").read_bytes().split(b"\0")
+                leader = os.getpgid(pid) == pid  # the backend itself, not a child it spawned
+            except OSError:
+                continue
+            if wanted in environ and leader and _proc_state(pid) not in (None, "Z", "X"):
+                atomic_write_json(self._pidfile(slot), {"pid": pid, "start_time": _proc_start_time(pid),
+                                                        "argv": None})
+                return pid
+        return None
 
     async def stop(self, slot: str, handle: Handle, timeout: float) -> ProcessStatus:
         status = self.status(slot, handle)

@@ -1,0 +1,322 @@
+"""Faults injected into real processes: backends killed or frozen mid-request, foreign processes on slot ports,
+the API SIGKILLed mid-load, corrupt state files, a full disk, and a storm of concurrent calls on one slot.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import random
+import signal
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from hal0.registry.store import ModelStore
+from tests.conftest import Hal0, wait_until
+from tests.test_slots_api import alive, backend_pids
+
+PROMPT = [{"role": "user", "content": "hello"}]
+
+
+def chat(h: Hal0, model: str = "primary", **extra: Any) -> httpx.Response:
+    return h.client.post("/v1/chat/completions",
+                         json={"model": model, "messages": PROMPT, "max_tokens": 4, **extra}, timeout=60)
+
+
+def ready_primary(h: Hal0, model_files: dict[str, Path], *, env: dict[str, str] | None = None,
+                  models: ModelStore | None = None) -> Hal0:
+    (models or h.models).import_file("tiny", model_files["tiny"], slot_type="chat", link=True)
+    h.start(env=env)
+    assert h.client.put("/api/slots/primary/model", json={"model": "tiny"}).status_code == 200
+    resp = h.client.post("/api/slots/primary/load")
+    assert resp.status_code == 200 and resp.json()["state"] == "ready", resp.text
+    return h
+
+
+@contextlib.contextmanager
+def listener(port: int) -> Iterator[subprocess.Popen[bytes]]:
+    """A foreign process holding a loopback port (not hal0's, not a backend)."""
+    code = ("import socket,sys,time\ns=socket.socket();s.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1)\n"
+            f"s.bind(('127.0.0.1',{port}));s.listen();print('up',flush=True)\ntime.sleep(600)")
+    proc = subprocess.Popen(["python3", "-c", code], stdout=subprocess.PIPE)
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == b"up"
+        yield proc
+    finally:
+        proc.kill()
+        proc.wait(10)
+
+
+# -- backends that die or hang ---------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_a_backend_killed_mid_stream_errors_the_stream_and_the_slot_recovers_on_the_next_request(
+        hal0: Hal0, large_model: Path) -> None:
+    hal0.add_model("big", large_model)
+    hal0.start()
+    assert hal0.client.put("/api/slots/primary/model", json={"model": "big"}).status_code == 200
+    assert hal0.client.post("/api/slots/primary/load").json()["state"] == "ready"
+    pid = hal0.state("primary")["pid"]
+    body = {"model": "primary", "messages": PROMPT, "max_tokens": 1500, "stream": True}
+    with hal0.client.stream("POST", "/v1/chat/completions", json=body, timeout=30) as resp:
+        assert resp.status_code == 200
+        lines = resp.iter_lines()
+        for line in lines:
+            if line.startswith("data: {"):
+                os.kill(pid, signal.SIGKILL)
+                break
+        rest = [line for line in lines if line.startswith("data: ")]
+    assert rest and '"code": "backend_failed"' in rest[-1], rest[-3:]
+    wait_until(lambda: hal0.slot("primary")["state"] == "error", 10, "the slot to go to error")
+    error = hal0.slot("primary")["error"]
+    assert error["code"] == "backend_exited" and "SIGKILL" in error["message"]
+    assert hal0.state("primary")["error"]["code"] == "backend_exited"
+    # The next request is the next load: it brings the slot back and is answered.
+    assert chat(hal0).status_code == 200
+    assert hal0.slot("primary")["state"] in ("ready", "serving")
+    assert len(backend_pids(hal0.home)) == 1
+
+
+@pytest.mark.slow
+def test_a_frozen_backend_trips_the_request_timeout_and_recovers_when_it_thaws(
+        hal0: Hal0, model_files: dict[str, Path]) -> None:
+    ready_primary(hal0, model_files, env={"HAL0_REQUEST_TIMEOUT_S": "2"})
+    pid = hal0.state("primary")["pid"]
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        started = time.monotonic()
+        frozen = chat(hal0)
+        assert frozen.status_code == 502, frozen.text
+        assert frozen.json()["error"]["code"] in ("backend_unreachable", "backend_failed")
+        assert "Timeout" in frozen.json()["error"]["message"]
+        assert time.monotonic() - started < 10
+        with hal0.client.stream("POST", "/v1/chat/completions", timeout=30,
+                                json={"model": "primary", "messages": PROMPT, "stream": True}) as resp:
+            text = resp.read().decode()
+        assert resp.status_code == 502 or '"code": "backend_failed"' in text, text
+        # The API itself never hangs with its backend.
+        assert hal0.client.get("/api/health", timeout=2).status_code == 200
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    assert chat(hal0).status_code == 200
+    assert hal0.state("primary")["pid"] == pid
+
+
+# -- ports -------------------------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_a_foreign_process_on_a_slot_port_is_never_adopted_nor_killed(hal0: Hal0,
+                                                                         model_files: dict[str, Path]) -> None:
+    # A foreign listener on the first port of the range: the allocator steps over it.
+    with listener(hal0.port_min) as foreign:
+        ready_primary(hal0, model_files)
+        port = hal0.state("primary")["port"]
+        assert port != hal0.port_min and alive(foreign.pid)
+        assert chat(hal0).status_code == 200
+    # The API crashes, the backend dies while it is down and a foreign process takes its port.
+    pid = hal0.state("primary")["pid"]
+    hal0.kill()
+    os.killpg(pid, signal.SIGKILL)
+    wait_until(lambda: not alive(pid), 10, "the backend to die")
+    with listener(port) as foreign:
+        hal0.start()
+        slot = hal0.slot("primary")
+        assert slot["state"] == "error" and slot["error"]["code"] == "backend_gone", slot
+        assert alive(foreign.pid)
+        assert chat(hal0).status_code == 200
+        assert hal0.state("primary")["port"] != port and alive(foreign.pid)
+
+
+# -- the API killed ------------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_sigkill_of_the_api_during_loads_and_state_writes_never_corrupts_or_duplicates(
+        hal0: Hal0, model_files: dict[str, Path]) -> None:
+    hal0.add_model("tiny", model_files["tiny"])
+    hal0.start()
+    assert hal0.client.put("/api/slots/primary/model", json={"model": "tiny"}).status_code == 200
+    rng = random.Random(8)
+    for _round in range(6):
+        # Loads and unloads write state.json many times a second; the kill lands somewhere among them.
+        hal0.client.post("/api/slots/primary/load", params={"wait": "false"})
+        if rng.random() < 0.5:
+            wait_until(lambda: hal0.state("primary")["state"] in ("warming", "ready"), 20, "a load under way")
+        time.sleep(rng.uniform(0, 0.05))
+        hal0.kill()
+        record = hal0.state("primary")  # parses: the file is whole
+        assert record["state"] in ("offline", "starting", "warming", "ready", "serving", "idle")
+        assert len(backend_pids(hal0.home)) <= 1
+        hal0.start()
+        wait_until(lambda: hal0.slot("primary")["state"] in ("ready", "offline", "error"), 30, "adoption")
+        assert len(backend_pids(hal0.home)) <= 1
+        if rng.random() < 0.5:
+            hal0.client.post("/api/slots/primary/unload")
+    resp = hal0.client.post("/api/slots/primary/load")
+    assert resp.status_code == 200 and resp.json()["state"] == "ready", resp.text
+    assert backend_pids(hal0.home) == [hal0.state("primary")["pid"]]
+    assert chat(hal0).status_code == 200
+
+
+def test_corrupt_or_truncated_state_files_are_quarantined_and_the_api_starts(
+        hal0: Hal0, model_files: dict[str, Path]) -> None:
+    hal0.add_model("tiny", model_files["tiny"])
+    hal0.write_slot_config("u1", 'type = "chat"\nmodel = "tiny"\n')
+    state = hal0.home / "state" / "slots"
+    (state / "primary").mkdir(parents=True)
+    (state / "primary" / "state.json").write_text('{"name": "primary", "state": "rea')  # truncated mid-write
+    (state / "u1").mkdir(parents=True)
+    (state / "u1" / "state.json").write_bytes(b"\x00\xff garbage \x00")
+    (state / "embed").mkdir(parents=True)
+    (state / "embed" / "state.json").write_text('{"name": "embed", "state": "on-fire"}')  # valid JSON, bad state
+    hal0.start()
+    for name in ("primary", "u1", "embed"):
+        slot = hal0.slot(name)
+        assert slot["state"] == "offline", slot
+        assert (slot["error"]["code"] == "state_corrupt" and "quarantined" in slot["error"]["detail"]) or \
+            "corrupt" in slot["reason"], slot
+        assert list((state / name).glob("state.json.corrupt-*")), name
+        assert hal0.state(name)["state"] == "offline"
+    assert hal0.client.put("/api/slots/primary/model", json={"model": "tiny"}).status_code == 200
+    assert hal0.client.post("/api/slots/primary/load").json()["state"] == "ready"
+
+
+# -- a full disk -----------------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def small_disk(path: Path, size: str = "2m") -> Iterator[Path]:
+    path.mkdir(parents=True, exist_ok=True)
+    result = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+                            capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        if os.environ.get("CI"):
+            pytest.fail(f"CI must be able to mount a small tmpfs: {result.stderr.strip()}")
+        pytest.skip(f"cannot mount a tmpfs here (not root?): {result.stderr.strip()}")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+def fill(folder: Path, leave: int = 0) -> None:
+    """Fill the filesystem of `folder` until at most `leave` bytes are free."""
+    filler = folder / "filler"
+    with filler.open("ab") as fh:
+        while (free := os.statvfs(folder).f_bavail * os.statvfs(folder).f_frsize) > leave:
+            try:
+                fh.write(b"\0" * min(free - leave if free > leave else 4096, 1 << 20) or b"\0")
+                fh.flush()
+            except OSError:
+                break
+
+
+@pytest.mark.slow
+def test_a_full_disk_fails_pulls_and_state_writes_cleanly(hal0: Hal0, model_files: dict[str, Path],
+                                                          tmp_path: Path) -> None:
+    # 300 MiB: the registry keeps a 256 MiB safety margin free, so the model must fit with it first.
+    with small_disk(tmp_path / "disk", "300m") as disk:
+        hal0.env["HAL0_STATE_DIR"] = str(disk / "state")
+        ready_primary(hal0, model_files, models=ModelStore(disk / "state" / "models"))
+
+        def state_of(slot: str) -> dict[str, Any]:
+            return json.loads((disk / "state" / "slots" / slot / "state.json").read_text())  # type: ignore[no-any-return]
+        # A pull that cannot fit: refused with 507 before a byte is written, nothing half-installed.
+        blob = tmp_path / "blob.gguf"
+        blob.write_bytes(os.urandom(3 << 20))
+        fill(disk, leave=100 << 20)
+        resp = hal0.client.post("/api/models/pull", json={"ref": "blob", "source": str(blob), "wait": True})
+        assert resp.status_code == 507, resp.text
+        assert resp.json()["error"]["code"] == "insufficient_disk"
+        assert not (disk / "state" / "models" / "blob").exists() or not any(
+            (disk / "state" / "models" / "blob").iterdir())
+
+        # The disk fills up under a loaded slot: state writes fail, the API stays up and says why.
+        before = state_of("primary")
+        fill(disk)
+        resp = hal0.client.post("/api/slots/primary/unload")
+        assert resp.status_code == 507, resp.text
+        assert resp.json()["error"]["code"] == "disk_full" and "disk" in resp.json()["error"]["message"]
+        assert hal0.client.get("/api/health").status_code == 200
+        # Not written means not done: the file is whole and unchanged, and the API agrees with it.
+        assert state_of("primary") == before
+        assert hal0.slot("primary")["state"] == "ready" and hal0.slot("primary")["seq"] == before["seq"]
+        assert chat(hal0).status_code in (200, 507)
+        (disk / "filler").unlink()
+        resp = hal0.client.post("/api/slots/primary/unload")
+        assert resp.status_code == 200, resp.text
+        resp = hal0.client.post("/api/slots/primary/load")
+        assert resp.status_code == 200 and resp.json()["state"] == "ready", resp.text
+        assert len(backend_pids(disk)) == 1
+        hal0.stop()
+        for pidfile in (disk / "state" / "slots").glob("*/backend.pid"):
+            with contextlib.suppress(OSError, ValueError, KeyError):
+                os.killpg(json.loads(pidfile.read_text())["pid"], signal.SIGKILL)
+
+
+# -- a storm of calls on one slot ---------------------------------------------------------------------------
+@pytest.mark.slow
+def test_a_storm_of_load_unload_assign_on_one_slot_never_runs_two_backends(
+        hal0: Hal0, model_files: dict[str, Path]) -> None:
+    hal0.add_model("tiny", model_files["tiny"])
+    hal0.add_model("tiny2", model_files["tiny"])
+    hal0.start()
+    http = httpx.Client(base_url=hal0.url, timeout=120, limits=httpx.Limits(max_connections=32))
+    assert http.put("/api/slots/primary/model", json={"model": "tiny"}).status_code == 200
+    violations: list[str] = []
+    stop = threading.Event()
+
+    def watch() -> None:
+        while not stop.is_set():
+            pids = backend_pids(hal0.home)
+            if len(pids) > 1:
+                violations.append(f"two backends: {pids}")
+            try:
+                json.loads((hal0.home / "state" / "slots" / "primary" / "state.json").read_text())
+            except (OSError, ValueError) as exc:
+                violations.append(f"state.json unreadable: {exc}")
+            stop.wait(0.005)
+
+    calls = [("POST", "/api/slots/primary/load", None), ("POST", "/api/slots/primary/load?wait=false", None),
+             ("POST", "/api/slots/primary/unload", None), ("POST", "/api/slots/primary/restart", None),
+             ("PUT", "/api/slots/primary/model", {"model": "tiny"}),
+             ("PUT", "/api/slots/primary/model", {"model": "tiny2"})]
+    rng = random.Random(8)
+    plan = [rng.choice(calls) for _ in range(120)]
+
+    def call(item: tuple[str, str, dict[str, str] | None]) -> int:
+        method, path, body = item
+        return http.request(method, path, json=body).status_code
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        with ThreadPoolExecutor(16) as pool:
+            statuses = list(pool.map(call, plan))
+    finally:
+        stop.set()
+        watcher.join()
+    assert not violations, violations[:5]
+    assert all(s < 500 or s == 503 for s in statuses), statuses
+    assert statuses.count(200) > len(plan) // 2
+    # Settled: the API, state.json and the processes agree.
+    resp = http.post("/api/slots/primary/load")
+    assert resp.status_code == 200 and resp.json()["state"] == "ready", resp.text
+    slot = hal0.slot("primary")
+    assert hal0.state("primary")["seq"] == slot["seq"] and hal0.state("primary")["pid"] == slot["pid"]
+    assert backend_pids(hal0.home) == [slot["pid"]]
+    assert chat(hal0).status_code == 200
+    http.close()
+
+
+def test_port_is_free_helper_sees_a_foreign_listener() -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen()
+        from hal0.slots.manager import port_is_free
+
+        assert not port_is_free(sock.getsockname()[1])
