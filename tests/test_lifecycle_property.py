@@ -180,6 +180,7 @@ class LifecycleMachine(RuleBasedStateMachine):
             if "to" in event and event["from"] != event["to"]:
                 assert is_legal(SlotState(event["from"]), SlotState(event["to"])), event
         self.events.clear()
+        self.manager.store.flush()
         on_disk = json.loads(self.manager.store.path("primary").read_text())
         rec = self.slot.record
         assert on_disk["state"] == rec.state.value

@@ -58,6 +58,9 @@ class Settings:
     idle_timeout_s: float = 300.0
     #: Grace between SIGTERM and SIGKILL when unloading.
     stop_timeout_s: float = 10.0
+    #: At most this many slots hold a loaded backend; loading one more first unloads the least recently used
+    #: idle one. 0 means no limit.
+    max_loaded_slots: int = 0
     #: Largest request body accepted at the edge.
     max_body_bytes: int = 64 * 1024 * 1024
     #: Longest silence from a backend mid-request (no header or body byte) before the request fails.
@@ -93,7 +96,8 @@ class Settings:
 _FIELD_TYPES: dict[str, type] = {
     "host": str, "port": int, "port_min": int, "port_max": int, "llama_server": str,
     "supervisor": str, "cold_boot_grace_s": float, "warmup_budget_s": float, "idle_timeout_s": float,
-    "stop_timeout_s": float, "max_body_bytes": int, "request_timeout_s": float, "decision_log_max_bytes": int,
+    "stop_timeout_s": float, "max_loaded_slots": int, "max_body_bytes": int, "request_timeout_s": float,
+    "decision_log_max_bytes": int,
     "hf_endpoint": str, "hf_token": str,
 }
 

@@ -13,13 +13,13 @@ from typing import Any
 
 import aiohttp
 
-from hal0.errors import Conflict, InvalidRequest, ModelNotFound, PortUnavailable, SlotNotFound
+from hal0.errors import BackendError, Conflict, InvalidRequest, ModelNotFound, PortUnavailable, SlotNotFound
 from hal0.events import EventBus
 from hal0.providers.base import Provider
 from hal0.settings import Settings
 from hal0.slots.config import BUILTIN_SLOTS, ConfigStore, SlotConfig, validate_ref
 from hal0.slots.slot import ModelSource, Slot, SlotContext
-from hal0.slots.state import ACTIVE, SlotState
+from hal0.slots.state import ACTIVE, LOADED, SlotState
 from hal0.slots.store import CorruptState, SlotError, SlotRecord, StateStore
 from hal0.supervisors.base import Supervisor
 
@@ -45,9 +45,10 @@ class SlotManager:
         self.store = StateStore(settings.slots_state_dir)
         self.ctx = SlotContext(settings=settings, store=self.store, bus=bus, supervisor=supervisor,
                                providers=providers, session=session, models=models,
-                               allocate_port=self._allocate_port)
+                               allocate_port=self._allocate_port, make_room=self._make_room)
         self.slots: dict[str, Slot] = {}
         self._mutate = asyncio.Lock()
+        self._room = asyncio.Lock()
 
     @property
     def supervisor(self) -> Supervisor:
@@ -75,6 +76,7 @@ class SlotManager:
 
     async def close(self) -> None:
         await asyncio.gather(*(slot.close() for slot in self.slots.values()))
+        await asyncio.to_thread(self.store.close)
 
     # -- lookup --------------------------------------------------------------------------------------------
     def get(self, name: str) -> Slot:
@@ -154,6 +156,27 @@ class SlotManager:
         for other in self.slots.values():
             if other.name != config.name and other.config.port == config.port:
                 raise PortUnavailable(f"port {config.port} is already configured for slot {other.name}")
+
+    # -- room ----------------------------------------------------------------------------------------------
+    async def _make_room(self, slot: Slot) -> None:
+        """Keep at most `max_loaded_slots` backends: unload the least recently used idle ones first."""
+        cap = self.settings.max_loaded_slots
+        if cap <= 0:
+            return
+        async with self._room:
+            while True:
+                others = [s for s in self.slots.values() if s is not slot and s.state in ACTIVE]
+                if len(others) < cap:
+                    return
+                evictable = [s for s in others if s.state in LOADED and s.in_flight == 0]
+                if not evictable:
+                    raise BackendError(
+                        f"slot {slot.name} cannot load: {len(others)} slot(s) are loaded or loading and busy, "
+                        f"and max_loaded_slots is {cap}", code="no_room",
+                        detail={"busy": sorted(s.name for s in others), "max_loaded_slots": cap},
+                    )
+                victim = min(evictable, key=lambda s: s.last_activity)
+                await victim.unload(f"unloaded to make room for slot {slot.name} (max_loaded_slots={cap})")
 
     # -- ports -----------------------------------------------------------------------------------------------
     def _allocate_port(self, slot: Slot) -> int:

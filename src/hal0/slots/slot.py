@@ -9,7 +9,7 @@ import asyncio
 import contextlib
 import dataclasses
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -60,6 +60,8 @@ class SlotContext:
     session: aiohttp.ClientSession
     models: ModelSource
     allocate_port: Callable[[Slot], int]
+    #: Unload other slots if this one would exceed `max_loaded_slots`.
+    make_room: Callable[[Slot], Awaitable[None]]
 
 
 class Slot:
@@ -84,6 +86,10 @@ class Slot:
     @property
     def state(self) -> SlotState:
         return self.record.state
+
+    @property
+    def last_activity(self) -> float:
+        return self._last_activity
 
     @property
     def base_url(self) -> str:
@@ -118,7 +124,9 @@ class Slot:
         for key, value in changes.items():
             setattr(rec, key, value)
         try:
-            self._ctx.store.write(rec)
+            # Moves between loaded states only count requests: they are written behind, off the request's path
+            # (a crash that forgets one loses nothing: adoption re-probes the backend).
+            self._ctx.store.write(rec, durable=not (src in LOADED and dst in LOADED))
         except DiskFull:
             # Not persisted means not happened: memory keeps agreeing with state.json.
             for f in dataclasses.fields(rec):
@@ -216,6 +224,13 @@ class Slot:
             except Hal0Error as exc:
                 self._fail(exc.code, f"pull of {cfg.model} failed: {exc.message}", extra=exc.detail)
                 return
+        try:
+            await self._ctx.make_room(self)
+        except Hal0Error as exc:
+            if self.state is S.PULLING:
+                self._fail(exc.code, exc.message, extra=exc.detail)
+                return
+            raise
         provider = self._ctx.providers.get(cfg.provider)
         self._transition(S.STARTING, "load requested", model=cfg.model, provider=cfg.provider, pid=None,
                          supervisor=self._ctx.supervisor.kind)

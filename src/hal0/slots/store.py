@@ -7,15 +7,20 @@ from __future__ import annotations
 
 import errno
 import json
+import logging
 import os
 import tempfile
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from hal0.errors import DiskFull
 from hal0.slots.state import SlotState
+
+log = logging.getLogger("hal0.slots")
 
 
 @dataclass(slots=True)
@@ -66,15 +71,17 @@ class SlotRecord:
         )
 
 
-def atomic_write_json(path: Path, data: Any) -> None:
+def atomic_write_json(path: Path, data: Any, *, durable: bool = True) -> None:
+    """Replace `path` with `data` in one rename. `durable=False` skips the fsyncs: still never half-written
+    (rename is atomic), but a power cut may bring back the previous version."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "w") as fh:
-            json.dump(data, fh, indent=2, sort_keys=True)
-            fh.write("\n")
-            fh.flush()
-            os.fsync(fh.fileno())
+            fh.write(json.dumps(data, indent=2, sort_keys=True) + "\n")
+            if durable:
+                fh.flush()
+                os.fsync(fh.fileno())
         os.replace(tmp, path)
     except BaseException:
         try:
@@ -82,6 +89,8 @@ def atomic_write_json(path: Path, data: Any) -> None:
         except FileNotFoundError:
             pass
         raise
+    if not durable:
+        return
     dir_fd = os.open(path.parent, os.O_RDONLY)
     try:
         os.fsync(dir_fd)
@@ -90,10 +99,20 @@ def atomic_write_json(path: Path, data: Any) -> None:
 
 
 class StateStore:
-    """Reads and writes `<slots_state_dir>/<name>/state.json`."""
+    """Reads and writes `<slots_state_dir>/<name>/state.json`.
+
+    Lifecycle transitions are written at once and fsynced. The moves that only count requests
+    (ready <-> serving) are written behind, by one writer thread, so no request waits on the disk: the
+    newest record always wins (a write never replaces a newer `seq`), and `flush()` waits for them.
+    """
 
     def __init__(self, root: Path) -> None:
         self.root = root
+        self._write_lock = threading.Lock()
+        self._pending_lock = threading.Lock()
+        self._pending: dict[str, dict[str, Any]] = {}
+        self._written: dict[str, int] = {}
+        self._writer = ThreadPoolExecutor(1, thread_name_prefix="hal0-state")
 
     def slot_dir(self, name: str) -> Path:
         return self.root / name
@@ -101,14 +120,47 @@ class StateStore:
     def path(self, name: str) -> Path:
         return self.slot_dir(name) / "state.json"
 
-    def write(self, record: SlotRecord) -> None:
+    def write(self, record: SlotRecord, *, durable: bool = True) -> None:
+        data = record.to_dict()
+        if not durable:
+            with self._pending_lock:
+                queued = record.name in self._pending
+                self._pending[record.name] = data
+            if not queued:
+                self._writer.submit(self._write_behind, record.name)
+            return
+        with self._write_lock:
+            with self._pending_lock:
+                self._pending.pop(record.name, None)
+            self._write_now(record.name, data, durable=True)
+
+    def _write_behind(self, name: str) -> None:
+        with self._write_lock:
+            with self._pending_lock:
+                data = self._pending.pop(name, None)
+            if data is None or data["seq"] <= self._written.get(name, -1):
+                return
+            try:
+                self._write_now(name, data, durable=False)
+            except Exception:  # a thread has no caller to raise to; the next durable write repairs the file
+                log.exception("writing the state of slot %s failed", name)
+
+    def _write_now(self, name: str, data: dict[str, Any], *, durable: bool) -> None:
         try:
-            atomic_write_json(self.path(record.name), record.to_dict())
+            atomic_write_json(self.path(name), data, durable=durable)
         except OSError as exc:
             if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
                 raise
-            raise DiskFull(f"cannot write the state of slot {record.name}: {exc.strerror}; free some disk space",
-                           detail={"path": str(self.path(record.name))}) from exc
+            raise DiskFull(f"cannot write the state of slot {name}: {exc.strerror}; free some disk space",
+                           detail={"path": str(self.path(name))}) from exc
+        self._written[name] = int(data["seq"])
+
+    def flush(self) -> None:
+        """Wait until every written-behind record is on disk."""
+        self._writer.submit(lambda: None).result()
+
+    def close(self) -> None:
+        self._writer.shutdown(wait=True)
 
     def read(self, name: str) -> SlotRecord | None:
         """The persisted record, or None. A corrupt file is quarantined, never trusted."""
