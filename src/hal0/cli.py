@@ -55,7 +55,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return 2
     app = create_app(settings, AppOptions(demo=not args.no_demo))
     uvicorn.run(app, host=settings.host, port=settings.port, log_level=args.log_level,
-                loop="uvloop", http="httptools", access_log=False, timeout_graceful_shutdown=5)
+                loop="uvloop", http="httptools", access_log=False, timeout_graceful_shutdown=5,
+                # Longer than clients keep idle connections (httpx/openai: 5 s), so the server never closes
+                # one in the instant a client reuses it (which the client sees as a read error).
+                timeout_keep_alive=75)
     return 0
 
 
