@@ -33,7 +33,16 @@ PROBE_FIRST_S = 0.005
 PROBE_MAX_S = 0.25
 PROBE_BACKOFF = 1.5
 WATCH_INTERVAL_S = 0.25
+#: While warming, how often the backend's log is checked for new output (a stat call, nothing more).
+LOG_POLL_S = 0.002
 LOG_TAIL_LINES = 30
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return -1
 
 
 class ModelSource(Protocol):
@@ -125,7 +134,7 @@ class Slot:
             setattr(rec, key, value)
         try:
             # Moves between loaded states only count requests: they are written behind, off the request's path
-            # (a crash that forgets one loses nothing: adoption re-probes the backend).
+            # (a crash that forgets one loses nothing: adoption re-probes the backend before trusting it).
             self._ctx.store.write(rec, durable=not (src in LOADED and dst in LOADED))
         except DiskFull:
             # Not persisted means not happened: memory keeps agreeing with state.json.
@@ -264,6 +273,7 @@ class Slot:
         budget = self.config.warmup_budget_s or self._ctx.settings.warmup_budget_s
         interval = PROBE_FIRST_S
         self.last_probe = None
+        log_path = self._ctx.supervisor.log_path(self.name)
         while True:
             status = self._ctx.supervisor.status(self.name, handle)
             if not status.alive:
@@ -290,8 +300,20 @@ class Slot:
                            f"(last probe: {probe.stage} {probe.status or ''} {probe.message})".strip(),
                            probe=probe)
                 return
-            await asyncio.sleep(interval)
+            await self._wait_for_news(log_path, interval)
             interval = min(interval * PROBE_BACKOFF, PROBE_MAX_S)
+
+    @staticmethod
+    async def _wait_for_news(log_path: Path, interval: float) -> None:
+        """Sleep up to `interval`, but wake as soon as the backend writes to its log: a backend announces
+        readiness there ("server is listening", "all slots are idle"), so the next probe follows within
+        milliseconds instead of waiting out the backoff."""
+        size = _size(log_path)
+        deadline = time.monotonic() + interval
+        while (left := deadline - time.monotonic()) > 0:
+            await asyncio.sleep(min(LOG_POLL_S, left))
+            if _size(log_path) != size:
+                return
 
     def _died(self, status: ProcessStatus, provider: Provider) -> None:
         tail = self._ctx.supervisor.log_tail(self.name, LOG_TAIL_LINES)
