@@ -1,0 +1,124 @@
+"""Readiness lag and cold time-to-first-token: hal0 vs a bare llama-server vs llama.cpp's router mode.
+
+Every round, in a rotating order: a streamed request to hal0's cold slot, the same to the router with its model
+unloaded, and a bare llama-server started by hand. An independent watcher polls each new backend's /health every
+millisecond, so "really ready" is the first 200, not what the control plane believes.
+Run on demand: `python -m bench.readiness`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from bench.common import Bare, Hal0, Router, Watcher, first_token, make_models, med, save, session, spread
+
+TARGETS = {"lag_ms": 10.0, "ttft_tiny_ms": 30.0}
+
+
+async def hal0_cold(hal0: Hal0, slot: str) -> dict[str, float]:
+    await hal0.unload(slot)
+    async with Watcher(parent=hal0.pid) as watch, session(1) as http:
+        sent = time.perf_counter()
+        tok = await first_token(http, hal0.url, slot)
+        backend = await watch.first_ready()
+    assert backend.ready is not None
+    return {"ttft_ms": (tok - sent) * 1000, "lag_ms": (tok - backend.ready) * 1000,
+            "load_ms": (backend.ready - sent) * 1000}
+
+
+async def router_cold(router: Router, model: str) -> dict[str, float]:
+    await router.unload(model)
+    async with Watcher(parent=router.pid) as watch, session(1) as http:
+        sent = time.perf_counter()
+        tok = await first_token(http, router.url, model)
+        backend = await watch.first_ready()
+    assert backend.ready is not None
+    return {"ttft_ms": (tok - sent) * 1000, "lag_ms": (tok - backend.ready) * 1000,
+            "load_ms": (backend.ready - sent) * 1000}
+
+
+async def bare_cold(root: Path, model: Path, alias: str) -> dict[str, float]:
+    """The floor: spawn llama-server, and send the request the moment the watcher sees /health 200."""
+    bare = Bare(root, model, alias)
+    try:
+        async with Watcher(parent=os.getpid()) as watch, session(1) as http:
+            sent = bare.spawn()
+            backend = await watch.first_ready()
+            assert backend.ready is not None
+            tok = await first_token(http, bare.url, alias)
+    finally:
+        bare.stop()
+    return {"ttft_ms": (tok - sent) * 1000, "lag_ms": (tok - backend.ready) * 1000,
+            "load_ms": (backend.ready - sent) * 1000}
+
+
+async def run(args: argparse.Namespace) -> dict[str, Any]:
+    results: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory(prefix="hal0-bench-") as tmp:
+        root = Path(tmp)
+        models = make_models(root / "models", large=not args.tiny_only)
+        sizes = {"tiny": models["tiny-a"]}
+        if not args.tiny_only:
+            sizes["large"] = models["large"]
+        hal0 = await Hal0(root / "hal0", sizes, {name: name for name in sizes}).start()
+        router = await Router(root, sizes).start()
+        try:
+            for size, path in sizes.items():
+                rounds = args.rounds if size == "tiny" else args.large_rounds
+                runs: dict[str, list[dict[str, float]]] = {"direct": [], "hal0": [], "router": []}
+                await hal0.load(size)  # warm the page cache and both paths once
+                await router.load(size)
+                for i in range(rounds):
+                    order = ["direct", "hal0", "router"]
+                    order = order[i % 3:] + order[:i % 3]
+                    for name in order:
+                        if name == "direct":
+                            runs[name].append(await bare_cold(root, path, size))
+                        elif name == "hal0":
+                            runs[name].append(await hal0_cold(hal0, size))
+                        else:
+                            runs[name].append(await router_cold(router, size))
+                out: dict[str, Any] = {}
+                bare_load = med([r["load_ms"] for r in runs["direct"]])
+                for name, rows in runs.items():
+                    figures = {k: [r[k] for r in rows] for k in ("ttft_ms", "lag_ms", "load_ms")}
+                    out[name] = {k: med(v) for k, v in figures.items()} | {"rounds": figures}
+                    out[name]["ttft_over_bare_load"] = out[name]["ttft_ms"] / bare_load
+                    print(f"{size:<5} {name:<7} cold TTFT {spread(figures['ttft_ms']):<28} ms | ready->first token "
+                          f"{spread(figures['lag_ms']):<26} ms | spawn->/health 200 {spread(figures['load_ms'])} ms")
+                results[size] = out
+        finally:
+            router.stop()
+            hal0.stop()
+    tiny = results["tiny"]
+    verdicts = {
+        "readiness lag <= 10 ms (tiny)": tiny["hal0"]["lag_ms"] <= TARGETS["lag_ms"],
+        "cold TTFT of the tiny model <= 30 ms": tiny["hal0"]["ttft_ms"] <= TARGETS["ttft_tiny_ms"],
+    }
+    for what, ok in verdicts.items():
+        print(f"  {'met ' if ok else 'MISS'}  {what}")
+    results["verdicts"] = verdicts
+    return results
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m bench.readiness", description=__doc__)
+    p.add_argument("--rounds", type=int, default=10, help="cold starts per path with the tiny model")
+    p.add_argument("--large-rounds", type=int, default=3, help="cold starts per path with the large model")
+    p.add_argument("--tiny-only", action="store_true", help="skip the large (about 2 s to load) model")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    save("readiness", asyncio.run(run(parser().parse_args(argv))))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

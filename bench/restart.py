@@ -1,0 +1,144 @@
+"""API restart: SIGKILL the control plane while a model is loaded, start it again, and time until it serves a
+request again; and whether the model had to be loaded again (hal0 adopts its running backend; the peers lose
+theirs, or never owned one). Interleaved rounds.
+Run on demand: `python -m bench.restart`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from bench.common import (
+    Bare,
+    Hal0,
+    LiteLLM,
+    Router,
+    alive,
+    children,
+    kill_pid,
+    make_models,
+    med,
+    pids_matching,
+    save,
+    small_status,
+    spread,
+    wait_http,
+    zombie,
+)
+
+
+async def serves_again(url: str, model: str, timeout: float = 120) -> float:
+    """Poll a small completion every 5 ms until it is answered 200; when that was (perf_counter)."""
+    deadline = time.monotonic() + timeout
+    async with aiohttp.ClientSession() as http:
+        while time.monotonic() < deadline:
+            status, at = await small_status(http, url, model)
+            if status == 200:
+                return at
+            await asyncio.sleep(0.005)
+    raise SystemExit(f"{url} did not serve again within {timeout}s")
+
+
+async def restart_hal0(hal0: Hal0, slot: str) -> dict[str, Any]:
+    await hal0.load(slot)
+    before = pids_matching(str(hal0.home))
+    hal0.kill(signal.SIGKILL)
+    killed = time.perf_counter()
+    hal0.spawn()
+    served = await serves_again(hal0.url, slot)
+    after = pids_matching(str(hal0.home))
+    return {"serves_again_ms": (served - killed) * 1000, "reloaded": after != before,
+            "backend_survived": bool(before & after)}
+
+
+async def restart_router(router: Router, model: str) -> dict[str, Any]:
+    await router.load(model)
+    before = set(children(router.pid))
+    router.kill(signal.SIGKILL)
+    killed = time.perf_counter()
+    router.spawn()
+    served = await serves_again(router.url, model)
+    after = set(children(router.pid))
+    survived = {pid for pid in before if alive(pid) and not zombie(pid)}
+    for pid in survived:  # an orphan the new router does not know about: clean up
+        kill_pid(pid)
+    return {"serves_again_ms": (served - killed) * 1000, "reloaded": bool(after - before),
+            "backend_survived": bool(survived)}
+
+
+async def restart_litellm(litellm: LiteLLM, model: str) -> dict[str, Any]:
+    assert litellm.proc is not None
+    litellm.kill(signal.SIGKILL)
+    killed = time.perf_counter()
+    litellm.spawn()
+    served = await serves_again(litellm.url, model)
+    # LiteLLM never owned the backend (started by hand here), so it has nothing to reload.
+    return {"serves_again_ms": (served - killed) * 1000, "reloaded": False, "backend_survived": True}
+
+
+async def run(args: argparse.Namespace) -> dict[str, Any]:
+    results: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory(prefix="hal0-bench-") as tmp:
+        root = Path(tmp)
+        models = make_models(root / "models")
+        hal0 = await Hal0(root / "hal0", {"tiny": models["tiny-a"]}, {"primary": "tiny"}).start()
+        router = await Router(root, {"tiny": models["tiny-a"]}).start()
+        bare = Bare(root, models["tiny-a"], "tiny")
+        litellm: LiteLLM | None = None
+        planes: list[str] = ["hal0", "router"]
+        try:
+            if LiteLLM.available():
+                bare.spawn()
+                assert bare.proc is not None
+                await wait_http(f"{bare.url}/health", bare.proc, 30, bare.log)
+                litellm = await LiteLLM(root, {"tiny": bare.url}).start()
+                planes.append("litellm")
+            runs: dict[str, list[dict[str, Any]]] = {name: [] for name in planes}
+            for i in range(args.rounds):
+                order = planes[i % len(planes):] + planes[:i % len(planes)]
+                for name in order:
+                    if name == "hal0":
+                        runs[name].append(await restart_hal0(hal0, "primary"))
+                    elif name == "router":
+                        runs[name].append(await restart_router(router, "tiny"))
+                    elif litellm is not None:
+                        runs[name].append(await restart_litellm(litellm, "tiny"))
+            for name, rows in runs.items():
+                times = [r["serves_again_ms"] for r in rows]
+                results[name] = {"serves_again_ms": med(times), "reloaded": [r["reloaded"] for r in rows],
+                                 "backend_survived": [r["backend_survived"] for r in rows], "rounds": rows}
+                print(f"{name:<8} SIGKILL -> serving again {spread(times):<30} ms | model reloaded "
+                      f"{results[name]['reloaded']} | backend survived {results[name]['backend_survived']}")
+        finally:
+            if litellm is not None:
+                litellm.stop()
+            bare.stop()
+            router.stop()
+            hal0.stop()
+    ok = not any(results["hal0"]["reloaded"])
+    print(f"  {'met ' if ok else 'MISS'}  hal0 restart with no reload")
+    results["verdicts"] = {"restart with no reload": ok}
+    return results
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m bench.restart", description=__doc__)
+    p.add_argument("--rounds", type=int, default=3, help="restarts per control plane")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    save("restart", asyncio.run(run(parser().parse_args(argv))))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
