@@ -5,6 +5,7 @@ Thin over the SlotManager; the CLI and the dashboard both use exactly these rout
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from fastapi import APIRouter, Query, Request, Response
@@ -100,6 +101,7 @@ async def load_slot(name: str, request: Request, wait: bool = True) -> dict[str,
     slot = manager.get(name)
     if wait:
         await slot.ensure_loaded(manager.settings.cold_boot_grace_s)
+        await asyncio.to_thread(manager.store.flush)  # the caller may read state.json next
     else:
         slot.start_load()
     return _view(slot)
@@ -118,6 +120,7 @@ async def restart_slot(name: str, request: Request) -> dict[str, Any]:
     slot = manager.get(name)
     await slot.unload("restart requested")
     await slot.ensure_loaded(manager.settings.cold_boot_grace_s)
+    await asyncio.to_thread(manager.store.flush)
     return _view(slot)
 
 

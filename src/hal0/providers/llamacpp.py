@@ -5,6 +5,7 @@ Ready means /health 200, a non-empty /v1/models and a 1-token sentinel request t
 
 from __future__ import annotations
 
+import asyncio
 import re
 import shutil
 from pathlib import Path
@@ -96,16 +97,13 @@ class LlamaCppProvider:
                 if resp.status != 200:
                     body = await resp.text()
                     return ProbeResult(False, "health", resp.status, body[:300], loading=resp.status == 503)
-            async with session.get(f"{base_url}/v1/models", timeout=_PROBE_TIMEOUT) as resp:
-                models = await resp.json(content_type=None) if resp.status == 200 else None
-                if not (isinstance(models, dict) and models.get("data")):
-                    return ProbeResult(False, "models", resp.status, "no model listed by /v1/models")
-            path, payload = _sentinel(slot_type)
-            async with session.post(f"{base_url}{path}", json=payload, timeout=_PROBE_TIMEOUT) as resp:
-                if resp.status != 200:
-                    text = await resp.text()
-                    return ProbeResult(False, "sentinel", resp.status, text[:300], loading=resp.status == 503)
-                await resp.read()
+            # Both checks at once: llama-server answers them in parallel, and warm-up ends a round trip sooner.
+            models, sentinel = await asyncio.gather(_models(session, base_url),
+                                                    _sentinel_call(session, base_url, slot_type))
+            if not models.ok:
+                return models
+            if not sentinel.ok:
+                return sentinel
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
             return ProbeResult(False, "connect", None, f"{type(exc).__name__}: {exc}")
         return ProbeResult(True, "sentinel", 200, "ok")
@@ -122,6 +120,24 @@ class LlamaCppProvider:
         if exit_code is not None:
             return f"llama-server exited with code {exit_code}"
         return "llama-server stopped answering"
+
+
+async def _models(session: aiohttp.ClientSession, base_url: str) -> ProbeResult:
+    async with session.get(f"{base_url}/v1/models", timeout=_PROBE_TIMEOUT) as resp:
+        models = await resp.json(content_type=None) if resp.status == 200 else None
+        if not (isinstance(models, dict) and models.get("data")):
+            return ProbeResult(False, "models", resp.status, "no model listed by /v1/models")
+    return ProbeResult(True, "models", 200)
+
+
+async def _sentinel_call(session: aiohttp.ClientSession, base_url: str, slot_type: str) -> ProbeResult:
+    path, payload = _sentinel(slot_type)
+    async with session.post(f"{base_url}{path}", json=payload, timeout=_PROBE_TIMEOUT) as resp:
+        if resp.status != 200:
+            text = await resp.text()
+            return ProbeResult(False, "sentinel", resp.status, text[:300], loading=resp.status == 503)
+        await resp.read()
+    return ProbeResult(True, "sentinel", 200)
 
 
 def _sentinel(slot_type: str) -> tuple[str, dict[str, object]]:

@@ -133,9 +133,9 @@ class Slot:
         for key, value in changes.items():
             setattr(rec, key, value)
         try:
-            # Moves between loaded states only count requests: they are written behind, off the request's path
-            # (a crash that forgets one loses nothing: adoption re-probes the backend before trusting it).
-            self._ctx.store.write(rec, durable=not (src in LOADED and dst in LOADED))
+            # Moves into a loaded state (ready, serving, idle) are written behind, off the path of the requests
+            # they release: a crash that forgets one loses nothing, since adoption re-probes the backend.
+            self._ctx.store.write(rec, durable=dst not in LOADED)
         except DiskFull:
             # Not persisted means not happened: memory keeps agreeing with state.json.
             for f in dataclasses.fields(rec):
