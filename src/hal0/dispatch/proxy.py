@@ -120,12 +120,13 @@ class Dispatcher:
         path: str = scope["path"]
         body = await self._read_body(scope, receive)
         content_type = _header(scope, b"content-type")
+        payload: dict[str, Any] | None = None
         if scope["method"] == "GET":
-            model, canonical = _query_model(scope), b""
+            model = _query_model(scope)
         elif content_type.startswith(b"multipart/form-data"):
-            model, canonical = await _form_model(scope, body), body
+            model = await _form_model(scope, body)
         else:
-            model, canonical = _json_model(body)
+            model, payload = _json_model(body)
         decision.model = model
         res = resolve(self.manager.slots.values(), model, path)
         slot = res.slot
@@ -138,14 +139,17 @@ class Dispatcher:
             await slot.ensure_loaded(self.settings.cold_boot_grace_s)
             decision.wait_ms = round((time.perf_counter() - wait_started) * 1000, 3)
         upstream_headers = _forward_headers(scope, rid)
-        if b'"stream":true' in canonical:
+        if payload is not None and payload.get("stream") is True:
             # llama-server closes the connection after an event stream without a `Connection: close`, and the
             # pool would hand the dead connection to the next request the moment the stream's last byte arrives.
             upstream_headers["Connection"] = "close"
         query = scope.get("query_string", b"")
         url = f"{slot.base_url}{path}" + (f"?{query.decode('latin-1')}" if query else "")
         if prefetch or path in COALESCED_ENDPOINTS:
-            key = (slot.name, path, canonical)
+            # The key is the request's meaning, not its bytes: key order and spacing do not matter.
+            canonical = body if payload is None else json.dumps(payload, sort_keys=True,
+                                                                separators=(",", ":")).encode()
+            key = (slot.name, path, scope.get("query_string", b""), canonical)
             buffered, joined = await self.coalescer.run(
                 key, lambda: self._fetch(slot, scope["method"], url, body, upstream_headers))
             if joined:
@@ -237,22 +241,25 @@ class Dispatcher:
                         f"{type(failure[0]).__name__}: {failure[0]}") + b"\n\n"
                 await send({"type": "http.response.body", "body": tail, "more_body": False})
 
-            pump_task = asyncio.ensure_future(pump())
-            watch_task = asyncio.ensure_future(_wait_disconnect(receive))
+            # One watcher per request: if the client goes away it cancels this task, which stops the pump.
+            handler = asyncio.current_task()
+            assert handler is not None
+            gone = asyncio.Event()
+            watcher = asyncio.ensure_future(_cancel_on_disconnect(receive, handler, gone))
             try:
-                done, _ = await asyncio.wait({pump_task, watch_task}, return_when=asyncio.FIRST_COMPLETED)
-                if pump_task in done:
-                    pump_task.result()
-                    decision.outcome = "backend_failed" if failure else (
-                        "ok" if resp.status < 400 else "upstream_error")
-                else:
-                    decision.outcome = "client_disconnected"
+                await pump()
+                decision.outcome = "backend_failed" if failure else (
+                    "ok" if resp.status < 400 else "upstream_error")
+            except asyncio.CancelledError:
+                if not gone.is_set():
+                    raise
+                handler.uncancel()
+                decision.outcome = "client_disconnected"
             finally:
-                for task in (pump_task, watch_task):
-                    if not task.done():
-                        task.cancel()
-                        with contextlib.suppress(BaseException):
-                            await task
+                if not watcher.done():
+                    watcher.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await watcher
                 # Closing (not releasing) the connection is what tells the backend to stop generating.
                 if decision.outcome == "ok":
                     resp.release()
@@ -340,9 +347,11 @@ def _response_headers(resp: aiohttp.ClientResponse) -> list[tuple[bytes, bytes]]
     return [(k.lower(), v) for k, v in resp.raw_headers if k.lower() not in _RESPONSE_DROP]
 
 
-async def _wait_disconnect(receive: Receive) -> None:
+async def _cancel_on_disconnect(receive: Receive, handler: asyncio.Task[Any], gone: asyncio.Event) -> None:
     while (await receive())["type"] != "http.disconnect":
         pass
+    gone.set()
+    handler.cancel()
 
 
 def _query_model(scope: Scope) -> str:
@@ -355,8 +364,8 @@ def _query_model(scope: Scope) -> str:
     return values[0]
 
 
-def _json_model(body: bytes) -> tuple[str, bytes]:
-    """The request's `model` and a canonical form of the body (the coalescing key)."""
+def _json_model(body: bytes) -> tuple[str, dict[str, Any]]:
+    """The request's `model` and its parsed body."""
     if not body.strip():
         raise InvalidRequest("request body is empty; expected a JSON object with a `model` field",
                              code="missing_model")
@@ -374,7 +383,7 @@ def _json_model(body: bytes) -> tuple[str, bytes]:
                              code="missing_model")
     if not isinstance(model, str):
         raise InvalidRequest("the `model` field must be a string", code="invalid_model")
-    return model, json.dumps(data, sort_keys=True, separators=(",", ":")).encode()
+    return model, data
 
 
 async def _form_model(scope: Scope, body: bytes) -> str:
