@@ -13,7 +13,7 @@ import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +21,9 @@ from hal0.errors import DiskFull
 from hal0.slots.state import SlotState
 
 log = logging.getLogger("hal0.slots")
+
+#: How long a written-behind record may wait for a newer one to replace it.
+WRITE_BEHIND_DELAY_S = 0.02
 
 
 @dataclass(slots=True)
@@ -47,9 +50,14 @@ class SlotRecord:
     error: SlotError | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        out = asdict(self)
-        out["state"] = self.state.value
-        return out
+        # Written by hand: dataclasses.asdict deep-copies recursively and shows up on the request path.
+        err = self.error
+        return {"name": self.name, "state": self.state.value, "seq": self.seq, "model": self.model,
+                "provider": self.provider, "port": self.port, "pid": self.pid, "unit": self.unit,
+                "supervisor": self.supervisor, "reason": self.reason, "since": self.since,
+                "loaded_at": self.loaded_at,
+                "error": None if err is None else {"code": err.code, "message": err.message,
+                                                   "detail": dict(err.detail)}}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> SlotRecord:
@@ -135,6 +143,8 @@ class StateStore:
             self._write_now(record.name, data, durable=True)
 
     def _write_behind(self, name: str) -> None:
+        # A moment's wait lets back-to-back request flips (ready -> serving -> ready) collapse into one write.
+        time.sleep(WRITE_BEHIND_DELAY_S)
         with self._write_lock:
             with self._pending_lock:
                 data = self._pending.pop(name, None)
