@@ -32,3 +32,13 @@ def test_bad_settings_say_what_is_wrong(tmp_path: Path) -> None:
         load_settings(env={"HAL0_HOME": str(tmp_path), "HAL0_PORT_MIN": "many"})
     with pytest.raises(ConfigError, match="supervisor"):
         load_settings(env={"HAL0_HOME": str(tmp_path), "HAL0_SUPERVISOR": "docker"})
+
+
+def test_a_built_in_slot_file_without_a_type_keeps_the_built_in_type(tmp_path: Path) -> None:
+    from hal0.slots.config import ConfigStore
+
+    (tmp_path / "embed.toml").write_text('model = "some-embedder"\n')
+    (tmp_path / "mine.toml").write_text('model = "x"\n')
+    configs = ConfigStore(tmp_path).load_all()
+    assert (configs["embed"].type, configs["embed"].model, configs["embed"].builtin) == ("embed", "some-embedder", True)
+    assert configs["mine"].type == "chat" and not configs["mine"].builtin

@@ -5,6 +5,7 @@ Only the header and tensor table are read (the file is memory-mapped), so this i
 
 from __future__ import annotations
 
+import mmap
 import struct
 from pathlib import Path
 from typing import Any, TypedDict
@@ -28,16 +29,6 @@ def is_gguf(path: Path) -> bool:
         return fh.read(4) == GGUF_MAGIC
 
 
-def _scalar(reader: Any, key: str) -> Any:
-    field = reader.get_field(key)
-    if field is None:
-        return None
-    try:
-        return field.contents()
-    except (IndexError, ValueError, UnicodeDecodeError):
-        return None
-
-
 def _file_type_name(value: int) -> str:
     from gguf import LlamaFileType
 
@@ -53,35 +44,100 @@ def read_gguf_metadata(path: Path) -> GGUFMetadata:
 
     Raises ValueError when the file is not a readable GGUF.
     """
-    from gguf import GGUFReader
-
     try:
-        return _read(GGUFReader(path, "r"))
-    except (IndexError, KeyError, OverflowError, struct.error, UnicodeDecodeError) as exc:
-        # The gguf package reports a truncated or damaged file with whatever its parser tripped on.
+        with path.open("rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+            values, params, tensors = _parse(buf)
+    except (IndexError, KeyError, OverflowError, struct.error, OSError) as exc:
         raise ValueError(f"unreadable GGUF ({type(exc).__name__}: {exc})") from exc
-
-
-def _read(reader: Any) -> GGUFMetadata:
-    meta: GGUFMetadata = {}
-    arch = _scalar(reader, "general.architecture")
+    meta: GGUFMetadata = {"tensor_count": tensors, "parameter_count": params}
+    arch = values.get("general.architecture")
     if isinstance(arch, str):
         meta["architecture"] = arch
-        ctx = _scalar(reader, f"{arch}.context_length")
+        ctx = values.get(f"{arch}.context_length")
         if isinstance(ctx, int):
             meta["context_length"] = ctx
-    name = _scalar(reader, "general.name")
-    if isinstance(name, str):
-        meta["name"] = name
-    size_label = _scalar(reader, "general.size_label")
-    if isinstance(size_label, str):
-        meta["size_label"] = size_label
-    file_type = _scalar(reader, "general.file_type")
+    for key, field in (("general.name", "name"), ("general.size_label", "size_label")):
+        if isinstance(values.get(key), str):
+            meta[field] = values[key]  # type: ignore[literal-required]
+    file_type = values.get("general.file_type")
     if isinstance(file_type, int):
         meta["file_type"] = _file_type_name(file_type)
-    qv = _scalar(reader, "general.quantization_version")
+    qv = values.get("general.quantization_version")
     if isinstance(qv, int):
         meta["quantization_version"] = qv
-    meta["tensor_count"] = len(reader.tensors)
-    meta["parameter_count"] = int(sum(int(t.n_elements) for t in reader.tensors))
     return meta
+
+
+# GGUF value types -> struct formats of the fixed-size ones (8 is a string, 9 an array).
+_FIXED = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+_STRING, _ARRAY = 8, 9
+
+
+class _Cursor:
+    """Walks the header without materialising arrays: a 150k-token vocabulary is skipped, not decoded
+    (the gguf package's reader builds every token, which takes seconds to minutes on big vocabularies)."""
+
+    def __init__(self, buf: mmap.mmap) -> None:
+        self.buf = buf
+        self.pos = 0
+
+    def take(self, fmt: str) -> Any:
+        value = struct.unpack_from(fmt, self.buf, self.pos)[0]
+        self.pos += struct.calcsize(fmt)
+        return value
+
+    def skip(self, n: int) -> None:
+        self.pos += n
+        if self.pos > len(self.buf):
+            raise IndexError("GGUF header runs past the end of the file")
+
+    def string(self) -> str:
+        n = self.take("<Q")
+        start = self.pos
+        self.skip(n)
+        return self.buf[start:self.pos].decode("utf-8", errors="replace")
+
+    def value(self, typ: int) -> Any:
+        """A scalar or string value; arrays are skipped (None)."""
+        if typ in _FIXED:
+            return self.take(_FIXED[typ])
+        if typ == _STRING:
+            return self.string()
+        if typ != _ARRAY:
+            raise KeyError(f"unknown GGUF value type {typ}")
+        elem, count = self.take("<I"), self.take("<Q")
+        if elem in _FIXED:
+            self.skip(count * struct.calcsize(_FIXED[elem]))
+        elif elem == _STRING:
+            for _ in range(count):
+                self.skip(self.take("<Q"))
+        else:
+            for _ in range(count):
+                self.value(elem)
+        return None
+
+
+def _parse(buf: mmap.mmap) -> tuple[dict[str, Any], int, int]:
+    cur = _Cursor(buf)
+    if bytes(buf[:4]) != GGUF_MAGIC:
+        raise KeyError("not a GGUF file (bad magic)")
+    cur.skip(4)
+    version = cur.take("<I")
+    if version < 2:
+        raise KeyError(f"GGUF version {version} is too old")
+    n_tensors, n_kv = cur.take("<Q"), cur.take("<Q")
+    values: dict[str, Any] = {}
+    for _ in range(n_kv):
+        key = cur.string()
+        values[key] = cur.value(cur.take("<I"))
+    params = 0
+    for _ in range(n_tensors):
+        cur.string()
+        n_dims = cur.take("<I")
+        n = 1
+        for _ in range(n_dims):
+            n *= cur.take("<Q")
+        cur.take("<I")  # type
+        cur.take("<Q")  # offset
+        params += n
+    return values, params, n_tensors

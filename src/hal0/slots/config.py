@@ -130,6 +130,8 @@ class ConfigStore:
                 try:
                     data = tomllib.loads(path.read_text())
                     data.setdefault("name", name)
+                    if name in BUILTIN_SLOTS:
+                        data.setdefault("type", BUILTIN_SLOTS[name])
                     if data["name"] != name:
                         raise ConfigError(f"name {data['name']!r} does not match the file name")
                     configs[name] = SlotConfig.from_mapping(data, builtin=name in BUILTIN_SLOTS)

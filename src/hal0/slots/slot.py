@@ -23,7 +23,7 @@ from hal0.redact import redact_argv, redact_env
 from hal0.settings import Settings
 from hal0.slots.config import SlotConfig
 from hal0.slots.state import ACTIVE, LOADED, LOADING, SlotState, check_transition
-from hal0.slots.store import SlotError, SlotRecord, StateStore
+from hal0.slots.store import SlotError, SlotRecord, StateStore, WriteMode
 from hal0.supervisors.base import Handle, ProcessStatus, Supervisor
 
 S = SlotState
@@ -36,6 +36,18 @@ WATCH_INTERVAL_S = 0.25
 #: While warming, how often the backend's log is checked for new output (a stat call, nothing more).
 LOG_POLL_S = 0.002
 LOG_TAIL_LINES = 30
+
+
+def _write_mode(dst: SlotState) -> WriteMode:
+    """How durably a move into `dst` is written. Loaded states are written behind, off the path of the requests
+    they release (adoption re-probes the backend anyway). Starting and warming describe a live process: a
+    crash of hal0 must find them, a power cut ends the process as well, so no fsync. The rest (error with its
+    reason, offline, unloading, pulling) is fsynced."""
+    if dst in LOADED:
+        return "behind"
+    if dst in (SlotState.STARTING, SlotState.WARMING):
+        return "sync"
+    return "fsync"
 
 
 def _size(path: Path) -> int:
@@ -133,9 +145,8 @@ class Slot:
         for key, value in changes.items():
             setattr(rec, key, value)
         try:
-            # Moves into a loaded state (ready, serving, idle) are written behind, off the path of the requests
-            # they release: a crash that forgets one loses nothing, since adoption re-probes the backend.
-            self._ctx.store.write(rec, durable=dst not in LOADED)
+            # See _write_mode: only what a power cut should not erase waits for an fsync.
+            self._ctx.store.write(rec, mode=_write_mode(dst))
         except DiskFull:
             # Not persisted means not happened: memory keeps agreeing with state.json.
             for f in dataclasses.fields(rec):
@@ -264,7 +275,7 @@ class Slot:
         started = time.monotonic()
         self.record.pid = handle.pid
         self.record.unit = handle.unit
-        self._ctx.store.write(self.record)
+        self._ctx.store.write(self.record, mode="sync")
         await self._warm(handle, started)
 
     async def _warm(self, handle: Handle, started: float) -> None:

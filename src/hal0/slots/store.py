@@ -15,12 +15,14 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from hal0.errors import DiskFull
 from hal0.slots.state import SlotState
 
 log = logging.getLogger("hal0.slots")
+
+WriteMode = Literal["fsync", "sync", "behind"]
 
 #: How long a written-behind record may wait for a newer one to replace it.
 WRITE_BEHIND_DELAY_S = 0.02
@@ -109,9 +111,10 @@ def atomic_write_json(path: Path, data: Any, *, durable: bool = True) -> None:
 class StateStore:
     """Reads and writes `<slots_state_dir>/<name>/state.json`.
 
-    Lifecycle transitions are written at once and fsynced. The moves that only count requests
-    (ready <-> serving) are written behind, by one writer thread, so no request waits on the disk: the
-    newest record always wins (a write never replaces a newer `seq`), and `flush()` waits for them.
+    Every write replaces the file in one rename. Records that must survive a power cut (error, offline, ...)
+    are also fsynced; records that describe live processes need not be (a power cut ends the processes too),
+    and the moves that only count requests are written behind by one writer thread, so no request waits on
+    the disk. The newest record always wins (a write never replaces a newer `seq`); `flush()` waits.
     """
 
     def __init__(self, root: Path) -> None:
@@ -128,9 +131,11 @@ class StateStore:
     def path(self, name: str) -> Path:
         return self.slot_dir(name) / "state.json"
 
-    def write(self, record: SlotRecord, *, durable: bool = True) -> None:
+    def write(self, record: SlotRecord, *, mode: WriteMode = "fsync") -> None:
+        """`fsync`: on disk before returning, surviving a power cut. `sync`: replaced before returning (a crash of
+        hal0 keeps it) without the fsync. `behind`: by the writer thread, shortly after."""
         data = record.to_dict()
-        if not durable:
+        if mode == "behind":
             with self._pending_lock:
                 queued = record.name in self._pending
                 self._pending[record.name] = data
@@ -140,7 +145,7 @@ class StateStore:
         with self._write_lock:
             with self._pending_lock:
                 self._pending.pop(record.name, None)
-            self._write_now(record.name, data, durable=True)
+            self._write_now(record.name, data, durable=mode == "fsync")
 
     def _write_behind(self, name: str) -> None:
         # A moment's wait lets back-to-back request flips (ready -> serving -> ready) collapse into one write.

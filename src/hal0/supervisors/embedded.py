@@ -79,8 +79,9 @@ class EmbeddedSupervisor:
                     code="spawn_failed", detail={"argv": redact_argv(command.argv), "errno": exc.errno},
                 ) from exc
         self._children[slot] = proc
-        atomic_write_json(self._pidfile(slot), {"pid": proc.pid, "start_time": _proc_start_time(proc.pid),
-                                                "argv": redact_argv(command.argv)})
+        # No fsync: the pidfile only matters while the process lives, and a power cut ends both.
+        record = {"pid": proc.pid, "start_time": _proc_start_time(proc.pid), "argv": redact_argv(command.argv)}
+        atomic_write_json(self._pidfile(slot), record, durable=False)
         return Handle(pid=proc.pid)
 
     def status(self, slot: str, handle: Handle) -> ProcessStatus:
