@@ -8,6 +8,17 @@ from __future__ import annotations
 from typing import Any
 
 
+def openai_error_body(status: int, code: str, message: str, detail: dict[str, Any] | None = None,
+                      param: str | None = None) -> dict[str, Any]:
+    """The one error body of every hal0 HTTP answer, OpenAI's shape: `{"error": {message, type, param, code}}`."""
+    kind = {401: "authentication_error", 403: "authentication_error", 404: "not_found_error"}.get(
+        status, "invalid_request_error" if status < 500 else "server_error")
+    err: dict[str, Any] = {"message": message, "type": kind, "param": param, "code": code}
+    if detail:
+        err["detail"] = detail
+    return {"error": err}
+
+
 class Hal0Error(Exception):
     code = "internal_error"
     status = 500

@@ -13,22 +13,12 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from hal0.errors import Hal0Error
+from hal0.errors import Hal0Error, openai_error_body
 
 log = logging.getLogger("hal0.api")
 
 
-def error_body(status: int, code: str, message: str, detail: dict[str, Any] | None = None,
-               param: str | None = None) -> dict[str, Any]:
-    kind = "invalid_request_error" if status < 500 else "server_error"
-    if status in (401, 403):
-        kind = "authentication_error"
-    elif status == 404:
-        kind = "not_found_error"
-    err: dict[str, Any] = {"message": message, "type": kind, "param": param, "code": code}
-    if detail:
-        err["detail"] = detail
-    return {"error": err}
+error_body = openai_error_body
 
 
 def error_response(status: int, code: str, message: str, detail: dict[str, Any] | None = None,

@@ -27,6 +27,7 @@ from starlette.routing import Route
 
 from hal0.backends.audio import AudioError, Samples, decode, resample
 from hal0.backends.layout import RUNTIME_EXTRAS, LayoutProblem, missing_modules, model_dir, stt_engine
+from hal0.errors import openai_error_body
 
 SAMPLE_RATE = 16000
 RESPONSE_FORMATS = ("json", "text", "verbose_json", "srt", "vtt")
@@ -181,8 +182,7 @@ def render(transcript: Transcript, fmt: str, words: bool) -> Response:
 
 
 def error(status: int, code: str, message: str) -> JSONResponse:
-    kind = "invalid_request_error" if status < 500 else "server_error"
-    return JSONResponse({"error": {"message": message, "type": kind, "param": None, "code": code}}, status)
+    return JSONResponse(openai_error_body(status, code, message), status)
 
 
 # -- the server ----------------------------------------------------------------------------------------------

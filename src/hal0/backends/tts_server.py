@@ -37,6 +37,7 @@ from hal0.backends.audio import (
     wav_stream_header,
 )
 from hal0.backends.layout import RUNTIME_EXTRAS, KokoroFiles, LayoutProblem, kokoro_files, missing_modules
+from hal0.errors import openai_error_body
 
 SAMPLE_RATE = 24000
 MAX_INPUT_CHARS = 4096
@@ -144,8 +145,7 @@ def parse_request(body: Any, voices: Sequence[str]) -> SpeechRequest:
 
 
 def error(status: int, code: str, message: str) -> JSONResponse:
-    kind = "invalid_request_error" if status < 500 else "server_error"
-    return JSONResponse({"error": {"message": message, "type": kind, "param": None, "code": code}}, status)
+    return JSONResponse(openai_error_body(status, code, message), status)
 
 
 @dataclass

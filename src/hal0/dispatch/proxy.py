@@ -23,7 +23,7 @@ from starlette.requests import Request
 from hal0.dispatch.coalesce import BufferedResponse, Coalescer
 from hal0.dispatch.decisions import Decision, DecisionLog
 from hal0.dispatch.resolve import ENDPOINT_TYPES, resolve
-from hal0.errors import Hal0Error, InvalidRequest, UpstreamError
+from hal0.errors import Hal0Error, InvalidRequest, UpstreamError, openai_error_body
 from hal0.settings import Settings
 from hal0.slots.manager import SlotManager
 from hal0.slots.slot import Slot
@@ -53,13 +53,7 @@ _FILE_ENDPOINTS = frozenset({"/v1/audio/transcriptions", "/v1/audio/translations
 
 
 def error_bytes(status: int, code: str, message: str, detail: dict[str, Any] | None = None) -> bytes:
-    # Same shape as hal0.api.errors.error_body, built here without importing the API layer.
-    kind = {401: "authentication_error", 403: "authentication_error", 404: "not_found_error"}.get(
-        status, "invalid_request_error" if status < 500 else "server_error")
-    err: dict[str, Any] = {"message": message, "type": kind, "param": None, "code": code}
-    if detail:
-        err["detail"] = detail
-    return json.dumps({"error": err}).encode()
+    return json.dumps(openai_error_body(status, code, message, detail)).encode()
 
 
 class Dispatcher:
