@@ -104,3 +104,18 @@ def test_state_json_is_never_half_written_when_the_writer_is_killed(tmp_path: Pa
         assert data["seq"] >= 1
         last_seq = data["seq"]
     assert last_seq > 0
+
+
+async def test_a_subscription_returns_queued_events_even_without_waiting() -> None:
+    from hal0.events import EventBus
+
+    bus = EventBus()
+    sub = bus.subscription(["slot"])
+    bus.publish("slot", {"n": 1})
+    bus.publish("decision", {"n": 2})
+    bus.publish("slot", {"n": 3})
+    got = []
+    while (event := await sub.get(0)) is not None:
+        got.append(event.data["n"])
+    assert got == [1, 3]
+    assert await sub.get(0.01) is None

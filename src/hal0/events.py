@@ -108,11 +108,16 @@ class Subscription:
         loop = asyncio.get_running_loop()
         deadline = None if timeout is None else loop.time() + timeout
         while True:
-            remaining = None if deadline is None else max(0.0, deadline - loop.time())
-            try:
-                item = await asyncio.wait_for(self._queue.get(), remaining)
-            except TimeoutError:
-                return None
+            if not self._queue.empty():
+                item = self._queue.get_nowait()  # what is queued is returned even with no time left
+            else:
+                remaining = None if deadline is None else deadline - loop.time()
+                if remaining is not None and remaining <= 0:
+                    return None
+                try:
+                    item = await asyncio.wait_for(self._queue.get(), remaining)
+                except TimeoutError:
+                    return None
             if item is None:
                 raise StreamEnded
             if item.id <= self._seen or (self._wanted is not None and item.topic not in self._wanted):
