@@ -65,6 +65,36 @@ def wait_until(predicate: Any, timeout: float = 30.0, what: str = "condition") -
         delay = min(delay * 1.5, 0.2)
 
 
+def proc_state(pid: int) -> str | None:
+    """The kernel's one-letter state of `pid`, or None when there is no such process."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat[stat.rindex(")") + 2:].split()[0]
+
+
+def alive(pid: int) -> bool:
+    return proc_state(pid) not in (None, "Z", "X")
+
+
+def backend_pids(under: Path) -> list[int]:
+    """Live llama-server processes whose arguments (the model path) lie under `under` (a HAL0_HOME)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if argv and argv[0].endswith(b"llama-server") and any(str(under).encode() in a for a in argv):
+            pid = int(entry.name)
+            if alive(pid):
+                pids.append(pid)
+    return sorted(pids)
+
+
 def find_llama_server() -> str | None:
     if os.environ.get("HAL0_LLAMA_SERVER"):
         return os.environ["HAL0_LLAMA_SERVER"]

@@ -18,7 +18,7 @@ import httpx
 import openai
 import pytest
 
-from tests.conftest import Hal0, wait_until
+from tests.conftest import Hal0, backend_pids, wait_until
 
 pytestmark = pytest.mark.llama
 
@@ -39,30 +39,6 @@ def async_client(hal0: Hal0) -> openai.AsyncOpenAI:
 def start_lines(hal0: Hal0, slot: str) -> list[str]:
     log = hal0.home / "logs" / "slots" / f"{slot}.log"
     return [line for line in log.read_text().splitlines() if line.startswith(START_LINE)]
-
-
-def alive(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat[stat.rindex(")") + 2:].split()[0] not in ("Z", "X")
-
-
-def backend_pids(home: Path) -> list[int]:
-    """Live llama-server processes started for this HAL0_HOME (their model path lives under it)."""
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            argv = (entry / "cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if argv and argv[0].endswith(b"llama-server") and any(str(home).encode() in a for a in argv):
-            if alive(int(entry.name)):
-                pids.append(int(entry.name))
-    return sorted(pids)
 
 
 def decisions(hal0: Hal0, count: int = 0, **query: Any) -> list[dict[str, Any]]:

@@ -22,8 +22,7 @@ import httpx
 import pytest
 
 from hal0.registry.store import ModelStore
-from tests.conftest import Hal0, wait_until
-from tests.test_slots_api import alive, backend_pids
+from tests.conftest import Hal0, alive, backend_pids, wait_until
 
 PROMPT = [{"role": "user", "content": "hello"}]
 

@@ -18,42 +18,12 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import Hal0, wait_until
+from tests.conftest import Hal0, alive, backend_pids, wait_until
 
 START_LINE = "=== hal0: starting slot"
 
 
 # -- helpers ------------------------------------------------------------------------------------------------
-def proc_state(pid: int) -> str | None:
-    """The kernel's one-letter state of `pid`, or None when there is no such process."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return stat[stat.rindex(")") + 2:].split()[0]
-
-
-def alive(pid: int) -> bool:
-    return proc_state(pid) not in (None, "Z", "X")
-
-
-def backend_pids(home: Path) -> list[int]:
-    """Live llama-server processes started for this HAL0_HOME (their `-m` argument lives under it)."""
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            argv = (entry / "cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if argv and argv[0].endswith(b"llama-server") and any(str(home).encode() in a for a in argv):
-            pid = int(entry.name)
-            if alive(pid):
-                pids.append(pid)
-    return sorted(pids)
-
-
 def start_lines(hal0: Hal0, slot: str) -> list[str]:
     log = hal0.home / "logs" / "slots" / f"{slot}.log"
     return [line for line in log.read_text().splitlines() if line.startswith(START_LINE)]

@@ -10,11 +10,9 @@ import os
 import shutil
 import socket
 import subprocess
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
-from typing import TypeVar
 
 import pytest
 
@@ -32,8 +30,8 @@ from hal0.supervisors.systemd import (
     render_dropin,
     unit_name,
 )
+from tests.conftest import wait_until
 
-T = TypeVar("T")
 IN_CI = bool(os.environ.get("CI"))
 TRICKY_ARGV = ("a b", 'q"x', "100%", "$HOME", "${HOME}", "back\\slash", ";", "it's", "tab\there", "")
 
@@ -235,19 +233,6 @@ NSPAWN_ROOT = Path(os.environ.get("HAL0_TEST_SYSTEMD_ROOT",
                                   Path.home() / ".cache/hal0/systemd-bookworm")).expanduser()
 
 
-def _wait(predicate: Callable[[], T | None], timeout: float, what: str) -> T:
-    deadline = time.monotonic() + timeout
-    delay = 0.05
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(delay)
-        delay = min(delay * 2, 0.5)
-
-
 @pytest.fixture(scope="module")
 def container() -> Iterator[tuple[Path, list[str]]]:
     """A Debian bookworm root booted with systemd as its PID 1; yields (root, command prefix into it)."""
@@ -275,7 +260,7 @@ def container() -> Iterator[tuple[Path, list[str]]]:
                     return int(kid)
             return None
 
-        pid = _wait(init_pid, 60, "the container's systemd")
+        pid = wait_until(init_pid, 60, "the container's systemd")
         prefix = ["nsenter", "-t", str(pid), "-a"]
 
         def booted() -> str:
@@ -283,7 +268,7 @@ def container() -> Iterator[tuple[Path, list[str]]]:
             return subprocess.run([*prefix, "systemctl", "is-system-running", "--wait"], capture_output=True,
                                   text=True, timeout=120, check=False).stdout.strip()
 
-        assert _wait(booted, 120, "the container to boot") in ("running", "degraded")
+        assert wait_until(booted, 120, "the container to boot") in ("running", "degraded")
         yield NSPAWN_ROOT, prefix
     finally:
         nspawn.terminate()
@@ -328,11 +313,11 @@ async def test_real_systemd_runs_a_slot_with_its_exact_argv(
     handle = await supervisor.start("real", _command("real"))
     assert handle.unit == "hal0-slot@real.service" and handle.pid
     assert supervisor.status("real", handle).alive
-    data = json.loads(_wait(lambda: dump.read_text() if dump.is_file() else None, 30, "the backend's dump"))
+    data = json.loads(wait_until(lambda: dump.read_text() if dump.is_file() else None, 30, "the backend's dump"))
     assert data["argv"] == list(TRICKY_ARGV)
     assert data["env"] == {"ODD": 'x%y$z"\\', "SPACED": "a b"}
     assert data["user"] != 0
-    _wait(lambda: "backend says: hello from real" in supervisor.log_tail("real") or None, 30, "journal output")
+    wait_until(lambda: "backend says: hello from real" in supervisor.log_tail("real") or None, 30, "journal output")
 
     # A fresh supervisor (as after an API restart) adopts the running unit.
     fresh = SystemdSupervisor(root / "etc/systemd/system", systemctl=[*prefix, "systemctl"],
@@ -359,7 +344,7 @@ async def test_real_systemd_reports_a_crash_with_exit_code_and_journal(
         status = supervisor.status("broken", handle)
         return None if status.alive else status
 
-    status = _wait(crashed, 30, "the crash")
+    status = wait_until(crashed, 30, "the crash")
     assert status.exit_code == 3, status
     assert "exited with code 3" in status.detail
     assert any("model file is corrupt" in ln for ln in supervisor.log_tail("broken"))
