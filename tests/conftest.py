@@ -160,6 +160,20 @@ class Hal0:
         self.models.import_file(ref, path, slot_type=slot_type, link=True)
         return ref
 
+    def add_broken_model(self, ref: str, good: Path, corrupt: Path) -> str:
+        """A model whose file goes bad on disk after its import (the registry refuses an unreadable GGUF)."""
+        manifest = self.models.import_file(ref, good, slot_type="chat")
+        on_disk = self.models.file_path(ref, manifest.primary_file.name)
+        damaged = on_disk.with_name(".damaged")
+        damaged.write_bytes(corrupt.read_bytes())
+        os.replace(damaged, on_disk)
+        return ref
+
+    def start_lines(self, slot: str) -> list[str]:
+        """The embedded supervisor's "starting" lines in a slot's log: one per backend process started."""
+        log = self.home / "logs" / "slots" / f"{slot}.log"
+        return [line for line in log.read_text().splitlines() if line.startswith("=== hal0: starting slot")]
+
     def write_slot_config(self, name: str, text: str) -> None:
         folder = self.home / "config" / "slots"
         folder.mkdir(parents=True, exist_ok=True)

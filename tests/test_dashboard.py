@@ -103,15 +103,6 @@ def dashboard(browser: Browser) -> Iterator[Any]:
 
 
 # -- helpers ------------------------------------------------------------------------------------------------------
-def add_broken_model(hal0: Hal0, ref: str, model_files: dict[str, Path]) -> None:
-    """A model whose file goes bad on disk after its import (the registry refuses an unreadable GGUF)."""
-    manifest = hal0.models.import_file(ref, model_files["tiny"], slot_type="chat")
-    on_disk = hal0.models.file_path(ref, manifest.primary_file.name)
-    damaged = on_disk.with_name(".damaged")
-    damaged.write_bytes(model_files["corrupt"].read_bytes())
-    os.replace(damaged, on_disk)
-
-
 def assign(hal0: Hal0, slot: str, ref: str) -> None:
     resp = hal0.client.put(f"/api/slots/{slot}/model", json={"model": ref})
     assert resp.status_code == 200, resp.text
@@ -207,7 +198,7 @@ def test_loading_a_slot_turns_its_badge_warming_then_ready_within_a_second_of_ea
 
 def test_a_broken_slot_shows_its_structured_error_on_its_card_and_in_its_detail(
         hal0: Hal0, model_files: dict[str, Path], dashboard: Any) -> None:
-    add_broken_model(hal0, "broken", model_files)
+    hal0.add_broken_model("broken", model_files["tiny"], model_files["corrupt"])
     hal0.start()
     assign(hal0, "primary", "broken")
     board = dashboard(hal0)
@@ -375,7 +366,7 @@ def test_the_models_view_lists_installed_models_with_metadata_and_the_loadouts(
 
 def test_the_page_reads_well_on_a_phone_and_in_dark_mode(
         hal0: Hal0, model_files: dict[str, Path], dashboard: Any) -> None:
-    add_broken_model(hal0, "broken", model_files)
+    hal0.add_broken_model("broken", model_files["tiny"], model_files["corrupt"])
     hal0.add_model("tiny", model_files["tiny"])
     hal0.start()
     assign(hal0, "primary", "tiny")

@@ -22,7 +22,6 @@ from tests.conftest import Hal0, backend_pids, wait_until
 
 pytestmark = pytest.mark.llama
 
-START_LINE = "=== hal0: starting slot"
 PROMPT = [{"role": "user", "content": "hello"}]
 CHAT_ALIASES = ["gpt-4o-mini", "team/chat"]
 
@@ -34,11 +33,6 @@ def client(hal0: Hal0, timeout: float = 60) -> openai.OpenAI:
 
 def async_client(hal0: Hal0) -> openai.AsyncOpenAI:
     return openai.AsyncOpenAI(base_url=f"{hal0.url}/v1", api_key="unused", max_retries=0, timeout=60)
-
-
-def start_lines(hal0: Hal0, slot: str) -> list[str]:
-    log = hal0.home / "logs" / "slots" / f"{slot}.log"
-    return [line for line in log.read_text().splitlines() if line.startswith(START_LINE)]
 
 
 def decisions(hal0: Hal0, count: int = 0, **query: Any) -> list[dict[str, Any]]:
@@ -359,12 +353,7 @@ def test_an_oversized_body_is_refused_with_413(hal0: Hal0) -> None:
 @pytest.mark.slow
 def test_a_failed_load_gives_every_waiter_the_slot_structured_error(hal0: Hal0,
                                                                    model_files: dict[str, Path]) -> None:
-    # The registry refuses to import an unreadable GGUF, so the file goes bad on disk after its import.
-    manifest = hal0.models.import_file("corrupt", model_files["tiny"], slot_type="chat")
-    on_disk = hal0.models.file_path("corrupt", manifest.primary_file.name)
-    damaged = on_disk.with_name(".damaged")
-    damaged.write_bytes(model_files["corrupt"].read_bytes())
-    os.replace(damaged, on_disk)
+    hal0.add_broken_model("corrupt", model_files["tiny"], model_files["corrupt"])
     hal0.write_slot_config("broken", 'type = "chat"\nmodel = "corrupt"\n')
     hal0.start()
 
@@ -386,7 +375,7 @@ def test_a_failed_load_gives_every_waiter_the_slot_structured_error(hal0: Hal0,
     slot = hal0.slot("broken")
     assert slot["state"] == "error"
     assert slot["error"]["code"] == err["code"]
-    assert len(start_lines(hal0, "broken")) == 1, "eight waiters, one load"
+    assert len(hal0.start_lines("broken")) == 1, "eight waiters, one load"
 
 
 def test_the_cold_boot_grace_is_configurable_and_the_load_goes_on(hal0: Hal0,
@@ -401,7 +390,7 @@ def test_the_cold_boot_grace_is_configurable_and_the_load_goes_on(hal0: Hal0,
     # The load the request started is not abandoned with it.
     wait_until(lambda: hal0.slot("primary")["state"] == "ready", 30, "primary to finish loading")
     assert hal0.client.post("/v1/chat/completions", json=body).status_code == 200
-    assert len(start_lines(hal0, "primary")) == 1
+    assert len(hal0.start_lines("primary")) == 1
 
 
 # -- cold boot ----------------------------------------------------------------------------------------------
@@ -418,7 +407,7 @@ def test_32_concurrent_requests_at_a_cold_slot_start_one_backend(tiny: Hal0) -> 
     assert len(results) == 32
     assert all(r.choices[0].message.role == "assistant" for r in results)
 
-    assert len(start_lines(tiny, "primary")) == 1
+    assert len(tiny.start_lines("primary")) == 1
     state = tiny.state("primary")
     assert backend_pids(tiny.home) == [state["pid"]]
     routed = decisions(tiny, 32, slot="primary")

@@ -20,15 +20,8 @@ import pytest
 
 from tests.conftest import Hal0, alive, backend_pids, wait_until
 
-START_LINE = "=== hal0: starting slot"
-
 
 # -- helpers ------------------------------------------------------------------------------------------------
-def start_lines(hal0: Hal0, slot: str) -> list[str]:
-    log = hal0.home / "logs" / "slots" / f"{slot}.log"
-    return [line for line in log.read_text().splitlines() if line.startswith(START_LINE)]
-
-
 def chat(port: int) -> dict[str, Any]:
     """A real chat completion straight from a backend port."""
     resp = httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions", timeout=60,
@@ -185,7 +178,7 @@ def test_a_loaded_slot_survives_an_api_crash_and_is_adopted_without_a_second_bac
     chat(after["port"])
 
     assert backend_pids(hal0.home) == [before["pid"]]
-    assert len(start_lines(hal0, "primary")) == 1
+    assert len(hal0.start_lines("primary")) == 1
 
 
 @pytest.mark.llama
@@ -219,19 +212,14 @@ def test_an_api_crash_during_warm_up_is_resumed_by_adoption(hal0: Hal0, model_fi
     assert hal0.slot("primary")["state"] == "ready"
     chat(ready["port"])
     assert backend_pids(hal0.home) == [pid]
-    assert len(start_lines(hal0, "primary")) == 1
+    assert len(hal0.start_lines("primary")) == 1
 
 
 # -- failures are explained ------------------------------------------------------------------------------------
 @pytest.mark.llama
 def test_a_corrupt_gguf_puts_the_slot_in_error_with_llama_cpps_own_message(hal0: Hal0,
                                                                            model_files: dict[str, Path]) -> None:
-    # The registry refuses to import an unreadable GGUF, so the file goes bad on disk after its import.
-    manifest = hal0.models.import_file("broken", model_files["tiny"], slot_type="chat")
-    on_disk = hal0.models.file_path("broken", manifest.primary_file.name)
-    damaged = on_disk.with_name(".damaged")
-    damaged.write_bytes(model_files["corrupt"].read_bytes())
-    os.replace(damaged, on_disk)
+    hal0.add_broken_model("broken", model_files["tiny"], model_files["corrupt"])
     hal0.start()
     assign(hal0, "primary", "broken")
 
@@ -246,7 +234,7 @@ def test_a_corrupt_gguf_puts_the_slot_in_error_with_llama_cpps_own_message(hal0:
     detail = error["detail"]
     assert detail["exit_code"] is not None and detail["exit_code"] != 0
     assert any("failed to load model" in line for line in detail["log_tail"]), detail["log_tail"]
-    assert any(line.startswith(START_LINE) for line in detail["log_tail"])
+    assert any(line.startswith("=== hal0: starting slot") for line in detail["log_tail"])
     assert hal0.state("primary")["error"] == error
     assert [h["to"] for h in view["history"]][-1] == "error"
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import re
 import tomllib
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -153,9 +153,5 @@ class ConfigStore:
             pass
 
 
-def updated(config: SlotConfig, **changes: Any) -> SlotConfig:
-    return replace(config, **changes)
-
-
-__all__ = ["BUILTIN_SLOTS", "SLOT_TYPES", "ConfigStore", "SlotConfig", "updated", "validate_ref",
+__all__ = ["BUILTIN_SLOTS", "SLOT_TYPES", "ConfigStore", "SlotConfig", "validate_ref",
            "validate_slot_name"]
