@@ -95,6 +95,24 @@ def backend_pids(under: Path) -> list[int]:
     return sorted(pids)
 
 
+class StoreModels:
+    """The registry's model lookup, without pulls (nothing here is in the catalog)."""
+
+    def __init__(self, store: ModelStore) -> None:
+        self.store = store
+
+    def path(self, ref: str) -> Path | None:
+        if not self.store.exists(ref):
+            return None
+        return self.store.file_path(ref, self.store.get(ref).primary_file.name)
+
+    def pullable(self, ref: str) -> bool:
+        return False
+
+    async def pull(self, ref: str) -> Path:
+        raise AssertionError("no pulls in this test")
+
+
 def find_llama_server() -> str | None:
     if os.environ.get("HAL0_LLAMA_SERVER"):
         return os.environ["HAL0_LLAMA_SERVER"]

@@ -29,27 +29,9 @@ from hal0.settings import load_settings
 from hal0.slots.manager import SlotManager
 from hal0.slots.state import LOADED, SlotState, is_legal
 from hal0.supervisors.embedded import EmbeddedSupervisor
-from tests.conftest import find_llama_server, free_port_range
+from tests.conftest import StoreModels, find_llama_server, free_port_range
 
 REF = "tiny"
-
-
-class StoreModels:
-    """The registry's model lookup, without pulls (nothing here is in the catalog)."""
-
-    def __init__(self, store: ModelStore) -> None:
-        self.store = store
-
-    def path(self, ref: str) -> Path | None:
-        if not self.store.exists(ref):
-            return None
-        return self.store.file_path(ref, self.store.get(ref).primary_file.name)
-
-    def pullable(self, ref: str) -> bool:
-        return False
-
-    async def pull(self, ref: str) -> Path:
-        raise AssertionError("no pulls in this test")
 
 
 def backend_pids(model_dir: Path) -> list[int]:

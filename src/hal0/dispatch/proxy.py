@@ -13,6 +13,7 @@ import re
 import time
 import uuid
 from collections.abc import Awaitable, Callable, MutableMapping
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qs
 
@@ -54,6 +55,21 @@ _FILE_ENDPOINTS = frozenset({"/v1/audio/transcriptions", "/v1/audio/translations
 
 def error_bytes(status: int, code: str, message: str, detail: dict[str, Any] | None = None) -> bytes:
     return json.dumps(openai_error_body(status, code, message, detail)).encode()
+
+
+@dataclass(slots=True)
+class ColdStart:
+    """A request's wait on a cold slot: when it began, its grace, and the load it waits for."""
+
+    started: float
+    grace_s: float
+    load: asyncio.Task[None] | None = None
+
+    def left_s(self) -> float:
+        return max(0.0, self.grace_s - (time.perf_counter() - self.started))
+
+    def waited_ms(self) -> float:
+        return round((time.perf_counter() - self.started) * 1000, 3)
 
 
 class Dispatcher:
@@ -127,11 +143,16 @@ class Dispatcher:
         decision.candidates = [c.to_dict() for c in res.candidates]
         decision.slot = slot.name
         decision.reason = res.reason
+        coalesced = prefetch or path in COALESCED_ENDPOINTS
+        cold: ColdStart | None = None
         if slot.state not in LOADED:
-            wait_started = time.perf_counter()
             decision.reason += ",cold-load"
-            await slot.ensure_loaded(self.settings.cold_boot_grace_s)
-            decision.wait_ms = round((time.perf_counter() - wait_started) * 1000, 3)
+            cold = ColdStart(time.perf_counter(), self.settings.cold_boot_grace_s)
+            if coalesced:
+                await slot.ensure_loaded(cold.grace_s)
+            else:
+                cold.load = await slot.until_answering(cold.grace_s)
+            decision.wait_ms = cold.waited_ms()
         upstream_headers = _forward_headers(scope, rid)
         if payload is not None and payload.get("stream") is True:
             # llama-server closes the connection after an event stream without a `Connection: close`, and the
@@ -139,7 +160,7 @@ class Dispatcher:
             upstream_headers["Connection"] = "close"
         query = scope.get("query_string", b"")
         url = f"{slot.base_url}{path}" + (f"?{query.decode('latin-1')}" if query else "")
-        if prefetch or path in COALESCED_ENDPOINTS:
+        if coalesced:
             # The key is the request's meaning, not its bytes: key order and spacing do not matter.
             canonical = body if payload is None else json.dumps(payload, sort_keys=True,
                                                                 separators=(",", ":")).encode()
@@ -154,7 +175,10 @@ class Dispatcher:
                         "headers": [*buffered.headers, (b"x-request-id", rid)]})
             await send({"type": "http.response.body", "body": buffered.body})
             return
-        await self._stream(slot, scope, receive, send, url, body, upstream_headers, decision, rid)
+        if cold is not None and cold.load is not None:
+            await self._stream_early(slot, scope, receive, send, url, body, upstream_headers, decision, rid, cold)
+        else:
+            await self._stream(slot, scope, receive, send, url, body, upstream_headers, decision, rid)
 
     # -- upstream ---------------------------------------------------------------------------------------
     def _upstream_slot(self, slot: Slot) -> asyncio.Semaphore:
@@ -212,53 +236,86 @@ class Dispatcher:
                       headers: CIMultiDict[str], decision: Decision, rid: bytes) -> None:
         async with slot.serving(), self._upstream_slot(slot):
             resp = await self._open(slot, scope["method"], url, body, headers)
-            decision.status = resp.status
-            is_sse = resp.headers.get("content-type", "").startswith("text/event-stream")
-            out_headers = _response_headers(resp)
-            if is_sse:
-                out_headers = [(k, v) for k, v in out_headers if k != b"content-length"]
-            out_headers.append((b"x-request-id", rid))
-            failure: list[BaseException] = []
+            await self._relay(slot, resp, receive, send, decision, rid)
 
-            async def pump() -> None:
-                await send({"type": "http.response.start", "status": resp.status, "headers": out_headers})
-                try:
-                    async for chunk in resp.content.iter_any():
-                        await send({"type": "http.response.body", "body": chunk, "more_body": True})
-                except (TimeoutError, aiohttp.ClientError) as exc:
-                    failure.append(exc)
-                    slot.backend_failed()
-                tail = b""
-                if failure and is_sse:
-                    tail = b"data: " + error_bytes(
-                        502, "backend_failed", f"backend of slot {slot.name} failed mid-stream: "
-                        f"{type(failure[0]).__name__}: {failure[0]}") + b"\n\n"
-                await send({"type": "http.response.body", "body": tail, "more_body": False})
+    async def _stream_early(self, slot: Slot, scope: Scope, receive: Receive, send: Send, url: str, body: bytes,
+                            headers: CIMultiDict[str], decision: Decision, rid: bytes, cold: ColdStart) -> None:
+        """A request held by a cold load, with the backend up and only its readiness sentinel outstanding.
 
-            # One watcher per request: if the client goes away it cancels this task, which stops the pump.
-            handler = asyncio.current_task()
-            assert handler is not None
-            gone = asyncio.Event()
-            watcher = asyncio.ensure_future(_cancel_on_disconnect(receive, handler, gone))
+        Sent now, it shares the backend's first decode with the sentinel instead of queueing behind it; its
+        answer (status included) is released only once the probe passed and the slot is ready, and dropped
+        (the connection closed, which cancels the generation) if the load fails. Only as many go early as
+        the backend takes at once; the rest wait for `ready` and go the usual way, counted as in flight.
+        """
+        assert cold.load is not None
+        upstream = self._upstream_slot(slot)
+        if upstream.locked():
+            await slot.join_load(cold.load, cold.left_s())
+            decision.wait_ms = cold.waited_ms()
+            await self._stream(slot, scope, receive, send, url, body, headers, decision, rid)
+            return
+        async with upstream:
+            resp = await self._open(slot, scope["method"], url, body, headers)
             try:
-                await pump()
-                decision.outcome = "backend_failed" if failure else (
-                    "ok" if resp.status < 400 else "upstream_error")
-            except asyncio.CancelledError:
-                if not gone.is_set():
-                    raise
-                handler.uncancel()
-                decision.outcome = "client_disconnected"
-            finally:
-                if not watcher.done():
-                    watcher.cancel()
-                    with contextlib.suppress(asyncio.CancelledError):
-                        await watcher
-                # Closing (not releasing) the connection is what tells the backend to stop generating.
-                if decision.outcome == "ok":
-                    resp.release()
-                else:
-                    resp.close()
+                await slot.join_load(cold.load, cold.left_s())
+            except BaseException:
+                resp.close()
+                raise
+            decision.wait_ms = cold.waited_ms()
+            decision.reason += ",sent-early"
+            async with slot.serving():
+                await self._relay(slot, resp, receive, send, decision, rid)
+
+    async def _relay(self, slot: Slot, resp: aiohttp.ClientResponse, receive: Receive, send: Send,
+                     decision: Decision, rid: bytes) -> None:
+        """Forward an upstream answer to the client; a client that goes away cancels it."""
+        decision.status = resp.status
+        is_sse = resp.headers.get("content-type", "").startswith("text/event-stream")
+        out_headers = _response_headers(resp)
+        if is_sse:
+            out_headers = [(k, v) for k, v in out_headers if k != b"content-length"]
+        out_headers.append((b"x-request-id", rid))
+        failure: list[BaseException] = []
+
+        async def pump() -> None:
+            await send({"type": "http.response.start", "status": resp.status, "headers": out_headers})
+            try:
+                async for chunk in resp.content.iter_any():
+                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            except (TimeoutError, aiohttp.ClientError) as exc:
+                failure.append(exc)
+                slot.backend_failed()
+            tail = b""
+            if failure and is_sse:
+                tail = b"data: " + error_bytes(
+                    502, "backend_failed", f"backend of slot {slot.name} failed mid-stream: "
+                    f"{type(failure[0]).__name__}: {failure[0]}") + b"\n\n"
+            await send({"type": "http.response.body", "body": tail, "more_body": False})
+
+        # One watcher per request: if the client goes away it cancels this task, which stops the pump.
+        handler = asyncio.current_task()
+        assert handler is not None
+        gone = asyncio.Event()
+        watcher = asyncio.ensure_future(_cancel_on_disconnect(receive, handler, gone))
+        try:
+            await pump()
+            decision.outcome = "backend_failed" if failure else (
+                "ok" if resp.status < 400 else "upstream_error")
+        except asyncio.CancelledError:
+            if not gone.is_set():
+                raise
+            handler.uncancel()
+            decision.outcome = "client_disconnected"
+        finally:
+            if not watcher.done():
+                watcher.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await watcher
+            # Closing (not releasing) the connection is what tells the backend to stop generating.
+            if decision.outcome == "ok":
+                resp.release()
+            else:
+                resp.close()
 
     # -- helpers ---------------------------------------------------------------------------------------
     async def _read_body(self, scope: Scope, receive: Receive) -> bytes:

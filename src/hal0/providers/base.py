@@ -5,6 +5,7 @@ A provider is data plus a few functions; it never owns a process (supervisors do
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -56,8 +57,12 @@ class Provider(Protocol):
 
     def command(self, spec: LaunchSpec) -> Command: ...
 
-    async def probe(self, session: aiohttp.ClientSession, base_url: str, slot_type: str) -> ProbeResult:
-        """One readiness check; ok only when the backend really answers."""
+    async def probe(self, session: aiohttp.ClientSession, base_url: str, slot_type: str,
+                    answering: Callable[[], None] | None = None) -> ProbeResult:
+        """One readiness check; ok only when the backend really answers its sentinel request.
+
+        `answering` is called once the backend is up and lists its model while the sentinel is still in flight:
+        requests sent from then on are served alongside it (the caller holds their answers until ready)."""
         ...
 
     def explain_failure(self, exit_code: int | None, log_tail: list[str]) -> str:

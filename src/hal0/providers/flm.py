@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import aiohttp
@@ -97,7 +98,8 @@ class FlmProvider:
         argv += list(spec.extra_args)
         return Command(tuple(argv), dict(spec.env))
 
-    async def probe(self, session: aiohttp.ClientSession, base_url: str, slot_type: str) -> ProbeResult:
+    async def probe(self, session: aiohttp.ClientSession, base_url: str, slot_type: str,
+                    answering: Callable[[], None] | None = None) -> ProbeResult:
         """A non-empty /v1/models, then a 1-token chat completion with the model it lists."""
         try:
             async with session.get(f"{base_url}/v1/models", timeout=_PROBE_TIMEOUT) as resp:
@@ -105,6 +107,8 @@ class FlmProvider:
                 models = data.get("data") if isinstance(data, dict) else None
                 if not models:
                     return ProbeResult(False, "models", resp.status, "no model listed by /v1/models")
+            if answering is not None:
+                answering()
             payload = {"model": models[0].get("id", ""), "max_tokens": 1,
                        "messages": [{"role": "user", "content": "ok"}]}
             async with session.post(f"{base_url}/v1/chat/completions", json=payload,

@@ -4,6 +4,7 @@ Kokoro-82M in ONNX (kokoro-onnx). The model's folder holds the .onnx file and it
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
 
 import aiohttp
@@ -37,8 +38,9 @@ class KokoroProvider:
         require_runtime("kokoro", self.name)
         return server_command("tts_server", spec)
 
-    async def probe(self, session: aiohttp.ClientSession, base_url: str, slot_type: str) -> ProbeResult:
-        return await probe_server(session, base_url, "/v1/audio/voices", _sentinel)
+    async def probe(self, session: aiohttp.ClientSession, base_url: str, slot_type: str,
+                    answering: Callable[[], None] | None = None) -> ProbeResult:
+        return await probe_server(session, base_url, "/v1/audio/voices", _sentinel, answering)
 
     def explain_failure(self, exit_code: int | None, log_tail: list[str]) -> str:
         return explain("the text-to-speech server", exit_code, log_tail)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import aiohttp
@@ -91,22 +92,29 @@ class LlamaCppProvider:
         argv += list(spec.extra_args)
         return Command(tuple(argv), dict(spec.env))
 
-    async def probe(self, session: aiohttp.ClientSession, base_url: str, slot_type: str) -> ProbeResult:
+    async def probe(self, session: aiohttp.ClientSession, base_url: str, slot_type: str,
+                    answering: Callable[[], None] | None = None) -> ProbeResult:
         try:
-            async with session.get(f"{base_url}/health", timeout=_PROBE_TIMEOUT) as resp:
-                if resp.status != 200:
-                    body = await resp.text()
-                    return ProbeResult(False, "health", resp.status, body[:300], loading=resp.status == 503)
-            # Both checks at once: llama-server answers them in parallel, and warm-up ends a round trip sooner.
-            models, sentinel = await asyncio.gather(_models(session, base_url),
-                                                    _sentinel_call(session, base_url, slot_type))
-            if not models.ok:
-                return models
-            if not sentinel.ok:
-                return sentinel
-        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            # /health alone while the model loads: one cheap request, which keeps the probing off the CPU the
+            # load needs. Once it says 200, the listing and the sentinel go at once (llama-server answers them in
+            # parallel), and `answering` lets held requests ride the sentinel's first decode: nothing of their
+            # answers is released unless all three pass.
+            health = await _health(session, base_url)
+            if not health.ok:
+                return health
+            sentinel = asyncio.ensure_future(_sentinel_call(session, base_url, slot_type))
+            try:
+                if answering is not None:
+                    answering()
+                models = await _models(session, base_url)
+                if not models.ok:
+                    return models
+                return await sentinel
+            finally:
+                sentinel.cancel()
+                await asyncio.gather(sentinel, return_exceptions=True)
+        except (aiohttp.ClientError, TimeoutError, OSError, ValueError) as exc:
             return ProbeResult(False, "connect", None, f"{type(exc).__name__}: {exc}")
-        return ProbeResult(True, "sentinel", 200, "ok")
 
     def explain_failure(self, exit_code: int | None, log_tail: list[str]) -> str:
         # llama.cpp prefixes log lines with a timestamp, a level letter and a module: keep the message.
@@ -120,6 +128,14 @@ class LlamaCppProvider:
         if exit_code is not None:
             return f"llama-server exited with code {exit_code}"
         return "llama-server stopped answering"
+
+
+async def _health(session: aiohttp.ClientSession, base_url: str) -> ProbeResult:
+    async with session.get(f"{base_url}/health", timeout=_PROBE_TIMEOUT) as resp:
+        if resp.status != 200:
+            body = await resp.text()
+            return ProbeResult(False, "health", resp.status, body[:300], loading=resp.status == 503)
+    return ProbeResult(True, "health", 200)
 
 
 async def _models(session: aiohttp.ClientSession, base_url: str) -> ProbeResult:
@@ -137,7 +153,7 @@ async def _sentinel_call(session: aiohttp.ClientSession, base_url: str, slot_typ
             text = await resp.text()
             return ProbeResult(False, "sentinel", resp.status, text[:300], loading=resp.status == 503)
         await resp.read()
-    return ProbeResult(True, "sentinel", 200)
+    return ProbeResult(True, "sentinel", 200, "ok")
 
 
 def _sentinel(slot_type: str) -> tuple[str, dict[str, object]]:

@@ -7,6 +7,7 @@ config.json, tokenizer.json). One provider keeps the built-in `stt` slot working
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
 
 import aiohttp
@@ -48,8 +49,9 @@ class MoonshineProvider:
         require_runtime(engine, self.name)
         return server_command("stt_server", spec, "--engine", engine)
 
-    async def probe(self, session: aiohttp.ClientSession, base_url: str, slot_type: str) -> ProbeResult:
-        return await probe_server(session, base_url, "/v1/models", _sentinel)
+    async def probe(self, session: aiohttp.ClientSession, base_url: str, slot_type: str,
+                    answering: Callable[[], None] | None = None) -> ProbeResult:
+        return await probe_server(session, base_url, "/v1/models", _sentinel, answering)
 
     def explain_failure(self, exit_code: int | None, log_tail: list[str]) -> str:
         return explain("the speech-to-text server", exit_code, log_tail)

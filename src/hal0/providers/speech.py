@@ -73,7 +73,7 @@ def silent_wav(seconds: float = 0.25, rate: int = 16000) -> bytes:
 
 
 async def probe_server(session: aiohttp.ClientSession, base_url: str, listing: str,
-                       sentinel: Sentinel,
+                       sentinel: Sentinel, answering: Callable[[], None] | None = None,
                        ) -> ProbeResult:
     """/health 200 (503 while the model loads), a non-empty listing, then one real request."""
     try:
@@ -85,6 +85,8 @@ async def probe_server(session: aiohttp.ClientSession, base_url: str, listing: s
             data = await resp.json(content_type=None) if resp.status == 200 else None
             if not (isinstance(data, dict) and data.get("data")):
                 return ProbeResult(False, "models", resp.status, f"nothing listed by {listing}")
+        if answering is not None:
+            answering()
         async with sentinel(session, base_url) as resp:
             body_bytes = await resp.read()
             if resp.status != 200:

@@ -34,7 +34,7 @@ PROBE_MAX_S = 0.25
 PROBE_BACKOFF = 1.5
 WATCH_INTERVAL_S = 0.25
 #: While warming, how often the backend's log is checked for new output (a stat call, nothing more).
-LOG_POLL_S = 0.002
+LOG_POLL_S = 0.001
 LOG_TAIL_LINES = 30
 
 
@@ -98,6 +98,8 @@ class Slot:
         self._last_activity = time.monotonic()
         self.history: list[dict[str, Any]] = []
         self.last_probe: ProbeResult | None = None
+        #: Set while warming once the backend takes requests and only the probe's sentinel is outstanding.
+        self._answering = asyncio.Event()
 
     # -- views ---------------------------------------------------------------------------------------
     @property
@@ -188,6 +190,7 @@ class Slot:
                     f"`hal0 model pull {ref} --source ...` or `hal0 model import {ref} FILE`",
                     detail={"ref": ref, "slot": self.name},
                 )
+            self._answering.clear()
             self._load_task = asyncio.create_task(self._load(), name=f"load:{self.name}")
         return self._load_task
 
@@ -195,15 +198,44 @@ class Slot:
         """Wait until the slot serves; load it if cold. True when this call had to wait for a load."""
         if self.state in LOADED:
             return False
+        await self.join_load(self.start_load(), timeout)
+        return True
+
+    async def until_answering(self, timeout: float) -> asyncio.Task[None] | None:
+        """Load the slot if cold, and return as soon as its backend takes requests: once the readiness probe
+        found it up and listing its model, with the sentinel request still in flight. Returns the load task
+        then (None if the slot is already loaded): a request sent to the backend now rides the sentinel's
+        first decode instead of queueing behind it, but its sender must `join_load` the task, and release
+        nothing of the answer, until the probe passed and the slot is ready."""
+        if self.state in LOADED:
+            return None
         task = self.start_load()
+        answering = asyncio.ensure_future(self._answering.wait())
+        try:
+            async with asyncio.timeout(timeout):
+                await asyncio.wait((task, answering), return_when=asyncio.FIRST_COMPLETED)
+        except TimeoutError:
+            raise self._cold_boot_timeout(timeout) from None
+        finally:
+            answering.cancel()
+        if task.done():
+            await self.join_load(task, timeout)
+            return None
+        return task
+
+    def _cold_boot_timeout(self, timeout: float) -> BackendError:
+        return BackendError(
+            f"slot {self.name} is still {self.state.value} after the cold-boot grace of {timeout:g}s",
+            code="cold_boot_timeout", detail={"state": self.state.value},
+        )
+
+    async def join_load(self, task: asyncio.Task[None], timeout: float) -> None:
+        """Wait for a load under way; raise the slot's error if it did not end ready."""
         try:
             async with asyncio.timeout(timeout):
                 await asyncio.shield(task)
         except TimeoutError:
-            raise BackendError(
-                f"slot {self.name} is still {self.state.value} after the cold-boot grace of {timeout:g}s",
-                code="cold_boot_timeout", detail={"state": self.state.value},
-            ) from None
+            raise self._cold_boot_timeout(timeout) from None
         except asyncio.CancelledError:
             current = asyncio.current_task()
             if not task.cancelled() or (current is not None and current.cancelling()):
@@ -213,7 +245,6 @@ class Slot:
                            code="load_cancelled", detail={"state": self.state.value}) from None
         if self.state not in LOADED:
             raise self.error_exception()
-        return True
 
     def error_exception(self) -> BackendError:
         err = self.record.error
@@ -290,7 +321,10 @@ class Slot:
             if not status.alive:
                 self._died(status, provider)
                 return
-            probe = await provider.probe(self._ctx.session, self.base_url, self.config.type)
+            # Taken before the probe: a line the backend logs while the probe is in flight is news too.
+            log_size = _size(log_path)
+            probe = await provider.probe(self._ctx.session, self.base_url, self.config.type,
+                                         answering=self._answering.set)
             self.last_probe = probe
             if self.state is S.STARTING and (probe.ok or probe.stage != "connect"):
                 self._transition(S.WARMING, "backend process is up; waiting for its probe")
@@ -311,15 +345,16 @@ class Slot:
                            f"(last probe: {probe.stage} {probe.status or ''} {probe.message})".strip(),
                            probe=probe)
                 return
-            await self._wait_for_news(log_path, interval)
+            await self._wait_for_news(log_path, log_size, interval)
             interval = min(interval * PROBE_BACKOFF, PROBE_MAX_S)
 
     @staticmethod
-    async def _wait_for_news(log_path: Path, interval: float) -> None:
+    async def _wait_for_news(log_path: Path, size: int, interval: float) -> None:
         """Sleep up to `interval`, but wake as soon as the backend writes to its log: a backend announces
         readiness there ("server is listening", "all slots are idle"), so the next probe follows within
         milliseconds instead of waiting out the backoff."""
-        size = _size(log_path)
+        if _size(log_path) != size:
+            return
         deadline = time.monotonic() + interval
         while (left := deadline - time.monotonic()) > 0:
             await asyncio.sleep(min(LOG_POLL_S, left))
