@@ -12,7 +12,6 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from hal0.cli_http import ApiClient
 from hal0.errors import Hal0Error
 from hal0.settings import load_settings
 
@@ -298,6 +297,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         if not getattr(args, "local", False):
+            # Imported here: `hal0 serve` (local) starts without the HTTP client library.
+            from hal0.cli_http import ApiClient
+
             settings = load_settings()
             args.client = ApiClient(args.url or settings.base_url,
                                     settings.api_keys[0] if settings.api_keys else None,

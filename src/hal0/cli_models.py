@@ -11,10 +11,12 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
-from hal0.cli_http import ApiClient
 from hal0.errors import Hal0Error
+
+if TYPE_CHECKING:
+    from hal0.cli_http import ApiClient
 
 _SUFFIXES = ("B", "KB", "MB", "GB", "TB")
 

@@ -16,10 +16,12 @@ import time
 from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 from urllib.parse import quote, urlsplit
 
-import httpx
+if TYPE_CHECKING:
+    # Imported where a pull runs: `hal0 serve` starts (and restarts) without paying for httpx.
+    import httpx
 
 from hal0.errors import (
     ChecksumMismatch,
@@ -193,6 +195,8 @@ class Downloader:
 
     async def _fetch_once(self, url: str, partial: Path, headers: dict[str, str], expected: str | None,
                           on_progress: Callable[[int, int | None, float], None]) -> tuple[int, str]:
+        import httpx
+
         offset = _size(partial)
         # Identity encoding: the bytes on disk must be the file itself, and Range offsets count those bytes.
         request_headers = {**headers, "Accept-Encoding": "identity"}
@@ -500,6 +504,8 @@ class Registry:
             ensure_free_space(directory, remaining)
         self._emit(flight, PullEvent(ref, "start", file_count=count))
         files: list[ModelFile] = []
+        import httpx
+
         timeout = httpx.Timeout(self._timeout, read=max(self._timeout, 60.0))
         async with httpx.AsyncClient(follow_redirects=True, timeout=timeout) as client:
             downloader = Downloader(client, retries=self._retries, retry_delay=self._retry_delay,
