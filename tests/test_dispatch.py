@@ -393,6 +393,34 @@ def test_the_cold_boot_grace_is_configurable_and_the_load_goes_on(hal0: Hal0,
     assert len(hal0.start_lines("primary")) == 1
 
 
+def test_streamed_tokens_are_batched_into_fewer_writes_and_none_is_lost(hal0: Hal0,
+                                                                        model_files: dict[str, Path]) -> None:
+    hal0.add_model("tiny", model_files["tiny"])
+    hal0.write_slot_config("primary", 'type = "chat"\nmodel = "tiny"\n')
+    # A window far longer than the tiny model's ~1 ms per token, so batching is certain on any machine.
+    hal0.start(env={"HAL0_STREAM_BATCH_MS": "200"})
+    body = {"model": "primary", "messages": PROMPT, "max_tokens": 48, "temperature": 0, "ignore_eos": True}
+    whole = hal0.client.post("/v1/chat/completions", json=body)
+    assert whole.status_code == 200, whole.text
+    expected = whole.json()["choices"][0]["message"]["content"]
+
+    writes: list[bytes] = []
+    with httpx.stream("POST", f"{hal0.url}/v1/chat/completions", json={**body, "stream": True},
+                      timeout=60) as resp:
+        assert resp.status_code == 200
+        writes.extend(resp.iter_raw())
+    stream = b"".join(writes).decode()
+    events = [line[6:] for line in stream.split("\n") if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    content = "".join(json.loads(e)["choices"][0]["delta"].get("content") or "" for e in events[:-1]
+                      if json.loads(e)["choices"])
+    assert content == expected  # every token, in order, byte for byte
+    assert len(events) > 40
+    assert len(writes) < len(events) / 4, (len(writes), len(events))
+    # The first event leaves at once, alone: batching starts after it (time to first token is untouched).
+    assert len(writes) >= 2 and b"[DONE]" not in writes[0]
+
+
 # -- cold boot ----------------------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_32_concurrent_requests_at_a_cold_slot_start_one_backend(tiny: Hal0) -> None:

@@ -32,6 +32,8 @@ def test_bad_settings_say_what_is_wrong(tmp_path: Path) -> None:
         load_settings(env={"HAL0_HOME": str(tmp_path), "HAL0_PORT_MIN": "many"})
     with pytest.raises(ConfigError, match="supervisor"):
         load_settings(env={"HAL0_HOME": str(tmp_path), "HAL0_SUPERVISOR": "docker"})
+    with pytest.raises(ConfigError, match="stream_batch_ms must be between 0 and 1000"):
+        load_settings(env={"HAL0_HOME": str(tmp_path), "HAL0_STREAM_BATCH_MS": "-1"})
 
 
 def test_a_built_in_slot_file_without_a_type_keeps_the_built_in_type(tmp_path: Path) -> None:

@@ -65,6 +65,9 @@ class Settings:
     max_body_bytes: int = 64 * 1024 * 1024
     #: Longest silence from a backend mid-request (no header or body byte) before the request fails.
     request_timeout_s: float = 600.0
+    #: Streamed answers go to the client at most this often: tokens that arrive within the window wait in the
+    #: upstream socket and leave in one read and one write, not one each. 0 forwards every chunk at once.
+    stream_batch_ms: float = 5.0
     #: Rotation size of the decision log.
     decision_log_max_bytes: int = 10 * 1024 * 1024
     api_keys: tuple[str, ...] = field(default_factory=tuple)
@@ -97,7 +100,7 @@ _FIELD_TYPES: dict[str, type] = {
     "host": str, "port": int, "port_min": int, "port_max": int, "llama_server": str,
     "supervisor": str, "cold_boot_grace_s": float, "warmup_budget_s": float, "idle_timeout_s": float,
     "stop_timeout_s": float, "max_loaded_slots": int, "max_body_bytes": int, "request_timeout_s": float,
-    "decision_log_max_bytes": int,
+    "decision_log_max_bytes": int, "stream_batch_ms": float,
     "hf_endpoint": str, "hf_token": str,
 }
 
@@ -158,6 +161,8 @@ def load_settings(
     settings = replace(settings, **values)
     if not (0 < settings.port_min <= settings.port_max < 65536):
         raise ConfigError(f"bad slot port range {settings.port_min}-{settings.port_max}")
+    if not 0 <= settings.stream_batch_ms <= 1000:
+        raise ConfigError(f"stream_batch_ms must be between 0 and 1000, not {settings.stream_batch_ms!r}")
     if settings.supervisor not in ("auto", "embedded", "systemd"):
         raise ConfigError(f"supervisor must be auto, embedded or systemd, not {settings.supervisor!r}")
     return settings
