@@ -281,17 +281,23 @@ class Dispatcher:
             out_headers = [(k, v) for k, v in out_headers if k != b"content-length"]
         out_headers.append((b"x-request-id", rid))
         failure: list[BaseException] = []
-        # Only event streams are batched: the first event leaves at once (time to first token is untouched),
-        # later ones at most `stream_batch_ms` apart.
+        # Only event streams are batched, and only while tokens come faster than the window: an event that
+        # follows a pause (the first token after the prompt, every token of a slow model) leaves at once.
         batch = self._stream_batch_s if is_sse else 0.0
 
         async def pump() -> None:
             await send({"type": "http.response.start", "status": resp.status, "headers": out_headers})
             try:
+                loop = asyncio.get_running_loop()
+                chunks = 0
+                waited_from = loop.time()
                 async for chunk in resp.content.iter_any():
+                    flowing = chunks > 0 and loop.time() - waited_from < batch
+                    chunks += 1
                     await send({"type": "http.response.body", "body": chunk, "more_body": True})
-                    if batch and not chunk.endswith(SSE_DONE) and not resp.content.is_eof():
+                    if flowing and not chunk.endswith(SSE_DONE) and not resp.content.is_eof():
                         await _gather_upstream(resp, batch)
+                    waited_from = loop.time()
             except (TimeoutError, aiohttp.ClientError) as exc:
                 failure.append(exc)
                 slot.backend_failed()
