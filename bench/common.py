@@ -541,15 +541,18 @@ async def first_token(http: aiohttp.ClientSession, base: str, model: str, max_to
     body = {"model": model, "messages": [{"role": "user", "content": "hello"}], "max_tokens": max_tokens,
             "stream": True, "ignore_eos": True}
     got: float | None = None
+    seen: list[bytes] = []
     async with await post(http, f"{base}/v1/chat/completions", body) as resp:
         if resp.status != 200:
             raise SystemExit(f"{base}: {resp.status} {await resp.text()}")
         async for line in resp.content:
             if got is None and line.startswith(b"data: {") and b'"content":"' in line:
                 got = time.perf_counter()
+            elif got is None:
+                seen.append(line)
         resp.close()
     if got is None:
-        raise SystemExit(f"{base}: no token streamed")
+        raise SystemExit(f"{base}: no token streamed: {b''.join(seen)[:2000]!r}")
     return got
 
 

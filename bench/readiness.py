@@ -109,7 +109,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m bench.readiness", description=__doc__)
-    p.add_argument("--rounds", type=int, default=10, help="cold starts per path with the tiny model")
+    p.add_argument("--rounds", type=int, default=30, help="cold starts per path with the tiny model")
     p.add_argument("--large-rounds", type=int, default=3, help="cold starts per path with the large model")
     p.add_argument("--tiny-only", action="store_true", help="skip the large (about 2 s to load) model")
     return p

@@ -93,10 +93,13 @@ def rows(res: dict[str, Any]) -> list[tuple[str, dict[str, str], str]]:
         out.append(("swap (alternating 2 tiny models, 1 loaded) p50 ms", each(
             lambda n: fmt(get(s, n, "swap_ms_p50")) + (f" (x{get(s, n, 'ratio_to_bare'):.2f})"
                                                       if get(s, n, "ratio_to_bare") is not None else "")), ""))
-    out.append(("API restart: serving again ms / model reloaded", each(
-        lambda n: "n/a" if get(t, n) is None else
-        f"{get(t, n, 'serves_again_ms'):.0f} / {'yes' if any(get(t, n, 'reloaded')) else 'no'}"),
-        "hal0: no reload"))
+    for size in ("tiny", "large"):
+        if size not in t:
+            continue
+        out.append((f"API restart, {size}: serving again ms / model reloaded", each(
+            lambda n, size=size: "n/a" if get(t, size, n) is None else
+            f"{get(t, size, n, 'serves_again_ms'):.0f} / {'yes' if any(get(t, size, n, 'reloaded')) else 'no'}"),
+            "hal0: no reload"))
     out.append(("control plane RSS MB idle / under load", each(
         lambda n: "n/a" if get(f, n) is None else
         f"{get(f, n, 'idle', 'rss_mb'):.0f} / {get(f, n, 'load', 'rss_mb'):.0f}"), ""))
@@ -162,9 +165,11 @@ def plot(res: dict[str, Any], path: Path) -> None:
                                for n in PLANES if get(h, "tiny", n) is not None})
     ax[4].set_title("herd of 64 at a cold model (large if measured): all answered", fontsize=9)
     bars(ax[5], "swap between two tiny models (1 loaded)", {n: get(s, n, "swap_ms_p50") for n in PLANES}, "ms")
-    bars(ax[6], "API SIGKILL + restart: serving again", {n: get(t, n, "serves_again_ms") for n in PLANES}, "ms",
-         log=True, notes={n: "reloaded" if any(get(t, n, "reloaded")) else "no reload" for n in PLANES
-                          if get(t, n) is not None})
+    size = "large" if "large" in t else "tiny"
+    bars(ax[6], f"API SIGKILL + restart ({size} model): serving again",
+         {n: get(t, size, n, "serves_again_ms") for n in PLANES}, "ms",
+         log=True, notes={n: "reloaded" if any(get(t, size, n, "reloaded")) else "no reload" for n in PLANES
+                          if get(t, size, n) is not None})
     bars(ax[7], "control plane RSS under load", {n: get(f, n, "load", "rss_mb") for n in PLANES}, "MB", log=True,
          notes={n: f"{get(f, n, 'load', 'cpu_ms_per_request'):.2f} CPU ms/req" for n in PLANES
                 if get(f, n) is not None})

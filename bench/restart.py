@@ -88,42 +88,49 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     results: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="hal0-bench-") as tmp:
         root = Path(tmp)
-        models = make_models(root / "models")
-        hal0 = await Hal0(root / "hal0", {"tiny": models["tiny-a"]}, {"primary": "tiny"}).start()
-        router = await Router(root, {"tiny": models["tiny-a"]}).start()
+        models = make_models(root / "models", large=not args.tiny_only)
+        sizes = {"tiny": models["tiny-a"]}
+        if not args.tiny_only:
+            sizes["large"] = models["large"]
+        hal0 = await Hal0(root / "hal0", sizes, {name: name for name in sizes}).start()
+        router = await Router(root, sizes, models_max=1).start()
         bare = Bare(root, models["tiny-a"], "tiny")
         litellm: LiteLLM | None = None
-        planes: list[str] = ["hal0", "router"]
         try:
             if LiteLLM.available():
                 bare.spawn()
                 assert bare.proc is not None
                 await wait_http(f"{bare.url}/health", bare.proc, 30, bare.log)
                 litellm = await LiteLLM(root, {"tiny": bare.url}).start()
-                planes.append("litellm")
-            runs: dict[str, list[dict[str, Any]]] = {name: [] for name in planes}
-            for i in range(args.rounds):
-                order = planes[i % len(planes):] + planes[:i % len(planes)]
-                for name in order:
-                    if name == "hal0":
-                        runs[name].append(await restart_hal0(hal0, "primary"))
-                    elif name == "router":
-                        runs[name].append(await restart_router(router, "tiny"))
-                    elif litellm is not None:
-                        runs[name].append(await restart_litellm(litellm, "tiny"))
-            for name, rows in runs.items():
-                times = [r["serves_again_ms"] for r in rows]
-                results[name] = {"serves_again_ms": med(times), "reloaded": [r["reloaded"] for r in rows],
+            for size in sizes:
+                # LiteLLM owns no backend, so the model's size changes nothing for it: measured with tiny only.
+                planes = ["hal0", "router"] + (["litellm"] if litellm is not None and size == "tiny" else [])
+                runs: dict[str, list[dict[str, Any]]] = {name: [] for name in planes}
+                rounds = args.rounds if size == "tiny" else args.large_rounds
+                for i in range(rounds):
+                    order = planes[i % len(planes):] + planes[:i % len(planes)]
+                    for name in order:
+                        if name == "hal0":
+                            runs[name].append(await restart_hal0(hal0, size))
+                        elif name == "router":
+                            runs[name].append(await restart_router(router, size))
+                        elif litellm is not None:
+                            runs[name].append(await restart_litellm(litellm, "tiny"))
+                out: dict[str, Any] = {}
+                for name, rows in runs.items():
+                    times = [r["serves_again_ms"] for r in rows]
+                    out[name] = {"serves_again_ms": med(times), "reloaded": [r["reloaded"] for r in rows],
                                  "backend_survived": [r["backend_survived"] for r in rows], "rounds": rows}
-                print(f"{name:<8} SIGKILL -> serving again {spread(times):<30} ms | model reloaded "
-                      f"{results[name]['reloaded']} | backend survived {results[name]['backend_survived']}")
+                    print(f"{size:<5} {name:<8} SIGKILL -> serving again {spread(times):<30} ms | model reloaded "
+                          f"{out[name]['reloaded']} | backend survived {out[name]['backend_survived']}")
+                results[size] = out
         finally:
             if litellm is not None:
                 litellm.stop()
             bare.stop()
             router.stop()
             hal0.stop()
-    ok = not any(results["hal0"]["reloaded"])
+    ok = not any(r for out in results.values() for r in out["hal0"]["reloaded"])
     print(f"  {'met ' if ok else 'MISS'}  hal0 restart with no reload")
     results["verdicts"] = {"restart with no reload": ok}
     return results
@@ -131,7 +138,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m bench.restart", description=__doc__)
-    p.add_argument("--rounds", type=int, default=3, help="restarts per control plane")
+    p.add_argument("--rounds", type=int, default=3, help="restarts per control plane with the tiny model")
+    p.add_argument("--large-rounds", type=int, default=2, help="restarts per control plane with the large model")
+    p.add_argument("--tiny-only", action="store_true", help="skip the large (about 2 s to load) model")
     return p
 
 
