@@ -9,6 +9,7 @@ import argparse
 import importlib
 import sys
 import time
+import traceback
 
 PARTS = ("proxy", "readiness", "herd", "swaps", "restart", "footprint")
 
@@ -28,10 +29,15 @@ def main(argv: list[str] | None = None) -> int:
             if exc.code not in (0, None):
                 print(f"bench.{part}: {exc.code}", file=sys.stderr)
                 failed.append(part)
+        except Exception:
+            traceback.print_exc()
+            failed.append(part)
         print(f"=== bench.{part}: {time.monotonic() - started:.0f} s ===", flush=True)
     from bench import report
 
     report.main([])
+    if failed:
+        print(f"failed: {' '.join(failed)} (their previous results, if any, are in the report)", file=sys.stderr)
     return 1 if failed else 0
 
 

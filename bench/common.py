@@ -519,10 +519,13 @@ async def post(http: aiohttp.ClientSession, url: str, body: dict[str, Any]) -> a
 async def timed_small(http: aiohttp.ClientSession, base: str, model: str) -> float:
     """One small non-streamed completion; its latency in ms."""
     started = time.perf_counter()
-    async with await post(http, f"{base}/v1/completions", {"model": model, **SMALL}) as resp:
-        await resp.read()
-        if resp.status != 200:
-            raise SystemExit(f"{base}: {resp.status} {await resp.text()}")
+    try:
+        async with await post(http, f"{base}/v1/completions", {"model": model, **SMALL}) as resp:
+            await resp.read()
+            if resp.status != 200:
+                raise SystemExit(f"{base}: {resp.status} {await resp.text()}")
+    except aiohttp.ClientError as exc:
+        raise SystemExit(f"{base} ({model}): {type(exc).__name__}: {exc}") from exc
     return (time.perf_counter() - started) * 1000
 
 

@@ -167,9 +167,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="hal0-bench-") as tmp:
         rig = await start_rig(Path(tmp), peers=not args.no_peers)
         try:
+            peers = [f"{n} {url}" for n, (url, _) in rig.paths.items() if n not in ("direct", "hal0")]
             print(f"hal0 {rig.hal0.url} -> llama-server {rig.paths['direct'][0]}; peers: "
-                  f"{', '.join(n for n in rig.paths if n not in ('direct', 'hal0')) or 'none'}; "
-                  f"{os.cpu_count()} cores, load {os.getloadavg()[0]:.1f}")
+                  f"{', '.join(peers) or 'none'}; {os.cpu_count()} cores, load {os.getloadavg()[0]:.1f}")
             results: dict[str, Any] = {}
             per_round: dict[str, list[float]] = {}
             results["c1"] = report_latency("small request, c=1",

@@ -90,8 +90,14 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                     figures = {k: [r[k] for r in rows] for k in ("ttft_ms", "lag_ms", "load_ms")}
                     out[name] = {k: med(v) for k, v in figures.items()} | {"rounds": figures}
                     out[name]["ttft_over_bare_load"] = out[name]["ttft_ms"] / bare_load
+                    # Paired with the bare start of the same round: steadier than a difference of medians when
+                    # the machine's speed drifts during the run.
+                    paired = [r["ttft_ms"] - d["ttft_ms"] for r, d in zip(rows, runs["direct"], strict=True)]
+                    out[name]["ttft_over_direct_ms"] = med(paired)
                     print(f"{size:<5} {name:<7} cold TTFT {spread(figures['ttft_ms']):<28} ms | ready->first token "
-                          f"{spread(figures['lag_ms']):<26} ms | spawn->/health 200 {spread(figures['load_ms'])} ms")
+                          f"{spread(figures['lag_ms']):<26} ms | spawn->/health 200 {spread(figures['load_ms'])} ms"
+                          + (f" | TTFT over direct, paired by round {med(paired):+.1f} ms" if name != "direct"
+                             else ""))
                 results[size] = out
         finally:
             router.stop()
