@@ -112,6 +112,9 @@ class StoreModels:
     async def pull(self, ref: str) -> Path:
         raise AssertionError("no pulls in this test")
 
+    def cancel_pull(self, ref: str) -> None:
+        raise AssertionError("no pulls in this test")
+
 
 def find_llama_server() -> str | None:
     if os.environ.get("HAL0_LLAMA_SERVER"):

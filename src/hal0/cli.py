@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import socket
 import sys
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from hal0.errors import Hal0Error
+from hal0.instance import InstanceLock
 from hal0.settings import load_settings
 
 _LOOPBACK = ("127.0.0.1", "localhost", "::1")
@@ -52,13 +54,44 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(f"hal0: refusing to bind {settings.host}: set HAL0_API_KEYS first (only loopback is open "
               "without keys)", file=sys.stderr)
         return 2
+    # The lock and the listening socket come before the app starts: an API that cannot own the state folder
+    # or its port must exit before adoption touches a single backend.
+    lock = InstanceLock(settings.state_dir)
+    try:
+        lock.acquire(settings.host, settings.port)
+    except Hal0Error as exc:
+        print(f"hal0: {exc.message}", file=sys.stderr)
+        return 1
+    try:
+        sock = _listen(settings.host, settings.port)
+    except OSError as exc:
+        print(f"hal0: cannot listen on {settings.host}:{settings.port}: {exc.strerror or exc}", file=sys.stderr)
+        return 1
     app = create_app(settings, AppOptions(demo=not args.no_demo))
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level=args.log_level,
-                loop="uvloop", http="httptools", access_log=False, timeout_graceful_shutdown=5,
-                # Longer than clients keep idle connections (httpx/openai: 5 s), so the server never closes
-                # one in the instant a client reuses it (which the client sees as a read error).
-                timeout_keep_alive=75)
+    config = uvicorn.Config(app, log_level=args.log_level, loop="uvloop", http="httptools", access_log=False,
+                            timeout_graceful_shutdown=5,
+                            # Longer than clients keep idle connections (httpx/openai: 5 s), so the server
+                            # never closes one in the instant a client reuses it (a read error for the client).
+                            timeout_keep_alive=75)
+    try:
+        uvicorn.Server(config).run(sockets=[sock])
+    finally:
+        lock.release()
     return 0
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+        sock.listen(2048)
+    except OSError:
+        sock.close()
+        raise
+    sock.set_inheritable(True)
+    return sock
 
 
 # -- slots ------------------------------------------------------------------------------------------------

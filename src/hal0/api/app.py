@@ -20,6 +20,7 @@ from hal0.api import dashboard, errors, manage, models
 from hal0.dispatch.decisions import DecisionLog
 from hal0.dispatch.proxy import Dispatcher, Receive, Scope, Send
 from hal0.events import EventBus
+from hal0.fsio import WriteFailures
 from hal0.providers.base import Provider
 from hal0.providers.flm import FlmProvider
 from hal0.providers.kokoro import KokoroProvider
@@ -70,6 +71,9 @@ class RegistryModels:
     async def pull(self, ref: str) -> Path:
         await self._registry.pull(ref, on_event=self._publish)
         return self._registry.model_path(ref)
+
+    def cancel_pull(self, ref: str) -> None:
+        self._registry.cancel(ref)
 
     def _publish(self, event: PullEvent) -> None:
         self._bus.publish("pull", event.to_dict())
@@ -153,14 +157,16 @@ def create_app(settings: Settings, options: AppOptions | None = None) -> Hal0App
         connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=None, keepalive_timeout=30)
         session = aiohttp.ClientSession(connector=connector, auto_decompress=False)
         registry = Registry(settings, hf_endpoint=settings.hf_endpoint, hf_token=settings.hf_token or None)
+        failures = WriteFailures()
         manager = SlotManager(settings, bus, build_supervisor(settings), build_providers(settings), session,
-                              RegistryModels(registry, bus))
+                              RegistryModels(registry, bus), failures)
         app.state.settings = settings
         app.state.events = bus
         app.state.session = session
         app.state.registry = registry
         app.state.manager = manager
-        decisions = DecisionLog(settings.log_dir / "decisions.jsonl", bus, settings.decision_log_max_bytes)
+        decisions = DecisionLog(settings.log_dir / "decisions.jsonl", bus, settings.decision_log_max_bytes,
+                                failures=failures)
         app.state.decisions = decisions
         dispatcher = Dispatcher(settings, manager, session, decisions)
         edge.dispatcher = dispatcher

@@ -57,7 +57,9 @@ def _view(slot: Slot) -> dict[str, Any]:
 @router.get("/health", summary="The API itself is up")
 async def health(request: Request) -> dict[str, Any]:
     manager = _manager(request)
-    return {"status": "ok", "supervisor": manager.supervisor.kind, "slots": len(manager.slots)}
+    failures = {"state": 0, "decisions": 0, **manager.store.failures.to_dict()}
+    return {"status": "ok", "supervisor": manager.supervisor.kind, "slots": len(manager.slots),
+            "write_failures": failures}
 
 
 @router.get("/slots", summary="Every slot with its live state")

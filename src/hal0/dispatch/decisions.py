@@ -5,6 +5,7 @@ The last records stay in memory for `/api/decisions`; the file keeps the history
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import threading
@@ -15,6 +16,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from hal0.events import EventBus
+from hal0.fsio import WriteFailures
 
 
 @dataclass(slots=True)
@@ -37,8 +39,13 @@ class Decision:
 
 
 class DecisionLog:
-    def __init__(self, path: Path, bus: EventBus, max_bytes: int, keep: int = 3, memory: int = 2000) -> None:
+    def __init__(self, path: Path, bus: EventBus, max_bytes: int, keep: int = 3, memory: int = 2000,
+                 failures: WriteFailures | None = None) -> None:
         self.path = path
+        self.failures = failures or WriteFailures()
+        #: Lines the file could not take (a full disk), written first by the next write that works.
+        self._unwritten: deque[str] = deque(maxlen=memory)
+        self._torn = False
         self._bus = bus
         self._max_bytes = max_bytes
         self._keep = keep
@@ -60,15 +67,40 @@ class DecisionLog:
             pass
 
     def record(self, decision: Decision) -> None:
+        """Keep, publish and append one record. Memory and the bus come first: a file that cannot be written
+        (a full disk) never loses a decision for `/api/decisions` or SSE; its lines wait, in order, for space."""
         data = decision.to_dict()
-        line = json.dumps(data, separators=(",", ":")) + "\n"
-        with self._lock:
-            self._fh.write(line)
-            self._fh.flush()
-            if self._fh.tell() >= self._max_bytes:
-                self._rotate()
         self.recent.append(data)
         self._bus.publish("decision", data)
+        line = json.dumps(data, separators=(",", ":")) + "\n"
+        with self._lock:
+            self._unwritten.append(line)
+            try:
+                if self._torn:
+                    self._fh.write("\n")
+                    self._fh.flush()
+                    self._torn = False
+                while self._unwritten:
+                    self._fh.write(self._unwritten[0])
+                    self._fh.flush()
+                    self._unwritten.popleft()
+                if self._fh.tell() >= self._max_bytes:
+                    self._rotate()
+            except OSError as exc:
+                self._reopen()
+                self.failures.failed("decisions", f"cannot write the decision log {self.path}: "
+                                                  f"{exc.strerror or exc}; records are kept in memory")
+                return
+        self.failures.succeeded("decisions")
+
+    def _reopen(self) -> None:
+        # A failed flush leaves the text buffer holding a partial line; a fresh handle starts clean, and a
+        # torn line already in the file is skipped by readers (see _load_tail).
+        with contextlib.suppress(OSError):
+            self._fh.close()
+        with contextlib.suppress(OSError):
+            self._fh = self.path.open("a", encoding="utf-8")
+        self._torn = True
 
     def _rotate(self) -> None:
         self._fh.close()
@@ -95,5 +127,5 @@ class DecisionLog:
         return out
 
     def close(self) -> None:
-        with self._lock:
+        with self._lock, contextlib.suppress(OSError):
             self._fh.close()

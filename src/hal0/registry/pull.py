@@ -437,6 +437,14 @@ class Registry:
         finally:
             flight.listeners.discard(queue)
 
+    def cancel(self, ref: str) -> bool:
+        """Stop the pull of `ref` in flight, if any; its partial files stay for a resume. True if one was."""
+        flight = self._flights.get(ref)
+        if flight is None or flight.task is None or flight.task.done():
+            return False
+        flight.task.cancel()
+        return True
+
     async def aclose(self) -> None:
         tasks = [f.task for f in self._flights.values() if f.task is not None]
         for task in tasks:

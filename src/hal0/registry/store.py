@@ -29,6 +29,7 @@ from hal0.errors import (
     ModelNotFound,
     RegistryError,
 )
+from hal0.fsio import atomic_write_json
 from hal0.registry.gguf import is_gguf, read_gguf_metadata
 
 MAX_REF_LEN = 96
@@ -82,14 +83,6 @@ def ensure_free_space(directory: Path, needed: int) -> None:
             f"{free} free",
             detail={"needed": needed, "free": free, "margin": DISK_MARGIN_BYTES},
         )
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 @dataclass(frozen=True, slots=True)
@@ -202,16 +195,7 @@ class ModelStore:
         return self.model_dir(ref) / validate_filename(name)
 
     def write_manifest(self, manifest: Manifest) -> None:
-        directory = self.model_dir(manifest.ref)
-        directory.mkdir(parents=True, exist_ok=True)
-        tmp = directory / f".{MANIFEST}.{uuid.uuid4().hex}.tmp"
-        with tmp.open("w") as fh:
-            json.dump(manifest.to_dict(), fh, indent=2, sort_keys=True)
-            fh.write("\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, directory / MANIFEST)
-        _fsync_dir(directory)
+        atomic_write_json(self.model_dir(manifest.ref) / MANIFEST, manifest.to_dict())
 
     def finish(self, ref: str, source: str, files: list[ModelFile], *, slot_type: str | None = None,
                provider: str | None = None, fmt: str | None = None) -> Manifest:

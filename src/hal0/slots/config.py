@@ -14,6 +14,7 @@ from typing import Any
 import tomli_w
 
 from hal0.errors import ConfigError, InvalidRequest
+from hal0.fsio import atomic_write_text
 from hal0.registry.store import validate_ref
 
 SLOT_TYPES = ("chat", "embed", "rerank", "stt", "tts")
@@ -140,11 +141,7 @@ class ConfigStore:
         return configs
 
     def save(self, config: SlotConfig) -> None:
-        path = self.path(config.name)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".toml.tmp")
-        tmp.write_text(config.to_toml())
-        tmp.replace(path)
+        atomic_write_text(self.path(config.name), config.to_toml())
 
     def delete(self, name: str) -> None:
         try:

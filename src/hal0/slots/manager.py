@@ -15,11 +15,12 @@ import aiohttp
 
 from hal0.errors import BackendError, Conflict, InvalidRequest, ModelNotFound, PortUnavailable, SlotNotFound
 from hal0.events import EventBus
+from hal0.fsio import WriteFailures
 from hal0.providers.base import Provider
 from hal0.settings import Settings
 from hal0.slots.config import BUILTIN_SLOTS, ConfigStore, SlotConfig, validate_ref
 from hal0.slots.slot import ModelSource, Slot, SlotContext
-from hal0.slots.state import ACTIVE, LOADED, SlotState
+from hal0.slots.state import ACTIVE, BUSY, LOADED, SlotState
 from hal0.slots.store import CorruptState, SlotError, SlotRecord, StateStore
 from hal0.supervisors.base import Supervisor
 
@@ -38,11 +39,12 @@ def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
 
 class SlotManager:
     def __init__(self, settings: Settings, bus: EventBus, supervisor: Supervisor,
-                 providers: dict[str, Provider], session: aiohttp.ClientSession, models: ModelSource) -> None:
+                 providers: dict[str, Provider], session: aiohttp.ClientSession, models: ModelSource,
+                 failures: WriteFailures | None = None) -> None:
         self.settings = settings
         self.bus = bus
         self.configs = ConfigStore(settings.slots_config_dir)
-        self.store = StateStore(settings.slots_state_dir)
+        self.store = StateStore(settings.slots_state_dir, failures)
         self.ctx = SlotContext(settings=settings, store=self.store, bus=bus, supervisor=supervisor,
                                providers=providers, session=session, models=models,
                                allocate_port=self._allocate_port, make_room=self._make_room)
@@ -90,7 +92,9 @@ class SlotManager:
         return [self.slots[name] for name in sorted(self.slots, key=_slot_order)]
 
     def slots_using(self, ref: str) -> list[str]:
-        return sorted(s.name for s in self.slots.values() if s.config.model == ref)
+        """Slots configured with `ref`, or still running or loading it (a slot whose config moved on)."""
+        return sorted(s.name for s in self.slots.values()
+                      if s.config.model == ref or (s.record.model == ref and s.state in BUSY))
 
     # -- changes -------------------------------------------------------------------------------------------
     async def create(self, data: dict[str, Any]) -> Slot:
@@ -132,7 +136,8 @@ class SlotManager:
         async with self._mutate:
             self._check_port_unique(config)
             self.configs.save(config)
-        was_loaded = slot.state in ACTIVE
+        # A load under way counts as loaded: a pull of the old model is cancelled, not left to end ready.
+        was_loaded = slot.state in BUSY
         if was_loaded:
             await slot.unload("config changed")
         slot.config = config

@@ -68,6 +68,10 @@ class ModelSource(Protocol):
 
     async def pull(self, ref: str) -> Path: ...
 
+    def cancel_pull(self, ref: str) -> None:
+        """Stop the pull of `ref` in flight (its partial files stay for a resume)."""
+        ...
+
 
 @dataclass(slots=True)
 class SlotContext:
@@ -272,6 +276,13 @@ class Slot:
                              pid=None)
             try:
                 model_path = await self._ctx.models.pull(cfg.model)
+            except asyncio.CancelledError:
+                # An unload or a new model cancelled this load: the download stops with it (the registry's
+                # pull is shielded from its waiters, so it is cancelled by name), and the slot is offline.
+                self._ctx.models.cancel_pull(cfg.model)
+                self._transition(S.OFFLINE, f"pull of {cfg.model} cancelled; the partial download is kept "
+                                 "and resumes on the next load")
+                raise
             except Hal0Error as exc:
                 self._fail(exc.code, f"pull of {cfg.model} failed: {exc.message}", extra=exc.detail)
                 return

@@ -43,6 +43,8 @@ LOADED = frozenset({S.READY, S.SERVING, S.IDLE})
 LOADING = frozenset({S.PULLING, S.STARTING, S.WARMING})
 #: States with a live (or starting) backend process.
 ACTIVE = LOADED | frozenset({S.STARTING, S.WARMING, S.UNLOADING})
+#: States in which the slot is doing something with its model: loading it (a pull included) or running it.
+BUSY = ACTIVE | LOADING
 
 
 def is_legal(src: SlotState, dst: SlotState) -> bool:

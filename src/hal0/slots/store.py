@@ -5,11 +5,10 @@ Temp file in the same folder, fsync, rename, fsync the folder: a reader sees the
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import logging
-import os
-import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -18,6 +17,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from hal0.errors import DiskFull
+from hal0.fsio import WriteFailures, atomic_write_json, quarantine
 from hal0.slots.state import SlotState
 
 log = logging.getLogger("hal0.slots")
@@ -26,6 +26,8 @@ WriteMode = Literal["fsync", "sync", "behind"]
 
 #: How long a written-behind record may wait for a newer one to replace it.
 WRITE_BEHIND_DELAY_S = 0.02
+#: How soon a written-behind record that failed (a full disk) is tried again.
+RETRY_BEHIND_S = 1.0
 
 
 @dataclass(slots=True)
@@ -81,33 +83,6 @@ class SlotRecord:
         )
 
 
-def atomic_write_json(path: Path, data: Any, *, durable: bool = True) -> None:
-    """Replace `path` with `data` in one rename. `durable=False` skips the fsyncs: still never half-written
-    (rename is atomic), but a power cut may bring back the previous version."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(json.dumps(data, indent=2, sort_keys=True) + "\n")
-            if durable:
-                fh.flush()
-                os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    if not durable:
-        return
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-
-
 class StateStore:
     """Reads and writes `<slots_state_dir>/<name>/state.json`.
 
@@ -117,8 +92,9 @@ class StateStore:
     the disk. The newest record always wins (a write never replaces a newer `seq`); `flush()` waits.
     """
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, failures: WriteFailures | None = None) -> None:
         self.root = root
+        self.failures = failures or WriteFailures()
         self._write_lock = threading.Lock()
         self._pending_lock = threading.Lock()
         self._pending: dict[str, dict[str, Any]] = {}
@@ -157,18 +133,43 @@ class StateStore:
                 return
             try:
                 self._write_now(name, data, durable=False)
-            except Exception:  # a thread has no caller to raise to; the next durable write repairs the file
-                log.exception("writing the state of slot %s failed", name)
+            except Exception as exc:  # a thread has no caller to raise to: counted, and retried below
+                self.failures.failed("state", f"writing the state of slot {name} failed: {exc}")
+                self._retry_later(name, data)
+
+    def _retry_later(self, name: str, data: dict[str, Any]) -> None:
+        # A written-behind record that could not be written stays pending and is tried again, so state.json
+        # catches up once space returns instead of lagging the API until the next durable write.
+        with self._pending_lock:
+            if name in self._pending:
+                return
+            self._pending[name] = data
+        timer = threading.Timer(RETRY_BEHIND_S, lambda: self._submit_retry(name))
+        timer.daemon = True
+        timer.start()
+
+    def _submit_retry(self, name: str) -> None:
+        with contextlib.suppress(RuntimeError):  # the writer was shut down: the API is stopping
+            self._writer.submit(self._write_behind, name)
 
     def _write_now(self, name: str, data: dict[str, Any], *, durable: bool) -> None:
+        path = self.path(name)
         try:
-            atomic_write_json(self.path(name), data, durable=durable)
+            try:
+                atomic_write_json(path, data, durable=durable)
+            except IsADirectoryError:
+                # Something made a folder where the record belongs: moved aside like any other corruption.
+                moved = quarantine(path)
+                log.warning("state.json of slot %s was a directory; moved to %s", name, moved.name)
+                atomic_write_json(path, data, durable=durable)
         except OSError as exc:
             if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
                 raise
+            self.failures.failed("state", f"cannot write the state of slot {name}: {exc.strerror}")
             raise DiskFull(f"cannot write the state of slot {name}: {exc.strerror}; free some disk space",
-                           detail={"path": str(self.path(name))}) from exc
+                           detail={"path": str(path)}) from exc
         self._written[name] = int(data["seq"])
+        self.failures.succeeded("state")
 
     def flush(self) -> None:
         """Wait until every written-behind record is on disk."""
@@ -185,10 +186,10 @@ class StateStore:
             return SlotRecord.from_dict(data)
         except FileNotFoundError:
             return None
+        except IsADirectoryError as exc:
+            raise CorruptState(name, quarantine(path), "a directory, not a file") from exc
         except (ValueError, KeyError, TypeError) as exc:
-            quarantine = path.with_name(f"state.json.corrupt-{int(time.time())}")
-            os.replace(path, quarantine)
-            raise CorruptState(name, quarantine, str(exc)) from exc
+            raise CorruptState(name, quarantine(path), str(exc)) from exc
 
 
 class CorruptState(Exception):

@@ -14,9 +14,9 @@ import time
 from pathlib import Path
 
 from hal0.errors import BackendError
+from hal0.fsio import atomic_write_json
 from hal0.providers.base import Command
 from hal0.redact import redact_argv
-from hal0.slots.store import atomic_write_json
 from hal0.supervisors.base import Handle, ProcessStatus, tail_file
 
 

@@ -1,0 +1,271 @@
+"""Faults in the states in between, against the real API and real backends: an unload or an assign while a slot
+pulls its model, two APIs on one state folder, a state.json that is a directory, a full disk under the decision
+log, and a client that leaves a non-streamed request.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.conftest import Hal0, backend_pids, free_port, wait_until
+from tests.test_faults import chat, fill, ready_primary, small_disk
+
+#: A catalog ref: a slot assigned to it pulls it on load.
+REF = "qwen2.5-0.5b-instruct-q4_k_m"
+
+
+@dataclass
+class SlowHub:
+    """A loopback stand-in for Hugging Face that serves a file at `rate` bytes per second, honouring Range."""
+
+    url: str
+    data: bytes
+    rate: float
+    ranges: list[str | None] = field(default_factory=list)
+    served: int = 0
+
+
+@pytest.fixture
+def slow_hub(model_files: dict[str, Path]) -> Iterator[SlowHub]:
+    data = model_files["tiny"].read_bytes()
+    digest = hashlib.sha256(data).hexdigest()
+    hub = SlowHub("", data, rate=20_000)
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            if "/resolve/" not in self.path:
+                self.send_error(404)
+                return
+            rng = self.headers.get("Range")
+            hub.ranges.append(rng)
+            start = int(rng.removeprefix("bytes=").split("-")[0]) if rng else 0
+            self.send_response(206 if rng else 200)
+            self.send_header("Content-Length", str(len(data) - start))
+            if rng:
+                self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
+            self.send_header("X-Linked-ETag", f'"{digest}"')
+            self.end_headers()
+            pos = start
+            try:
+                while pos < len(data):
+                    step = max(1, int(hub.rate / 20))
+                    self.wfile.write(data[pos:pos + step])
+                    self.wfile.flush()
+                    pos += step
+                    hub.served += step
+                    time.sleep(0.05)
+            except (BrokenPipeError, ConnectionResetError):
+                pass
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.daemon_threads = True
+    hub.url = f"http://127.0.0.1:{server.server_address[1]}"
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield hub
+    server.shutdown()
+    server.server_close()
+
+
+def partials(h: Hal0) -> list[Path]:
+    root = h.home / "state" / "models"
+    return [p for p in root.rglob("*") if p.is_file() and ".partial" in p.name] if root.exists() else []
+
+
+def start_pulling(h: Hal0, hub: SlowHub) -> None:
+    h.start(env={"HF_ENDPOINT": hub.url})
+    assert h.client.put("/api/slots/primary/model", json={"model": REF}).status_code == 200
+    resp = h.client.post("/api/slots/primary/load", params={"wait": "false"})
+    assert resp.status_code in (200, 202), resp.text
+    wait_until(lambda: h.slot("primary")["state"] == "pulling" and hub.served > 40_000, 30,
+               "the slot to be pulling with bytes on the wire")
+
+
+# -- A: unload during pulling ----------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_unload_during_pulling_cancels_the_pull_and_a_later_load_resumes_it(hal0: Hal0, slow_hub: SlowHub) -> None:
+    start_pulling(hal0, slow_hub)
+    resp = hal0.client.post("/api/slots/primary/unload")
+    assert resp.status_code == 200, resp.text
+    assert resp.json()["state"] == "offline"
+    assert hal0.state("primary")["state"] == "offline"
+    # The download stopped, and what it had fetched is kept for a resume.
+    served = slow_hub.served
+    wait_until(lambda: partials(hal0), 5, "the partial download to be kept")
+    time.sleep(0.5)  # a stopped download sends nothing more over half a second (at 20 KB/s: ~10 KB otherwise)
+    assert slow_hub.served - served <= 2 * int(slow_hub.rate / 20)
+    assert not hal0.models.exists(REF)
+
+    # A second load resumes from where the first stopped and ends ready.
+    slow_hub.rate = 50_000_000
+    resp = hal0.client.post("/api/slots/primary/load")
+    assert resp.status_code == 200 and resp.json()["state"] == "ready", resp.text
+    assert slow_hub.ranges[0] is None and slow_hub.ranges[-1] is not None and slow_hub.ranges[-1] != "bytes=0-"
+    assert hal0.models.exists(REF)
+    assert "Task exception was never retrieved" not in hal0.log.read_text()
+
+
+@pytest.mark.slow
+def test_a_second_load_during_pulling_joins_it_instead_of_failing(hal0: Hal0, slow_hub: SlowHub) -> None:
+    start_pulling(hal0, slow_hub)
+    resp = hal0.client.post("/api/slots/primary/load", params={"wait": "false"})
+    assert resp.status_code in (200, 202), resp.text
+    assert hal0.slot("primary")["state"] == "pulling"
+    slow_hub.rate = 50_000_000
+    wait_until(lambda: hal0.slot("primary")["state"] == "ready", 60, "the joined load to end ready")
+    assert "Task exception was never retrieved" not in hal0.log.read_text()
+
+
+# -- B: assign during pulling ----------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_assign_during_pulling_cancels_it_and_the_slot_follows_its_config(hal0: Hal0, slow_hub: SlowHub,
+                                                                          model_files: dict[str, Path]) -> None:
+    hal0.add_model("tiny", model_files["tiny"])
+    start_pulling(hal0, slow_hub)
+    resp = hal0.client.put("/api/slots/primary/model", json={"model": "tiny"})
+    assert resp.status_code == 200, resp.text
+    view = wait_until(lambda: (v := hal0.slot("primary"))["state"] == "ready" and v, 30,
+                      "the slot to load its new model")
+    assert view["model"] == "tiny" and view["config"]["model"] == "tiny"
+    assert hal0.state("primary")["model"] == "tiny"
+    assert not hal0.models.exists(REF)
+    served = slow_hub.served
+    time.sleep(0.5)
+    assert slow_hub.served - served <= 2 * int(slow_hub.rate / 20), "the old pull was cancelled"
+
+
+@pytest.mark.slow
+def test_a_model_still_loaded_by_a_slot_cannot_be_removed(hal0: Hal0, model_files: dict[str, Path]) -> None:
+    ready_primary(hal0, model_files)
+    resp = hal0.client.delete("/api/models/tiny")
+    assert resp.status_code == 409, resp.text
+    assert hal0.models.exists("tiny")
+
+
+# -- C: one API per state folder -------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_a_second_api_on_the_same_state_folder_exits_at_once_naming_the_first(hal0: Hal0,
+                                                                              model_files: dict[str, Path]) -> None:
+    ready_primary(hal0, model_files)
+    assert hal0.proc is not None
+    pid = hal0.state("primary")["pid"]
+    before = hal0.state("primary")
+    other = free_port()
+    result = subprocess.run(
+        [sys.executable, "-m", "hal0.cli", "serve", "--port", str(other), "--no-demo", "--log-level", "warning"],
+        env=hal0.env, capture_output=True, text=True, timeout=30, check=False)
+    assert result.returncode != 0
+    assert str(hal0.proc.pid) in result.stderr and str(hal0.port) in result.stderr, result.stderr
+    # It touched nothing: same backend, same record.
+    assert hal0.state("primary") == before
+    assert backend_pids(hal0.home) == [pid]
+    with pytest.raises(httpx.TransportError):
+        httpx.get(f"http://127.0.0.1:{other}/api/health", timeout=1)
+    assert chat(hal0).status_code == 200
+
+
+# -- D: a state.json that is a directory -----------------------------------------------------------------------
+@pytest.mark.slow
+def test_a_state_json_that_is_a_directory_is_quarantined_at_start_and_at_load(hal0: Hal0,
+                                                                             model_files: dict[str, Path]) -> None:
+    state = hal0.home / "state" / "slots" / "embed" / "state.json"
+    (state / "inner").mkdir(parents=True)
+    hal0.add_model("tiny", model_files["tiny"])
+    hal0.start()
+    view = hal0.slot("embed")
+    assert view["state"] == "offline" and view["error"]["code"] == "state_corrupt", view
+    assert state.is_file()
+    assert list(state.parent.glob("state.json.corrupt-*"))
+    assert hal0.slot("primary")["state"] == "offline"
+
+    # The same while the API runs: the next write quarantines the directory and the load goes on.
+    assert hal0.client.put("/api/slots/primary/model", json={"model": "tiny"}).status_code == 200
+    primary = hal0.home / "state" / "slots" / "primary" / "state.json"
+    primary.unlink()
+    (primary / "inner").mkdir(parents=True)
+    resp = hal0.client.post("/api/slots/primary/load")
+    assert resp.status_code == 200 and resp.json()["state"] == "ready", resp.text
+    assert json.loads(primary.read_text())["state"] == "ready" or hal0.state("primary")["state"] in (
+        "ready", "warming")
+
+
+# -- E: a full disk never drops decisions ------------------------------------------------------------------------
+@pytest.mark.slow
+def test_a_full_disk_keeps_decisions_in_memory_and_counts_the_failed_writes(hal0: Hal0,
+                                                                           model_files: dict[str, Path],
+                                                                           tmp_path: Path) -> None:
+    from hal0.registry.store import ModelStore
+
+    with small_disk(tmp_path / "logs", "4m") as disk:
+        hal0.env["HAL0_LOG_DIR"] = str(disk)
+        ready_primary(hal0, model_files, models=ModelStore(hal0.home / "state" / "models"))
+        fill(disk)
+        ids = [f"full-{i}" for i in range(20)]
+        for rid in ids:
+            resp = hal0.client.post("/v1/chat/completions", headers={"X-Request-Id": rid},
+                                    json={"model": "primary", "messages": [{"role": "user", "content": "hi"}],
+                                          "max_tokens": 2})
+            assert resp.status_code == 200, resp.text
+        seen = {d["request_id"] for d in hal0.client.get("/api/decisions", params={"limit": 100}).json()["data"]}
+        assert set(ids) <= seen
+        health = hal0.client.get("/api/health").json()
+        assert health["write_failures"]["decisions"] >= 1, health
+        log = hal0.log.read_text()
+        assert log.count("Traceback") == 0, log[-3000:]
+        assert log.count("cannot write the decision log") == 1, log[-3000:]
+        # Space comes back: the held records reach the file, in order.
+        (disk / "filler").unlink()
+        resp = hal0.client.post("/v1/chat/completions", headers={"X-Request-Id": "after"},
+                                json={"model": "primary", "messages": [{"role": "user", "content": "hi"}],
+                                      "max_tokens": 2})
+        assert resp.status_code == 200
+
+        def on_disk() -> list[str]:
+            lines = (disk / "decisions.jsonl").read_text().splitlines()
+            return [json.loads(line)["request_id"] for line in lines if line.strip()]
+        wait_until(lambda: "after" in on_disk(), 10, "the held decisions to be written")
+        written = on_disk()
+        assert [r for r in written if r in ids] == ids and written.index("after") > written.index(ids[-1])
+        hal0.stop()
+
+
+# -- F: a client that leaves a non-streamed request -------------------------------------------------------------
+@pytest.mark.slow
+def test_a_client_that_leaves_a_non_streamed_request_cancels_it(hal0: Hal0, large_model: Path) -> None:
+    hal0.add_model("big", large_model)
+    hal0.start()
+    assert hal0.client.put("/api/slots/primary/model", json={"model": "big"}).status_code == 200
+    assert hal0.client.post("/api/slots/primary/load").json()["state"] == "ready"
+    port = hal0.state("primary")["port"]
+    body = {"model": "primary", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1500,
+            "ignore_eos": True}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{hal0.url}/v1/chat/completions", json=body, headers={"X-Request-Id": "leave-me"},
+                   timeout=httpx.Timeout(10, read=1.5))
+
+    def busy() -> bool:
+        slots = httpx.get(f"http://127.0.0.1:{port}/slots", timeout=5).json()
+        return any(s["is_processing"] for s in slots)
+    wait_until(lambda: not busy(), 10, "llama-server to stop generating")
+    view = wait_until(lambda: (v := hal0.slot("primary"))["in_flight"] == 0 and v, 5, "the request released")
+    assert view["state"] == "ready"
+    record = wait_until(lambda: next((d for d in hal0.client.get("/api/decisions").json()["data"]
+                                      if d["request_id"] == "leave-me"), None), 5, "the decision")
+    assert record["outcome"] == "client_disconnected", record
+    assert "cancel task" in (hal0.home / "logs" / "slots" / "primary.log").read_text()
