@@ -112,6 +112,9 @@ class StoreModels:
     async def pull(self, ref: str) -> Path:
         raise AssertionError("no pulls in this test")
 
+    def check(self, ref: str) -> None:
+        self.store.check(ref)
+
     def cancel_pull(self, ref: str) -> None:
         raise AssertionError("no pulls in this test")
 
@@ -182,12 +185,16 @@ class Hal0:
         return ref
 
     def add_broken_model(self, ref: str, good: Path, corrupt: Path) -> str:
-        """A model whose file goes bad on disk after its import (the registry refuses an unreadable GGUF)."""
+        """A model whose file rots on disk after its import (the registry refuses an unreadable GGUF): same size,
+        same mtime, so only llama-server (or `hal0 model verify`, which hashes it) can tell."""
         manifest = self.models.import_file(ref, good, slot_type="chat")
         on_disk = self.models.file_path(ref, manifest.primary_file.name)
+        before = on_disk.stat()
         damaged = on_disk.with_name(".damaged")
-        damaged.write_bytes(corrupt.read_bytes())
+        bad = corrupt.read_bytes()[:before.st_size]
+        damaged.write_bytes(bad + b"\0" * (before.st_size - len(bad)))
         os.replace(damaged, on_disk)
+        os.utime(on_disk, ns=(before.st_atime_ns, before.st_mtime_ns))
         return ref
 
     def start_lines(self, slot: str) -> list[str]:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import socket
 import subprocess
 import sys
 import threading
@@ -259,13 +260,88 @@ def test_a_client_that_leaves_a_non_streamed_request_cancels_it(hal0: Hal0, larg
         httpx.post(f"{hal0.url}/v1/chat/completions", json=body, headers={"X-Request-Id": "leave-me"},
                    timeout=httpx.Timeout(10, read=1.5))
 
-    def busy() -> bool:
-        slots = httpx.get(f"http://127.0.0.1:{port}/slots", timeout=5).json()
-        return any(s["is_processing"] for s in slots)
-    wait_until(lambda: not busy(), 10, "llama-server to stop generating")
+    # Watched through its log, not /slots: llama-server checks a non-streamed request's connection only when
+    # its result queue stays quiet for a second, and every /slots call wakes that queue.
+    log = hal0.home / "logs" / "slots" / "primary.log"
+    wait_until(lambda: "cancel task" in log.read_text(), 10, "llama-server to cancel the generation")
+    slots = httpx.get(f"http://127.0.0.1:{port}/slots", timeout=5).json()
+    assert not any(s["is_processing"] for s in slots)
     view = wait_until(lambda: (v := hal0.slot("primary"))["in_flight"] == 0 and v, 5, "the request released")
     assert view["state"] == "ready"
     record = wait_until(lambda: next((d for d in hal0.client.get("/api/decisions").json()["data"]
                                       if d["request_id"] == "leave-me"), None), 5, "the decision")
     assert record["outcome"] == "client_disconnected", record
-    assert "cancel task" in (hal0.home / "logs" / "slots" / "primary.log").read_text()
+
+
+# -- slow loris ------------------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_connections_that_never_finish_their_request_head_are_closed(hal0: Hal0) -> None:
+    hal0.start(env={"HAL0_HEADER_TIMEOUT_S": "1"})
+    socks = []
+    for _ in range(100):
+        sock = socket.create_connection(("127.0.0.1", hal0.port), timeout=10)
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n")
+        socks.append(sock)
+    dribbler = socket.create_connection(("127.0.0.1", hal0.port), timeout=10)
+    dribbler.sendall(b"GET /api/health HTTP/1.1\r\n")
+    closed_at = None
+    started = time.monotonic()
+    try:
+        # One header byte now and then does not buy time: the deadline is for the whole head.
+        while time.monotonic() - started < 8:
+            try:
+                dribbler.sendall(b"X")
+            except OSError:
+                closed_at = time.monotonic()
+                break
+            dribbler.settimeout(0.2)
+            try:
+                if dribbler.recv(1) == b"":
+                    closed_at = time.monotonic()
+                    break
+            except TimeoutError:
+                pass
+        assert closed_at is not None, "a dribbling head was never cut off"
+        for sock in socks:
+            sock.settimeout(10)
+            assert sock.recv(1) == b"", "a half-sent head was left open"
+        # Well-formed requests are untouched, also on one connection kept alive past the head deadline.
+        with httpx.Client(base_url=hal0.url) as client:
+            assert client.get("/api/health").status_code == 200
+            wait_until(lambda: time.monotonic() - started > 3, 5, "a moment past the deadline")
+            assert client.get("/api/health").status_code == 200
+    finally:
+        for sock in [*socks, dribbler]:
+            sock.close()
+
+
+# -- a model file changed after import -------------------------------------------------------------------------
+@pytest.mark.slow
+def test_a_model_file_changed_after_import_is_refused_at_load_and_verify_says_so(
+        hal0: Hal0, model_files: dict[str, Path]) -> None:
+    manifest = hal0.models.import_file("tiny", model_files["tiny"], slot_type="chat")  # a copy, not a link
+    on_disk = hal0.models.file_path("tiny", manifest.primary_file.name)
+    original = on_disk.read_bytes()
+    hal0.start()
+    assert hal0.client.put("/api/slots/primary/model", json={"model": "tiny"}).status_code == 200
+    with on_disk.open("ab") as fh:
+        fh.write(b"appended after import")
+    resp = hal0.client.post("/api/slots/primary/load")
+    assert resp.status_code in (409, 503), resp.text
+    err = resp.json()["error"]
+    assert err["code"] == "model_changed" and "hal0 model verify tiny" in err["message"], err
+    assert not (hal0.home / "logs" / "slots" / "primary.log").exists() or not hal0.start_lines("primary")
+
+    def verify() -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "hal0.cli", "--url", hal0.url, "model", "verify", "tiny"],
+                              env=hal0.env, capture_output=True, text=True, timeout=60, check=False)
+    bad = verify()
+    assert bad.returncode == 1 and "BAD" in bad.stdout and "sha256 differs" in bad.stdout, bad.stdout
+
+    # The same bytes again, but touched: the quick check still refuses; a verify that hashes them accepts.
+    on_disk.write_bytes(original)
+    assert hal0.client.post("/api/slots/primary/load").json()["error"]["code"] == "model_changed"
+    good = verify()
+    assert good.returncode == 0 and "intact" in good.stdout, good.stdout + good.stderr
+    resp = hal0.client.post("/api/slots/primary/load")
+    assert resp.status_code == 200 and resp.json()["state"] == "ready", resp.text

@@ -67,8 +67,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except OSError as exc:
         print(f"hal0: cannot listen on {settings.host}:{settings.port}: {exc.strerror or exc}", file=sys.stderr)
         return 1
+    from hal0.api.server import head_timeout_protocol
+
     app = create_app(settings, AppOptions(demo=not args.no_demo))
-    config = uvicorn.Config(app, log_level=args.log_level, loop="uvloop", http="httptools", access_log=False,
+    config = uvicorn.Config(app, log_level=args.log_level, loop="uvloop",
+                            http=head_timeout_protocol(settings.header_timeout_s), access_log=False,
                             timeout_graceful_shutdown=5,
                             # Longer than clients keep idle connections (httpx/openai: 5 s), so the server
                             # never closes one in the instant a client reuses it (a read error for the client).

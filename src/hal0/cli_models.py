@@ -201,6 +201,18 @@ def cmd_model_rm(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_model_verify(args: argparse.Namespace) -> int:
+    data = args.client.post(f"/api/models/{args.ref}/verify", timeout=None)
+    if args.json:
+        _print_json(data)
+    else:
+        for f in data["files"]:
+            print(f"{'ok' if f['ok'] else 'BAD':4} {f['name']}" + ("" if f["ok"] else f"  ({f['problem']})"))
+        print(f"{data['ref']}: " + ("intact" if data["ok"] else "does not match its manifest; import or pull it "
+                                                                   "again"))
+    return 0 if data["ok"] else 1
+
+
 # -- loadout ----------------------------------------------------------------------------------------------
 def cmd_loadout_list(args: argparse.Namespace) -> int:
     data = args.client.get("/api/loadouts")
@@ -301,6 +313,10 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("ref")
     p.add_argument("--json", **json_flag)
     p.set_defaults(func=cmd_model_rm)
+    p = msub.add_parser("verify", help="check every file of REF against its manifest's sha256")
+    p.add_argument("ref")
+    p.add_argument("--json", **json_flag)
+    p.set_defaults(func=cmd_model_verify)
 
     loadout = sub.add_parser("loadout", help="recommended model-per-slot sets by hardware tier")
     lsub = loadout.add_subparsers(dest="loadout_cmd", required=True)

@@ -75,6 +75,13 @@ class ModelNotFound(NotFound):
     code = "model_not_found"
 
 
+class ModelChanged(Hal0Error):
+    """A model's file on disk is not the one its manifest describes (changed or truncated after import)."""
+
+    code = "model_changed"
+    status = 409
+
+
 class PortUnavailable(Hal0Error):
     code = "port_unavailable"
     status = 409

@@ -65,6 +65,9 @@ class Settings:
     max_body_bytes: int = 64 * 1024 * 1024
     #: Longest silence from a backend mid-request (no header or body byte) before the request fails.
     request_timeout_s: float = 600.0
+    #: A connection must finish each request head (request line and headers) within this long, or it is
+    #: closed: slow-loris connections would otherwise stay open for ever.
+    header_timeout_s: float = 10.0
     #: Streamed answers go to the client at most this often: tokens that arrive within the window wait in the
     #: upstream socket and leave in one read and one write, not one each. 0 forwards every chunk at once.
     stream_batch_ms: float = 5.0
@@ -100,7 +103,7 @@ _FIELD_TYPES: dict[str, type] = {
     "host": str, "port": int, "port_min": int, "port_max": int, "llama_server": str,
     "supervisor": str, "cold_boot_grace_s": float, "warmup_budget_s": float, "idle_timeout_s": float,
     "stop_timeout_s": float, "max_loaded_slots": int, "max_body_bytes": int, "request_timeout_s": float,
-    "decision_log_max_bytes": int, "stream_batch_ms": float,
+    "decision_log_max_bytes": int, "stream_batch_ms": float, "header_timeout_s": float,
     "hf_endpoint": str, "hf_token": str,
 }
 
@@ -163,6 +166,8 @@ def load_settings(
         raise ConfigError(f"bad slot port range {settings.port_min}-{settings.port_max}")
     if not 0 <= settings.stream_batch_ms <= 1000:
         raise ConfigError(f"stream_batch_ms must be between 0 and 1000, not {settings.stream_batch_ms!r}")
+    if settings.header_timeout_s <= 0:
+        raise ConfigError(f"header_timeout_s must be positive, not {settings.header_timeout_s!r}")
     if settings.supervisor not in ("auto", "embedded", "systemd"):
         raise ConfigError(f"supervisor must be auto, embedded or systemd, not {settings.supervisor!r}")
     return settings

@@ -72,6 +72,9 @@ class RegistryModels:
         await self._registry.pull(ref, on_event=self._publish)
         return self._registry.model_path(ref)
 
+    def check(self, ref: str) -> None:
+        self._registry.store.check(ref)
+
     def cancel_pull(self, ref: str) -> None:
         self._registry.cancel(ref)
 

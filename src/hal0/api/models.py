@@ -136,6 +136,13 @@ async def show_model(ref: str, request: Request) -> dict[str, Any]:
     return {**manifest.to_dict(), "slots": request.app.state.manager.slots_using(ref)}
 
 
+@router.post("/models/{ref}/verify", summary="Hash every file of `ref` against its manifest (reads them whole)")
+async def verify_model(ref: str, request: Request) -> dict[str, Any]:
+    registry = _registry(request)
+    result: dict[str, Any] = await asyncio.to_thread(registry.store.verify, ref)
+    return result
+
+
 @router.delete("/models/{ref}", summary="Remove a model (refused while a slot uses it)")
 async def remove_model(ref: str, request: Request) -> dict[str, Any]:
     manifest = _registry(request).remove(ref, request.app.state.manager.slots_using)

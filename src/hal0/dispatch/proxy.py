@@ -13,7 +13,6 @@ import re
 import time
 import uuid
 from collections.abc import Awaitable, Callable, MutableMapping
-from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qs
 
@@ -26,6 +25,7 @@ from hal0.dispatch.decisions import Decision, DecisionLog
 from hal0.dispatch.resolve import ENDPOINT_TYPES, resolve
 from hal0.errors import Hal0Error, InvalidRequest, UpstreamError, openai_error_body
 from hal0.settings import Settings
+from hal0.slots.lease import Lease
 from hal0.slots.manager import SlotManager
 from hal0.slots.slot import Slot
 from hal0.slots.state import LOADED
@@ -61,21 +61,6 @@ def error_bytes(status: int, code: str, message: str, detail: dict[str, Any] | N
 SSE_DONE = b"data: [DONE]\n\n"
 
 
-@dataclass(slots=True)
-class ColdStart:
-    """A request's wait on a cold slot: when it began, its grace, and the load it waits for."""
-
-    started: float
-    grace_s: float
-    load: asyncio.Task[None] | None = None
-
-    def left_s(self) -> float:
-        return max(0.0, self.grace_s - (time.perf_counter() - self.started))
-
-    def waited_ms(self) -> float:
-        return round((time.perf_counter() - self.started) * 1000, 3)
-
-
 class Dispatcher:
     def __init__(self, settings: Settings, manager: SlotManager, session: aiohttp.ClientSession,
                  decisions: DecisionLog) -> None:
@@ -87,7 +72,6 @@ class Dispatcher:
         # sock_read bounds each wait for the next byte, not the whole answer: a long stream is fine, a hung
         # (e.g. SIGSTOPped) backend is not.
         self._timeout = aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=settings.request_timeout_s)
-        self._upstream_slots: dict[tuple[str, int], asyncio.Semaphore] = {}
         self._stream_batch_s = settings.stream_batch_ms / 1000
 
     async def close(self) -> None:
@@ -149,29 +133,28 @@ class Dispatcher:
         decision.slot = slot.name
         decision.reason = res.reason
         coalesced = prefetch or path in COALESCED_ENDPOINTS
-        cold: ColdStart | None = None
-        if slot.state not in LOADED:
+        cold = slot.state not in LOADED
+        if cold:
             decision.reason += ",cold-load"
-            cold = ColdStart(time.perf_counter(), self.settings.cold_boot_grace_s)
-            if coalesced:
-                await slot.ensure_loaded(cold.grace_s)
-            else:
-                cold.load = await slot.until_answering(cold.grace_s)
-            decision.wait_ms = cold.waited_ms()
         upstream_headers = _forward_headers(scope, rid)
         if payload is not None and payload.get("stream") is True:
             # llama-server closes the connection after an event stream without a `Connection: close`, and the
             # pool would hand the dead connection to the next request the moment the stream's last byte arrives.
             upstream_headers["Connection"] = "close"
         query = scope.get("query_string", b"")
-        url = f"{slot.base_url}{path}" + (f"?{query.decode('latin-1')}" if query else "")
+        target = path + (f"?{query.decode('latin-1')}" if query else "")
+        grace = self.settings.cold_boot_grace_s
         if coalesced:
+            if cold:
+                started = time.perf_counter()
+                await slot.ensure_loaded(grace)
+                decision.wait_ms = round((time.perf_counter() - started) * 1000, 3)
             # The key is the request's meaning, not its bytes: key order and spacing do not matter.
             canonical = body if payload is None else json.dumps(payload, sort_keys=True,
                                                                 separators=(",", ":")).encode()
-            key = (slot.name, path, scope.get("query_string", b""), canonical)
+            key = (slot.name, path, query, canonical)
             buffered, joined = await self.coalescer.run(
-                key, lambda: self._fetch(slot, scope["method"], url, body, upstream_headers))
+                key, lambda: self._fetch(slot, scope["method"], target, body, upstream_headers))
             if joined:
                 decision.reason += ",coalesced"
             decision.status = buffered.status
@@ -180,112 +163,69 @@ class Dispatcher:
                         "headers": [*buffered.headers, (b"x-request-id", rid)]})
             await send({"type": "http.response.body", "body": buffered.body})
             return
-        if cold is not None and cold.load is not None:
-            await self._stream_early(slot, scope, receive, send, url, body, upstream_headers, decision, rid, cold)
-        else:
-            await self._stream(slot, scope, receive, send, url, body, upstream_headers, decision, rid)
+        await self._proxy(slot, scope, receive, send, target, body, upstream_headers, decision, rid)
 
     # -- upstream ---------------------------------------------------------------------------------------
-    def _upstream_slot(self, slot: Slot) -> asyncio.Semaphore:
-        """Bounds the requests in flight to one backend; the rest wait here for a warm connection.
-
-        llama-server serves each connection from a small thread pool (`--threads-http`, by default about
-        `--parallel` + 2) and parks a thread on every idle keep-alive connection for 5 s. Opening one
-        connection per waiting request (a burst released by a cold boot) left most of them queued behind
-        parked threads, in 5-second steps; reusing at most `parallel` connections never does.
-        """
-        key = (slot.name, slot.record.port or 0)
-        sem = self._upstream_slots.get(key)
-        if sem is None:
-            sem = self._upstream_slots[key] = asyncio.Semaphore(_parallel(slot.config.args))
-        return sem
-
-    async def _open(self, slot: Slot, method: str, url: str, body: bytes,
-                    headers: CIMultiDict[str]) -> aiohttp.ClientResponse:
-        failure: BaseException
-        for attempt in (1, 2):
-            try:
-                return await self.session.request(method, url, data=body, headers=headers,
-                                                  timeout=self._timeout, skip_auto_headers=("User-Agent",))
-            except (aiohttp.ClientOSError, aiohttp.ServerDisconnectedError) as exc:
-                # llama-server closes a keep-alive connection after a streamed answer without announcing it; a
-                # request written to it in that instant never reached the backend, so it goes once more on a
-                # fresh connection. A refused connect (ClientConnectorError) is a dead backend: no retry.
-                failure = exc
-                if attempt == 1 and not isinstance(exc, aiohttp.ClientConnectorError):
-                    continue
-            except (aiohttp.ClientConnectionError, OSError) as exc:
-                failure = exc
-            break
-        slot.backend_failed()
-        raise UpstreamError(
-            f"backend of slot {slot.name} did not answer: {type(failure).__name__}: {failure}",
-            code="backend_unreachable", detail={"slot": slot.name, "state": slot.state.value},
-        ) from failure
-
-    async def _fetch(self, slot: Slot, method: str, url: str, body: bytes,
+    async def _fetch(self, slot: Slot, method: str, target: str, body: bytes,
                      headers: CIMultiDict[str]) -> BufferedResponse:
-        async with slot.serving(), self._upstream_slot(slot):
-            resp = await self._open(slot, method, url, body, headers)
+        async with slot.lease(self._timeout, grace_s=self.settings.cold_boot_grace_s) as backend:
+            resp = await backend.open(method, target, body, headers)
             try:
                 data = await resp.read()
             except aiohttp.ClientError as exc:
-                slot.backend_failed()
+                backend.failed()
                 raise UpstreamError(f"backend of slot {slot.name} failed mid-response: {exc}",
                                     code="backend_failed") from exc
             finally:
                 resp.release()
             return BufferedResponse(resp.status, tuple(_response_headers(resp)), data)
 
-    async def _stream(self, slot: Slot, scope: Scope, receive: Receive, send: Send, url: str, body: bytes,
-                      headers: CIMultiDict[str], decision: Decision, rid: bytes) -> None:
-        async with slot.serving(), self._upstream_slot(slot):
-            resp = await self._open(slot, scope["method"], url, body, headers)
-            await self._relay(slot, resp, receive, send, decision, rid)
-
-    async def _stream_early(self, slot: Slot, scope: Scope, receive: Receive, send: Send, url: str, body: bytes,
-                            headers: CIMultiDict[str], decision: Decision, rid: bytes, cold: ColdStart) -> None:
-        """A request held by a cold load, with the backend up and only its readiness sentinel outstanding.
-
-        Sent now, it shares the backend's first decode with the sentinel instead of queueing behind it; its
-        answer (status included) is released only once the probe passed and the slot is ready, and dropped
-        (the connection closed, which cancels the generation) if the load fails. Only as many go early as
-        the backend takes at once; the rest wait for `ready` and go the usual way, counted as in flight.
-        """
-        assert cold.load is not None
-        upstream = self._upstream_slot(slot)
-        if upstream.locked():
-            await slot.join_load(cold.load, cold.left_s())
-            decision.wait_ms = cold.waited_ms()
-            await self._stream(slot, scope, receive, send, url, body, headers, decision, rid)
-            return
-        async with upstream:
-            resp = await self._open(slot, scope["method"], url, body, headers)
-            try:
-                await slot.join_load(cold.load, cold.left_s())
-            except BaseException:
-                resp.close()
+    async def _proxy(self, slot: Slot, scope: Scope, receive: Receive, send: Send, target: str, body: bytes,
+                     headers: CIMultiDict[str], decision: Decision, rid: bytes) -> None:
+        """Lease the slot's backend (a cold one is loaded, and the request may ride its readiness sentinel:
+        see `Lease`), send the request and relay the answer. From the moment the body is read, a client
+        that goes away cancels everything: the wait for a cold load, the wait for a backend that has not
+        answered yet (a non-streamed generation sends nothing until it is done), and the relay."""
+        handler = asyncio.current_task()
+        assert handler is not None
+        gone = asyncio.Event()
+        watcher = asyncio.ensure_future(_cancel_on_disconnect(receive, handler, gone))
+        try:
+            async with slot.lease(self._timeout, grace_s=self.settings.cold_boot_grace_s,
+                                  early=True) as backend:
+                resp = await backend.open(scope["method"], target, body, headers)
+                if backend.cold is not None:
+                    decision.wait_ms = backend.cold.waited_ms()
+                if backend.sent_early:
+                    decision.reason += ",sent-early"
+                await self._relay(backend, resp, send, decision, rid)
+        except asyncio.CancelledError:
+            if not gone.is_set():
                 raise
-            decision.wait_ms = cold.waited_ms()
-            decision.reason += ",sent-early"
-            async with slot.serving():
-                await self._relay(slot, resp, receive, send, decision, rid)
+            handler.uncancel()
+            decision.outcome = "client_disconnected"
+        finally:
+            if not watcher.done():
+                watcher.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await watcher
 
-    async def _relay(self, slot: Slot, resp: aiohttp.ClientResponse, receive: Receive, send: Send,
-                     decision: Decision, rid: bytes) -> None:
-        """Forward an upstream answer to the client; a client that goes away cancels it."""
+    async def _relay(self, backend: Lease, resp: aiohttp.ClientResponse, send: Send, decision: Decision,
+                     rid: bytes) -> None:
+        """Forward an upstream answer to the client. Closing (not releasing) the connection of an answer that
+        did not end well is what tells the backend to stop generating."""
+        slot = backend.slot
         decision.status = resp.status
         is_sse = resp.headers.get("content-type", "").startswith("text/event-stream")
         out_headers = _response_headers(resp)
         if is_sse:
             out_headers = [(k, v) for k, v in out_headers if k != b"content-length"]
         out_headers.append((b"x-request-id", rid))
-        failure: list[BaseException] = []
+        failure: BaseException | None = None
         # Only event streams are batched, and only while tokens come faster than the window: an event that
         # follows a pause (the first token after the prompt, every token of a slow model) leaves at once.
         batch = self._stream_batch_s if is_sse else 0.0
-
-        async def pump() -> None:
+        try:
             await send({"type": "http.response.start", "status": resp.status, "headers": out_headers})
             try:
                 loop = asyncio.get_running_loop()
@@ -299,35 +239,17 @@ class Dispatcher:
                         await _gather_upstream(resp, batch)
                     waited_from = loop.time()
             except (TimeoutError, aiohttp.ClientError) as exc:
-                failure.append(exc)
-                slot.backend_failed()
+                failure = exc
+                backend.failed()
             tail = b""
-            if failure and is_sse:
+            if failure is not None and is_sse:
                 tail = b"data: " + error_bytes(
                     502, "backend_failed", f"backend of slot {slot.name} failed mid-stream: "
-                    f"{type(failure[0]).__name__}: {failure[0]}") + b"\n\n"
+                    f"{type(failure).__name__}: {failure}") + b"\n\n"
             await send({"type": "http.response.body", "body": tail, "more_body": False})
-
-        # One watcher per request: if the client goes away it cancels this task, which stops the pump.
-        handler = asyncio.current_task()
-        assert handler is not None
-        gone = asyncio.Event()
-        watcher = asyncio.ensure_future(_cancel_on_disconnect(receive, handler, gone))
-        try:
-            await pump()
-            decision.outcome = "backend_failed" if failure else (
+            decision.outcome = "backend_failed" if failure is not None else (
                 "ok" if resp.status < 400 else "upstream_error")
-        except asyncio.CancelledError:
-            if not gone.is_set():
-                raise
-            handler.uncancel()
-            decision.outcome = "client_disconnected"
         finally:
-            if not watcher.done():
-                watcher.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await watcher
-            # Closing (not releasing) the connection is what tells the backend to stop generating.
             if decision.outcome == "ok":
                 resp.release()
             else:
@@ -382,16 +304,6 @@ class Dispatcher:
             await send({"type": "http.response.start", "status": status,
                         "headers": [*_JSON, (b"x-request-id", rid)]})
             await send({"type": "http.response.body", "body": error_bytes(status, code, message, detail)})
-
-
-def _parallel(args: tuple[str, ...], default: int = 4) -> int:
-    """The backend's parallel request slots from its arguments (llama-server's `-np`/`--parallel`)."""
-    for i, arg in enumerate(args):
-        value = args[i + 1] if arg in ("-np", "--parallel") and i + 1 < len(args) else (
-            arg.partition("=")[2] if arg.startswith("--parallel=") else "")
-        if value.isdigit() and int(value) > 0:
-            return max(default, int(value))
-    return default
 
 
 def _header(scope: Scope, name: bytes) -> bytes:

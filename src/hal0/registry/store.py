@@ -7,6 +7,7 @@ leaves something that looks installed but is not. Every path is derived from a v
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import hashlib
 import json
@@ -25,6 +26,7 @@ from hal0.errors import (
     InsufficientDisk,
     InvalidRef,
     InvalidRequest,
+    ModelChanged,
     ModelInUse,
     ModelNotFound,
     RegistryError,
@@ -91,14 +93,19 @@ class ModelFile:
     size: int
     sha256: str
     source: str | None = None
+    #: The file's mtime when the manifest was written: with the size, a cheap check that it is unchanged.
+    mtime_ns: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "size": self.size, "sha256": self.sha256, "source": self.source}
+        return {"name": self.name, "size": self.size, "sha256": self.sha256, "source": self.source,
+                "mtime_ns": self.mtime_ns}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ModelFile:
+        mtime = data.get("mtime_ns")
         return cls(name=validate_filename(str(data["name"])), size=int(data["size"]),
-                   sha256=str(data["sha256"]), source=data.get("source"))
+                   sha256=str(data["sha256"]), source=data.get("source"),
+                   mtime_ns=int(mtime) if isinstance(mtime, int) else None)
 
 
 @dataclass(frozen=True, slots=True)
@@ -201,6 +208,7 @@ class ModelStore:
                provider: str | None = None, fmt: str | None = None) -> Manifest:
         """Describe the (complete, verified) files of `ref` and write its manifest."""
         detected_fmt, metadata, type_hint = describe_files(self.model_dir(ref), files)
+        files = [dataclasses.replace(f, mtime_ns=self.file_path(ref, f.name).stat().st_mtime_ns) for f in files]
         fmt = fmt or detected_fmt
         if provider is None and fmt == "gguf":
             provider = "llama.cpp"
@@ -208,6 +216,51 @@ class ModelStore:
                             slot_type=slot_type or type_hint, metadata=metadata, created_at=time.time())
         self.write_manifest(manifest)
         return manifest
+
+    def check(self, ref: str) -> Manifest:
+        """The cheap check before a load: every file of `ref` has the size (and mtime) its manifest recorded.
+        A file replaced, truncated or rewritten after import raises ModelChanged; `verify` reads it whole."""
+        manifest = self.get(ref)
+        for f in manifest.files:
+            path = self.file_path(ref, f.name)
+            try:
+                st = path.stat()
+            except FileNotFoundError:
+                raise ModelChanged(f"file {f.name} of model {ref!r} is missing; pull or import the model again",
+                                   detail={"ref": ref, "file": f.name}) from None
+            if st.st_size != f.size or (f.mtime_ns is not None and st.st_mtime_ns != f.mtime_ns):
+                raise ModelChanged(
+                    f"file {f.name} of model {ref!r} changed on disk since it was installed (size {f.size} -> "
+                    f"{st.st_size} bytes); `hal0 model verify {ref}` checks its sha256, or import it again",
+                    detail={"ref": ref, "file": f.name, "size": f.size, "size_on_disk": st.st_size,
+                            "mtime_ns": f.mtime_ns, "mtime_ns_on_disk": st.st_mtime_ns})
+        return manifest
+
+    def verify(self, ref: str) -> dict[str, Any]:
+        """Hash every file of `ref` against its manifest (slow: reads them whole; run it off the event loop).
+        Files whose sha256 matches are stamped with their current mtime, so a touched but intact file loads."""
+        manifest = self.get(ref)
+        results: list[dict[str, Any]] = []
+        stamped: list[ModelFile] = []
+        for f in manifest.files:
+            path = self.file_path(ref, f.name)
+            entry: dict[str, Any] = {"name": f.name, "sha256": f.sha256, "size": f.size}
+            if not path.is_file():
+                entry.update(ok=False, problem="missing")
+                stamped.append(f)
+            else:
+                digest = sha256_file(path)
+                st = path.stat()
+                entry.update(ok=digest == f.sha256 and st.st_size == f.size, sha256_on_disk=digest,
+                             size_on_disk=st.st_size)
+                if not entry["ok"]:
+                    entry["problem"] = "sha256 differs" if digest != f.sha256 else "size differs"
+                stamped.append(dataclasses.replace(f, mtime_ns=st.st_mtime_ns) if entry["ok"] else f)
+            results.append(entry)
+        ok = all(r["ok"] for r in results)
+        if ok:
+            self.write_manifest(dataclasses.replace(manifest, files=tuple(stamped)))
+        return {"ref": ref, "ok": ok, "files": results}
 
     def import_file(self, ref: str, path: Path, *, link: bool = False, slot_type: str | None = None,
                     provider: str | None = None) -> Manifest:

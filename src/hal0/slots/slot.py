@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -22,6 +23,7 @@ from hal0.providers.base import LaunchSpec, ProbeResult, Provider
 from hal0.redact import redact_argv, redact_env
 from hal0.settings import Settings
 from hal0.slots.config import SlotConfig
+from hal0.slots.lease import Lease, parallel
 from hal0.slots.state import ACTIVE, LOADED, LOADING, SlotState, check_transition
 from hal0.slots.store import SlotError, SlotRecord, StateStore, WriteMode
 from hal0.supervisors.base import Handle, ProcessStatus, Supervisor
@@ -33,6 +35,12 @@ PROBE_FIRST_S = 0.005
 PROBE_MAX_S = 0.25
 PROBE_BACKOFF = 1.5
 WATCH_INTERVAL_S = 0.25
+#: Liveness of a loaded backend: probed this often, each probe given this long, this many misses in a row
+#: mean it hung (so a frozen backend is found within about 4-7 s, with no request needed).
+LIVENESS_INTERVAL_S = 1.0
+LIVENESS_TIMEOUT_S = 1.5
+LIVENESS_FAILURES = 3
+_LIVENESS_TIMEOUT = aiohttp.ClientTimeout(total=LIVENESS_TIMEOUT_S)
 #: While warming, how often the backend's log is checked for new output (a stat call, nothing more).
 LOG_POLL_S = 0.001
 LOG_TAIL_LINES = 30
@@ -48,6 +56,26 @@ def _write_mode(dst: SlotState) -> WriteMode:
     if dst in (SlotState.STARTING, SlotState.WARMING):
         return "sync"
     return "fsync"
+
+
+def _watch_exit(pid: int | None, exited: asyncio.Event) -> int | None:
+    """Set `exited` when process `pid` ends, through a pidfd on the event loop; None where that is not to be
+    had (no pid, an old kernel, a process already gone): the watch loop's status check covers those."""
+    if pid is None or not hasattr(os, "pidfd_open"):
+        return None
+    try:
+        fd = os.pidfd_open(pid)
+    except OSError:
+        return None
+    loop = asyncio.get_running_loop()
+
+    def on_exit() -> None:
+        # Readable stays readable: one wake-up is the news, the status check does the rest.
+        exited.set()
+        loop.remove_reader(fd)
+
+    loop.add_reader(fd, on_exit)
+    return fd
 
 
 def _size(path: Path) -> int:
@@ -67,6 +95,10 @@ class ModelSource(Protocol):
     def pullable(self, ref: str) -> bool: ...
 
     async def pull(self, ref: str) -> Path: ...
+
+    def check(self, ref: str) -> None:
+        """Raise ModelChanged if the installed files of `ref` are not what its manifest describes (cheap)."""
+        ...
 
     def cancel_pull(self, ref: str) -> None:
         """Stop the pull of `ref` in flight (its partial files stay for a resume)."""
@@ -104,6 +136,7 @@ class Slot:
         self.last_probe: ProbeResult | None = None
         #: Set while warming once the backend takes requests and only the probe's sentinel is outstanding.
         self._answering = asyncio.Event()
+        self._gate: tuple[int, asyncio.Semaphore] | None = None
 
     # -- views ---------------------------------------------------------------------------------------
     @property
@@ -287,6 +320,13 @@ class Slot:
                 self._fail(exc.code, f"pull of {cfg.model} failed: {exc.message}", extra=exc.detail)
                 return
         try:
+            self._ctx.models.check(cfg.model)
+        except Hal0Error as exc:
+            self._transition(S.STARTING, "load requested", model=cfg.model, provider=cfg.provider, pid=None,
+                             supervisor=self._ctx.supervisor.kind)
+            self._fail(exc.code, exc.message, extra=exc.detail)
+            return
+        try:
             await self._ctx.make_room(self)
         except Hal0Error as exc:
             if self.state is S.PULLING:
@@ -455,6 +495,23 @@ class Slot:
         self._ensure_watch()
 
     # -- requests ----------------------------------------------------------------------------------------
+    def lease(self, timeout: aiohttp.ClientTimeout, *, grace_s: float, early: bool = False) -> Lease:
+        """The backend for one request: `async with slot.lease(...) as backend` (see `hal0.slots.lease`)."""
+        return Lease(self, self._ctx.session, timeout, grace_s=grace_s, early=early)
+
+    def gate(self) -> asyncio.Semaphore:
+        """Bounds the requests in flight to this slot's backend; the rest wait here for a warm connection.
+
+        llama-server serves each connection from a small thread pool (`--threads-http`, by default about
+        `--parallel` + 2) and parks a thread on every idle keep-alive connection for 5 s. Opening one
+        connection per waiting request (a burst released by a cold boot) left most of them queued behind
+        parked threads, in 5-second steps; reusing at most `parallel` connections never does.
+        """
+        port = self.record.port or 0
+        if self._gate is None or self._gate[0] != port:
+            self._gate = (port, asyncio.Semaphore(parallel(self.config.args)))
+        return self._gate[1]
+
     @contextlib.asynccontextmanager
     async def serving(self) -> AsyncIterator[None]:
         """Account one request: the slot is `serving` while any is in flight, `ready` after."""
@@ -486,24 +543,69 @@ class Slot:
             self._watch_task = asyncio.create_task(self._watch(), name=f"watch:{self.name}")
 
     async def _watch(self) -> None:
-        """While loaded: notice a dead backend, move to idle after the idle timeout, unload after the TTL."""
+        """While loaded: notice a dead or hung backend, move to idle after the idle timeout, unload after the TTL.
+
+        A death is seen the moment it happens where the kernel can tell (a pidfd turns readable when its
+        process exits), else by the status check every WATCH_INTERVAL_S. A backend that is alive but stops
+        answering (frozen, deadlocked) fails LIVENESS_FAILURES liveness probes in a row and is stopped and
+        marked `backend_unresponsive`, so the next request reloads it instead of waiting out its timeout."""
         settings = self._ctx.settings
         idle_timeout = self.config.idle_timeout_s or settings.idle_timeout_s
-        while self.state in LOADED:
-            await asyncio.sleep(WATCH_INTERVAL_S)
-            if self.state not in LOADED or self._op_lock.locked():
-                continue
-            status = self._ctx.supervisor.status(self.name, Handle(self.record.pid, self.record.unit))
-            if not status.alive:
-                self._died(status, self._ctx.providers[self.config.provider])
-                return
-            quiet = time.monotonic() - self._last_activity
-            if self.state is S.READY and self.in_flight == 0 and quiet >= idle_timeout:
-                self._transition(S.IDLE, f"no requests for {idle_timeout:g}s")
-            elif (self.state is S.IDLE and self.config.ttl_s is not None
-                  and quiet >= idle_timeout + self.config.ttl_s):
-                await self.unload(f"ttl of {self.config.ttl_s:g}s expired")
-                return
+        exited = asyncio.Event()
+        pidfd = _watch_exit(self.record.pid, exited)
+        next_liveness = time.monotonic() + LIVENESS_INTERVAL_S
+        misses = 0
+        try:
+            while self.state in LOADED:
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(WATCH_INTERVAL_S):
+                        await exited.wait()
+                exited.clear()
+                if self.state not in LOADED or self._op_lock.locked():
+                    continue
+                status = self._ctx.supervisor.status(self.name, Handle(self.record.pid, self.record.unit))
+                if not status.alive:
+                    self._died(status, self._ctx.providers[self.config.provider])
+                    return
+                if time.monotonic() >= next_liveness:
+                    self._ctx.supervisor.trim_log(self.name)
+                    answered = await self._alive()
+                    next_liveness = time.monotonic() + LIVENESS_INTERVAL_S
+                    misses = 0 if answered else misses + 1
+                    if misses >= LIVENESS_FAILURES and self.state in LOADED and not self._op_lock.locked():
+                        await self._unresponsive(misses)
+                        return
+                quiet = time.monotonic() - self._last_activity
+                if self.state is S.READY and self.in_flight == 0 and quiet >= idle_timeout:
+                    self._transition(S.IDLE, f"no requests for {idle_timeout:g}s")
+                elif (self.state is S.IDLE and self.config.ttl_s is not None
+                      and quiet >= idle_timeout + self.config.ttl_s):
+                    await self.unload(f"ttl of {self.config.ttl_s:g}s expired")
+                    return
+        finally:
+            if pidfd is not None:
+                asyncio.get_running_loop().remove_reader(pidfd)
+                os.close(pidfd)
+
+    async def _alive(self) -> bool:
+        """A cheap liveness probe off the request path: any HTTP answer from the backend counts (llama-server
+        answers /health from its HTTP threads even while every slot decodes); silence past the timeout does not."""
+        try:
+            async with self._ctx.session.get(f"{self.base_url}/health", timeout=_LIVENESS_TIMEOUT) as resp:
+                await resp.read()
+                return True
+        except (aiohttp.ClientError, TimeoutError, OSError):
+            return False
+
+    async def _unresponsive(self, misses: int) -> None:
+        handle = Handle(self.record.pid, self.record.unit)
+        waited = misses * LIVENESS_TIMEOUT_S
+        # A frozen process never acts on SIGTERM (a stopped one does not even see it): a short grace, then KILL.
+        await self._ctx.supervisor.stop(self.name, handle, min(self._ctx.settings.stop_timeout_s, 1.0))
+        self._fail("backend_unresponsive",
+                   f"backend pid {self.record.pid} stopped answering: {misses} liveness probes in a row got no "
+                   f"answer within {LIVENESS_TIMEOUT_S:g}s each (~{waited:g}s); it was stopped, and the next "
+                   "request loads the slot again", extra={"liveness_misses": misses})
 
     async def close(self) -> None:
         """Stop hal0's own tasks for this slot. The backend keeps running: the slot owns the model."""

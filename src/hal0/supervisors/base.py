@@ -5,6 +5,8 @@ A supervisor says whether a process is alive; it never says whether it is ready 
 
 from __future__ import annotations
 
+import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -52,6 +54,35 @@ class Supervisor(Protocol):
     def log_path(self, slot: str) -> Path: ...
 
     def log_tail(self, slot: str, lines: int = 40) -> list[str]: ...
+
+    def trim_log(self, slot: str) -> None:
+        """Keep the slot's backend log within its size cap (called now and then while the slot is loaded)."""
+        ...
+
+
+#: A backend log is rotated past this size (llama-server with --verbose writes ~45 KB per request); the
+#: rotated files `<slot>.log.1` .. `.N` are kept.
+LOG_MAX_BYTES = 16 << 20
+LOG_KEEP = 2
+
+
+def rotate_log(path: Path, max_bytes: int = LOG_MAX_BYTES, keep: int = LOG_KEEP) -> bool:
+    """Rotate `path` if it is past `max_bytes`: copy it to `.1` (older ones shift up to `.keep`), then cut it
+    to nothing. Copy-then-truncate, because the backend keeps writing to its open descriptor: it opened the
+    log for appending, so its next line lands at the new, empty end. True if it rotated."""
+    try:
+        if path.stat().st_size <= max_bytes:
+            return False
+    except FileNotFoundError:
+        return False
+    for i in range(keep - 1, 0, -1):
+        older = path.with_name(f"{path.name}.{i}")
+        if older.exists():
+            os.replace(older, path.with_name(f"{path.name}.{i + 1}"))
+    shutil.copyfile(path, path.with_name(f"{path.name}.1"))
+    with path.open("r+b") as fh:
+        fh.truncate(0)
+    return True
 
 
 def tail_file(path: Path, lines: int) -> list[str]:

@@ -17,7 +17,7 @@ from hal0.errors import BackendError
 from hal0.fsio import atomic_write_json
 from hal0.providers.base import Command
 from hal0.redact import redact_argv
-from hal0.supervisors.base import Handle, ProcessStatus, tail_file
+from hal0.supervisors.base import Handle, ProcessStatus, rotate_log, tail_file
 
 
 def _proc_start_time(pid: int) -> int | None:
@@ -55,6 +55,9 @@ class EmbeddedSupervisor:
     def log_path(self, slot: str) -> Path:
         return self._log_dir / "slots" / f"{slot}.log"
 
+    def trim_log(self, slot: str) -> None:
+        rotate_log(self.log_path(slot))
+
     def _pidfile(self, slot: str) -> Path:
         return self._state_root / slot / "backend.pid"
 
@@ -64,6 +67,7 @@ class EmbeddedSupervisor:
         # A backend never needs hal0's own API keys: keep them out of its environment.
         env = {**{k: v for k, v in os.environ.items() if k != "HAL0_API_KEYS"}, **command.env,
                MARK_ENV: self._mark(slot)}
+        rotate_log(log_path)
         with log_path.open("ab") as log:
             log.write(f"\n=== hal0: starting slot {slot} at {time.strftime('%Y-%m-%dT%H:%M:%S')}: "
                       f"{' '.join(redact_argv(command.argv))}\n".encode())

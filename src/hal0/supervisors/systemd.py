@@ -277,6 +277,9 @@ class SystemdSupervisor:
         return status
 
     # -- logs ----------------------------------------------------------------------------------------------
+    def trim_log(self, slot: str) -> None:
+        """Nothing to do: backends log to the journal, which journald keeps within its own limits."""
+
     def log_tail(self, slot: str, lines: int = 40) -> list[str]:
         argv = [*self._journalctl, "-u", unit_name(slot), "-n", str(lines), "--no-pager", "-o", "cat"]
         try:
