@@ -156,12 +156,7 @@ def big(llama_server: str, large_model: Path, model_files: dict[str, Path],
     Shared by the module to keep the suite fast; each test brings the slot to the state it needs.
     """
     hal0 = Hal0(tmp_path_factory.mktemp("big") / "home", llama_server)
-    # Importing reads the GGUF metadata, which takes the gguf package tens of seconds for a 600k-token
-    # vocabulary; the slot only needs the ref to point at the large file, so link it in under a small import.
-    manifest = hal0.models.import_file("large", model_files["tiny"], slot_type="chat")
-    on_disk = hal0.models.file_path("large", manifest.primary_file.name)
-    on_disk.unlink()
-    os.link(large_model, on_disk)
+    hal0.models.import_file("large", large_model, slot_type="chat", link=True)
     hal0.write_slot_config("big", 'type = "chat"\nmodel = "large"\n')
     hal0.start()
     yield hal0
