@@ -103,7 +103,7 @@ def booted(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Booted]:
     (root / "etc/hal0/hal0.toml").write_text(
         f'port = {port}\nport_min = {lo}\nport_max = {hi}\nllama_server = "{LLAMA_DIR}/llama-server"\n')
     box = nspawn.Container(root, tmp / "nspawn.log")
-    box.boot()
+    nspawn.boot_or_skip(box)
     try:
         # As a user would: a venv from the wheels, then `hal0 setup --systemd` and start the API.
         box.run(["python3", "-m", "venv", VENV])
