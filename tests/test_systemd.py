@@ -1,5 +1,5 @@
 """The systemd supervisor: rendered units that systemd itself accepts, the supervisor chooser, doctor checks,
-and (opt-in, HAL0_TEST_SYSTEMD=1) a real systemd booted in a container driving a slot unit end to end.
+and a real systemd booted in a container (tests/nspawn.py) driving a slot unit with a stand-in backend.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from hal0.supervisors.systemd import (
     render_dropin,
     unit_name,
 )
+from tests import nspawn
 from tests.conftest import wait_until
 
 IN_CI = bool(os.environ.get("CI"))
@@ -217,7 +218,7 @@ def test_doctor_names_hal0s_own_ports(tmp_path: Path) -> None:
     assert ports.ok and f"{lo} (slot primary)" in ports.detail
 
 
-# -- a real systemd (opt-in) ------------------------------------------------------------------------------
+# -- a real systemd ------------------------------------------------------------------------------------
 BACKEND = """
 import json, os, sys, time
 out = {"argv": sys.argv[1:], "env": {k: os.environ.get(k) for k in ("ODD", "SPACED")}, "user": os.getuid()}
@@ -229,55 +230,17 @@ if os.environ.get("FAIL"):
     sys.exit(3)
 time.sleep(3600)
 """
-NSPAWN_ROOT = Path(os.environ.get("HAL0_TEST_SYSTEMD_ROOT",
-                                  Path.home() / ".cache/hal0/systemd-bookworm")).expanduser()
-
-
 @pytest.fixture(scope="module")
-def container() -> Iterator[tuple[Path, list[str]]]:
-    """A Debian bookworm root booted with systemd as its PID 1; yields (root, command prefix into it)."""
-    if os.environ.get("HAL0_TEST_SYSTEMD") != "1":
-        pytest.skip("real-systemd test is opt-in: HAL0_TEST_SYSTEMD=1 (needs root, systemd-nspawn, debootstrap)")
-    for tool in ("systemd-nspawn", "debootstrap", "nsenter"):
-        if shutil.which(tool) is None:
-            pytest.fail(f"HAL0_TEST_SYSTEMD=1 but {tool} is missing (apt-get install systemd-container "
-                        "debootstrap)")
-    if not (NSPAWN_ROOT / "usr/lib/systemd/systemd").exists():
-        NSPAWN_ROOT.parent.mkdir(parents=True, exist_ok=True)
-        subprocess.run(["debootstrap", "--variant=minbase", "--include=systemd,systemd-sysv,dbus,python3",
-                        "bookworm", str(NSPAWN_ROOT), "http://deb.debian.org/debian"],
-                       check=True, timeout=1800, capture_output=True)
-    log = (NSPAWN_ROOT.parent / "nspawn.log").open("wb")
-    # No machined or host systemd here: --register=no --keep-unit avoid needing the host's system bus.
-    nspawn = subprocess.Popen(["systemd-nspawn", "-D", str(NSPAWN_ROOT), "--boot", "--register=no",
-                               "--keep-unit", "--machine=hal0test", "--console=passive"],
-                              stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
+def container(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, list[str]]]:
+    """A private copy of the cached Debian root, booted with systemd as its PID 1; yields (root, prefix into it)."""
+    nspawn.require()
+    tmp = tmp_path_factory.mktemp("systemd")
+    box = nspawn.Container(nspawn.copy_root(tmp / "root"), tmp / "nspawn.log")
+    nspawn.boot_or_skip(box)
     try:
-        def init_pid() -> int | None:
-            kids = Path(f"/proc/{nspawn.pid}/task/{nspawn.pid}/children").read_text().split()
-            for kid in kids:
-                if Path(f"/proc/{kid}/comm").read_text().strip() == "systemd":
-                    return int(kid)
-            return None
-
-        pid = wait_until(init_pid, 60, "the container's systemd")
-        prefix = ["nsenter", "-t", str(pid), "-a"]
-
-        def booted() -> str:
-            # Empty until PID 1 listens on its socket; then --wait returns once start-up has finished.
-            return subprocess.run([*prefix, "systemctl", "is-system-running", "--wait"], capture_output=True,
-                                  text=True, timeout=120, check=False).stdout.strip()
-
-        assert wait_until(booted, 120, "the container to boot") in ("running", "degraded")
-        yield NSPAWN_ROOT, prefix
+        yield box.root, box.prefix
     finally:
-        nspawn.terminate()
-        try:
-            nspawn.wait(60)
-        except subprocess.TimeoutExpired:
-            nspawn.kill()
-            nspawn.wait()
-        log.close()
+        box.stop()
 
 
 @pytest.fixture(scope="module")
@@ -285,19 +248,13 @@ def installed(container: tuple[Path, list[str]]) -> Iterator[tuple[SystemdSuperv
     root, prefix = container
     settings = Settings(config_dir=Path("/etc/hal0"), state_dir=Path("/var/lib/hal0"),
                         log_dir=Path("/var/log/hal0"))
-    written = install_units(settings, root=root, hal0=Path("/usr/bin/true"))
+    install_units(settings, root=root, hal0=Path("/usr/bin/true"))
     (root / "var/lib/hal0").chmod(0o777)  # the backend user dumps its argv there
     subprocess.run([*prefix, "systemctl", "daemon-reload"], check=True, timeout=60)
     supervisor = SystemdSupervisor(root / "etc/systemd/system", stop_timeout_s=5,
                                    systemctl=[*prefix, "systemctl"], journalctl=[*prefix, "journalctl"])
-    try:
-        yield supervisor, root, prefix
-    finally:
-        subprocess.run(["systemctl", "--root", str(root), "disable", API_UNIT], check=False, timeout=60)
-        for path in written:
-            path.unlink(missing_ok=True)
-        shutil.rmtree(root / "etc/systemd/system/hal0-slot@real.service.d", ignore_errors=True)
-        shutil.rmtree(root / "etc/systemd/system/hal0-slot@broken.service.d", ignore_errors=True)
+    # The root is this module's private copy: nothing to clean up.
+    yield supervisor, root, prefix
 
 
 def _command(slot: str, **env: str) -> Command:
@@ -305,6 +262,7 @@ def _command(slot: str, **env: str) -> Command:
                    {"SLOT": slot, "ODD": 'x%y$z"\\', "SPACED": "a b", **env})
 
 
+@pytest.mark.slow
 async def test_real_systemd_runs_a_slot_with_its_exact_argv(
         installed: tuple[SystemdSupervisor, Path, list[str]]) -> None:
     supervisor, root, prefix = installed
@@ -335,6 +293,7 @@ async def test_real_systemd_runs_a_slot_with_its_exact_argv(
     assert not supervisor.status("real", handle).alive
 
 
+@pytest.mark.slow
 async def test_real_systemd_reports_a_crash_with_exit_code_and_journal(
         installed: tuple[SystemdSupervisor, Path, list[str]]) -> None:
     supervisor, _, _ = installed

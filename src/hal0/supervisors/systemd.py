@@ -141,7 +141,9 @@ class UnitState:
             return "unit not found (is hal0-slot@.service installed? run `hal0 setup --systemd`)"
         code = self.exit_code
         if code is None:
-            what = "never started" if self.result in ("", "success") else f"failed ({self.result})"
+            # No main process recorded: systemd has not run the unit since it (re)started, e.g. after a reboot.
+            what = ("not run since systemd started (a reboot, or the slot was never loaded)"
+                    if self.result in ("", "success") else f"failed ({self.result})")
         elif code >= 0:
             what = f"exited with code {code}"
         else:
