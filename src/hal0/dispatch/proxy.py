@@ -23,8 +23,8 @@ from starlette.requests import Request
 
 from hal0.dispatch.coalesce import BufferedResponse, Coalescer
 from hal0.dispatch.decisions import Decision, DecisionLog
-from hal0.dispatch.resolve import ENDPOINT_TYPES, resolve
-from hal0.errors import Hal0Error, InvalidRequest, UpstreamError, openai_error_body
+from hal0.dispatch.resolve import ENDPOINT_TYPES, find_model, resolve
+from hal0.errors import Hal0Error, InvalidRequest, UpstreamError, anthropic_error_body, openai_error_body
 from hal0.settings import Settings
 from hal0.slots.manager import SlotManager
 from hal0.slots.slot import Slot
@@ -53,8 +53,53 @@ _JSON = [(b"content-type", b"application/json")]
 _FILE_ENDPOINTS = frozenset({"/v1/audio/transcriptions", "/v1/audio/translations"})
 
 
-def error_bytes(status: int, code: str, message: str, detail: dict[str, Any] | None = None) -> bytes:
-    return json.dumps(openai_error_body(status, code, message, detail)).encode()
+def error_bytes(status: int, code: str, message: str, detail: dict[str, Any] | None = None,
+                anthropic: bool = False) -> bytes:
+    body = (anthropic_error_body if anthropic else openai_error_body)(status, code, message, detail)
+    return json.dumps(body).encode()
+
+
+def _anthropic(path: str) -> bool:
+    """Anthropic-style endpoints answer errors in Anthropic's shape, which its SDK parses."""
+    return path.startswith("/v1/messages")
+
+
+#: hal0's stable string code for an error a backend answered with: llama-server's own `code` is the HTTP status
+#: as a number, which clients that switch on OpenAI's string codes cannot use.
+_BACKEND_CODES = {400: "backend_invalid_request", 401: "backend_unauthorized", 403: "backend_forbidden",
+                  404: "backend_not_found", 413: "backend_request_too_large", 422: "backend_invalid_request",
+                  429: "backend_busy", 501: "backend_not_supported", 503: "backend_unavailable"}
+
+
+def backend_error_bytes(status: int, body: bytes, anthropic: bool) -> bytes:
+    """A backend's error answer in hal0's error shape: its message kept, a string `code`, what the backend said
+    (its own code and type) under `detail`."""
+    try:
+        data = json.loads(body)
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        data = None
+    err = data.get("error") if isinstance(data, dict) else None
+    if not isinstance(err, dict):
+        err = {"message": body.decode("utf-8", "replace")[:2000] or f"backend answered HTTP {status}"}
+    code = err.get("code")
+    if isinstance(code, str) and "param" in err and not anthropic:
+        return body  # already hal0's shape (hal0's own speech servers)
+    detail: dict[str, Any] = {"backend_status": status}
+    if code is not None and not isinstance(code, str):
+        detail["backend_code"] = code
+    if isinstance(err.get("type"), str):
+        detail["backend_type"] = err["type"]
+    if not isinstance(code, str) or not code:
+        code = _BACKEND_CODES.get(status, "backend_error" if status >= 500 else "backend_invalid_request")
+    message = err.get("message")
+    return error_bytes(status, code, message if isinstance(message, str) else json.dumps(message), detail,
+                       anthropic)
+
+
+def _error_headers(headers: list[tuple[bytes, bytes]] | tuple[tuple[bytes, bytes], ...],
+                   body: bytes) -> list[tuple[bytes, bytes]]:
+    kept = [(k, v) for k, v in headers if k not in (b"content-length", b"content-type", b"content-encoding")]
+    return [*kept, *_JSON, (b"content-length", str(len(body)).encode())]
 
 
 #: How an OpenAI-style event stream ends: nothing follows, so the end is not held back.
@@ -109,6 +154,14 @@ class Dispatcher:
         if path == "/v1/models" and method in ("GET", "HEAD"):
             await self._send_json(send, 200, self.models_listing(), rid)
             return
+        if path.startswith("/v1/models/") and method in ("GET", "HEAD"):
+            try:
+                slot = find_model(self.manager.slots.values(), path[len("/v1/models/"):])
+            except Hal0Error as exc:
+                await self._send_error(send, exc.status, exc.code, exc.message, rid, exc.detail or None)
+                return
+            await self._send_json(send, 200, _model_entry(slot), rid)
+            return
         if path not in ENDPOINT_TYPES:
             await self._send_error(send, 404, "unknown_endpoint", f"no endpoint {method} {path[:200]}", rid)
             return
@@ -125,7 +178,8 @@ class Dispatcher:
             decision.error = {"code": exc.code, "message": exc.message}
             if not decision.candidates and isinstance(exc.detail.get("candidates"), list):
                 decision.candidates = exc.detail["candidates"]
-            await self._send_error(send, exc.status, exc.code, exc.message, rid, exc.detail or None)
+            await self._send_error(send, exc.status, exc.code, exc.message, rid, exc.detail or None,
+                                   _anthropic(path))
         finally:
             decision.duration_ms = round((time.perf_counter() - started) * 1000, 3)
             self.decisions.record(decision)
@@ -176,9 +230,13 @@ class Dispatcher:
                 decision.reason += ",coalesced"
             decision.status = buffered.status
             decision.outcome = "ok" if buffered.status < 400 else "upstream_error"
+            out, out_headers = buffered.body, list(buffered.headers)
+            if buffered.status >= 400:
+                out = backend_error_bytes(buffered.status, out, _anthropic(path))
+                out_headers = _error_headers(out_headers, out)
             await send({"type": "http.response.start", "status": buffered.status,
-                        "headers": [*buffered.headers, (b"x-request-id", rid)]})
-            await send({"type": "http.response.body", "body": buffered.body})
+                        "headers": [*out_headers, (b"x-request-id", rid)]})
+            await send({"type": "http.response.body", "body": out})
             return
         if cold is not None and cold.load is not None:
             await self._stream_early(slot, scope, receive, send, url, body, upstream_headers, decision, rid, cold)
@@ -286,6 +344,9 @@ class Dispatcher:
         batch = self._stream_batch_s if is_sse else 0.0
 
         async def pump() -> None:
+            if resp.status >= 400 and not is_sse:
+                await relay_error()
+                return
             await send({"type": "http.response.start", "status": resp.status, "headers": out_headers})
             try:
                 loop = asyncio.get_running_loop()
@@ -307,6 +368,18 @@ class Dispatcher:
                     502, "backend_failed", f"backend of slot {slot.name} failed mid-stream: "
                     f"{type(failure[0]).__name__}: {failure[0]}") + b"\n\n"
             await send({"type": "http.response.body", "body": tail, "more_body": False})
+
+        async def relay_error() -> None:
+            try:
+                data = await resp.read()  # an error answer: one small JSON body
+            except (TimeoutError, aiohttp.ClientError) as exc:
+                slot.backend_failed()
+                raise UpstreamError(f"backend of slot {slot.name} failed mid-response: {exc}",
+                                    code="backend_failed") from exc
+            body = backend_error_bytes(resp.status, data, _anthropic(decision.endpoint))
+            await send({"type": "http.response.start", "status": resp.status,
+                        "headers": _error_headers(out_headers, body)})
+            await send({"type": "http.response.body", "body": body, "more_body": False})
 
         # One watcher per request: if the client goes away it cancels this task, which stops the pump.
         handler = asyncio.current_task()
@@ -361,14 +434,7 @@ class Dispatcher:
                 return b"".join(chunks)
 
     def models_listing(self) -> dict[str, Any]:
-        data = []
-        for slot in self.manager.ordered():
-            if not slot.config.model:
-                continue
-            data.append({"id": slot.config.model, "object": "model", "created": int(slot.record.since),
-                         "owned_by": "hal0", "slot": slot.name, "type": slot.config.type,
-                         "state": slot.state.value, "aliases": [slot.name, *slot.config.aliases]})
-        return {"object": "list", "data": data}
+        return {"object": "list", "data": [_model_entry(s) for s in self.manager.ordered() if s.config.model]}
 
     async def _send_json(self, send: Send, status: int, data: Any, rid: bytes) -> None:
         body = json.dumps(data).encode()
@@ -377,11 +443,19 @@ class Dispatcher:
         await send({"type": "http.response.body", "body": body})
 
     async def _send_error(self, send: Send, status: int, code: str, message: str, rid: bytes,
-                          detail: dict[str, Any] | None = None) -> None:
+                          detail: dict[str, Any] | None = None, anthropic: bool = False) -> None:
         with contextlib.suppress(Exception):  # the client may be gone already
             await send({"type": "http.response.start", "status": status,
                         "headers": [*_JSON, (b"x-request-id", rid)]})
-            await send({"type": "http.response.body", "body": error_bytes(status, code, message, detail)})
+            await send({"type": "http.response.body",
+                        "body": error_bytes(status, code, message, detail, anthropic)})
+
+
+def _model_entry(slot: Slot) -> dict[str, Any]:
+    """One model in OpenAI's shape (`id`, `object`, `created`, `owned_by`), with its slot and live state."""
+    return {"id": slot.config.model, "object": "model", "created": int(slot.record.since), "owned_by": "hal0",
+            "slot": slot.name, "type": slot.config.type, "state": slot.state.value,
+            "aliases": [slot.name, *slot.config.aliases]}
 
 
 def _parallel(args: tuple[str, ...], default: int = 4) -> int:
