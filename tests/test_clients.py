@@ -153,3 +153,16 @@ def test_cli_takes_global_options_after_the_subcommand(served: Hal0) -> None:
                             check=False)
     assert unload.returncode == 0, unload.stderr
     assert httpx.get(f"{served.url}/api/slots/primary", timeout=10).json()["state"] == "offline"
+
+
+def test_backend_error_bodies_of_any_shape_get_a_string_code() -> None:
+    from hal0.dispatch.proxy import backend_error_bytes
+
+    plain = json.loads(backend_error_bytes(503, b"Loading model", anthropic=False))["error"]
+    assert (plain["code"], plain["message"], plain["type"]) == ("backend_unavailable", "Loading model", "server_error")
+    own = json.dumps({"error": {"message": "m", "type": "invalid_request_error", "param": None,
+                                "code": "unknown_voice"}}).encode()
+    assert backend_error_bytes(400, own, anthropic=False) == own  # hal0's own speech servers: unchanged
+    claude_shaped = json.loads(backend_error_bytes(500, b'{"error": {"code": 500, "message": "boom"}}', True))
+    assert claude_shaped == {"type": "error", "error": {"type": "api_error", "message": "boom", "code": "backend_error",
+                                                        "detail": {"backend_status": 500, "backend_code": 500}}}
