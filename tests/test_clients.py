@@ -156,7 +156,7 @@ def test_cli_takes_global_options_after_the_subcommand(served: Hal0) -> None:
 
 
 def test_backend_error_bodies_of_any_shape_get_a_string_code() -> None:
-    from hal0.dispatch.proxy import backend_error_bytes
+    from hal0.dispatch.backend_errors import backend_error_bytes
 
     plain = json.loads(backend_error_bytes(503, b"Loading model", anthropic=False))["error"]
     assert (plain["code"], plain["message"], plain["type"]) == ("backend_unavailable", "Loading model", "server_error")

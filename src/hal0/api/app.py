@@ -17,6 +17,7 @@ from fastapi import FastAPI
 
 from hal0 import __version__
 from hal0.api import dashboard, errors, manage, models
+from hal0.dispatch.backend_errors import anthropic_path
 from hal0.dispatch.decisions import DecisionLog
 from hal0.dispatch.proxy import Dispatcher, Receive, Scope, Send
 from hal0.errors import anthropic_error_body
@@ -136,7 +137,7 @@ def _needs_key(path: str) -> bool:
 
 
 async def _unauthorized(send: Send, path: str) -> None:
-    shape = anthropic_error_body if path.startswith("/v1/messages") else errors.error_body
+    shape = anthropic_error_body if anthropic_path(path) else errors.error_body
     body = json.dumps(shape(401, "invalid_api_key",
                             "missing or wrong API key: send `Authorization: Bearer <key>`")).encode()
     await send({"type": "http.response.start", "status": 401,

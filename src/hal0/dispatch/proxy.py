@@ -21,6 +21,8 @@ import aiohttp
 from multidict import CIMultiDict
 from starlette.requests import Request
 
+from hal0.dispatch.backend_errors import anthropic_path as _anthropic
+from hal0.dispatch.backend_errors import backend_error_bytes, error_headers
 from hal0.dispatch.coalesce import BufferedResponse, Coalescer
 from hal0.dispatch.decisions import Decision, DecisionLog
 from hal0.dispatch.resolve import ENDPOINT_TYPES, find_model, resolve
@@ -57,49 +59,6 @@ def error_bytes(status: int, code: str, message: str, detail: dict[str, Any] | N
                 anthropic: bool = False) -> bytes:
     body = (anthropic_error_body if anthropic else openai_error_body)(status, code, message, detail)
     return json.dumps(body).encode()
-
-
-def _anthropic(path: str) -> bool:
-    """Anthropic-style endpoints answer errors in Anthropic's shape, which its SDK parses."""
-    return path.startswith("/v1/messages")
-
-
-#: hal0's stable string code for an error a backend answered with: llama-server's own `code` is the HTTP status
-#: as a number, which clients that switch on OpenAI's string codes cannot use.
-_BACKEND_CODES = {400: "backend_invalid_request", 401: "backend_unauthorized", 403: "backend_forbidden",
-                  404: "backend_not_found", 413: "backend_request_too_large", 422: "backend_invalid_request",
-                  429: "backend_busy", 501: "backend_not_supported", 503: "backend_unavailable"}
-
-
-def backend_error_bytes(status: int, body: bytes, anthropic: bool) -> bytes:
-    """A backend's error answer in hal0's error shape: its message kept, a string `code`, what the backend said
-    (its own code and type) under `detail`."""
-    try:
-        data = json.loads(body)
-    except (ValueError, UnicodeDecodeError, RecursionError):
-        data = None
-    err = data.get("error") if isinstance(data, dict) else None
-    if not isinstance(err, dict):
-        err = {"message": body.decode("utf-8", "replace")[:2000] or f"backend answered HTTP {status}"}
-    code = err.get("code")
-    if isinstance(code, str) and "param" in err and not anthropic:
-        return body  # already hal0's shape (hal0's own speech servers)
-    detail: dict[str, Any] = {"backend_status": status}
-    if code is not None and not isinstance(code, str):
-        detail["backend_code"] = code
-    if isinstance(err.get("type"), str):
-        detail["backend_type"] = err["type"]
-    if not isinstance(code, str) or not code:
-        code = _BACKEND_CODES.get(status, "backend_error" if status >= 500 else "backend_invalid_request")
-    message = err.get("message")
-    return error_bytes(status, code, message if isinstance(message, str) else json.dumps(message), detail,
-                       anthropic)
-
-
-def _error_headers(headers: list[tuple[bytes, bytes]] | tuple[tuple[bytes, bytes], ...],
-                   body: bytes) -> list[tuple[bytes, bytes]]:
-    kept = [(k, v) for k, v in headers if k not in (b"content-length", b"content-type", b"content-encoding")]
-    return [*kept, *_JSON, (b"content-length", str(len(body)).encode())]
 
 
 #: How an OpenAI-style event stream ends: nothing follows, so the end is not held back.
@@ -233,7 +192,7 @@ class Dispatcher:
             out, out_headers = buffered.body, list(buffered.headers)
             if buffered.status >= 400:
                 out = backend_error_bytes(buffered.status, out, _anthropic(path))
-                out_headers = _error_headers(out_headers, out)
+                out_headers = error_headers(out_headers, out)
             await send({"type": "http.response.start", "status": buffered.status,
                         "headers": [*out_headers, (b"x-request-id", rid)]})
             await send({"type": "http.response.body", "body": out})
@@ -378,7 +337,7 @@ class Dispatcher:
                                     code="backend_failed") from exc
             body = backend_error_bytes(resp.status, data, _anthropic(decision.endpoint))
             await send({"type": "http.response.start", "status": resp.status,
-                        "headers": _error_headers(out_headers, body)})
+                        "headers": error_headers(out_headers, body)})
             await send({"type": "http.response.body", "body": body, "more_body": False})
 
         # One watcher per request: if the client goes away it cancels this task, which stops the pump.
