@@ -6,6 +6,7 @@ import subprocess
 import sys
 from typing import Any
 
+import anthropic
 import openai
 import pytest
 
@@ -27,6 +28,11 @@ def test_api_keys_guard_v1_and_api(hal0_factory: Any) -> None:
     assert client.models.list().data == []
     with pytest.raises(openai.AuthenticationError):
         openai.OpenAI(base_url=f"{h.url}/v1", api_key="nope").models.list()
+    with pytest.raises(anthropic.AuthenticationError) as refused:  # /v1/messages refuses in Anthropic's shape
+        anthropic.Anthropic(base_url=h.url, api_key="nope", max_retries=0).messages.create(
+            model="primary", max_tokens=1, messages=[{"role": "user", "content": "Hi"}])
+    assert refused.value.body == {"type": "error", "error": {
+        "type": "authentication_error", "code": "invalid_api_key", "message": refused.value.body["error"]["message"]}}
 
 
 def test_cors_is_closed_by_default(hal0_factory: Any) -> None:

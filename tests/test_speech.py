@@ -22,7 +22,7 @@ import pytest
 from hal0.backends import audio, layout
 from hal0.backends.bundled import KOKORO_INT8_JA, MOONSHINE_BASE_EN, WHISPER_BASE, install, missing_packages
 from hal0.backends.stt_server import Segment, Transcript, to_srt, to_vtt
-from hal0.backends.tts_server import BadRequest, parse_request, pick_language, sentences
+from hal0.backends.tts_server import BadRequest, parse_request, pick_language, sentences, voice_map
 from hal0.errors import BinaryNotFound
 from hal0.providers.base import LaunchSpec
 from hal0.providers.flm import FlmModelInvalid, FlmProvider, NpuNotFound
@@ -450,3 +450,39 @@ def test_an_flm_slot_on_this_machine_fails_with_the_npu_reason(hal0_factory: Any
     assert resp.status_code == 503 and err["code"] == "npu_not_found", err
     assert "needs an AMD Ryzen AI NPU" in err["message"]
     assert h.state("npu")["error"]["code"] == "npu_not_found"
+
+
+def test_openai_voice_names_map_onto_the_models_voices() -> None:
+    kokoro_en = ["af_alloy", "af_bella", "af_nova", "am_echo", "am_onyx", "bm_fable"]
+    mapped = voice_map(kokoro_en)
+    assert (mapped["alloy"], mapped["nova"], mapped["echo"], mapped["fable"]) == (
+        "af_alloy", "af_nova", "am_echo", "bm_fable")
+    japanese = ["jf_alpha", "jf_gongitsune", "jm_kumo"]
+    assert (voice_map(japanese)["nova"], voice_map(japanese)["onyx"]) == ("jf_alpha", "jm_kumo")
+    assert voice_map(japanese, {"nova": "jf_gongitsune"})["nova"] == "jf_gongitsune"
+    assert parse_request({"input": "Hi", "voice": "Nova"}, japanese, voice_map(japanese)).voice == "jf_alpha"
+    with pytest.raises(BadRequest):
+        parse_request({"input": "Hi", "voice": "nova"}, japanese)
+
+
+@pytest.mark.slow
+def test_stock_openai_speech_code_works_unchanged(speech_hal0: Hal0) -> None:
+    """OpenAI's model and voice names, streamed transcription and translation, through the official client."""
+    import openai
+
+    client = openai.OpenAI(base_url=f"{speech_hal0.url}/v1", api_key="unused", timeout=120, max_retries=0)
+    raw = client.audio.speech.with_raw_response.create(model="tts-1", voice="nova", input=SENTENCE,
+                                                       response_format="wav")
+    assert raw.headers["x-hal0-voice"] == "jf_alpha"  # the Japanese pack's first female voice
+    wav = raw.content
+    events = list(client.audio.transcriptions.create(model="whisper-1", file=("s.wav", wav), language="en",
+                                                     stream=True))
+    assert [e.type for e in events][-1] == "transcript.text.done"
+    deltas = "".join(e.delta for e in events if e.type == "transcript.text.delta")
+    assert deltas and deltas == events[-1].text  # type: ignore[union-attr]
+    assert all(word in deltas.lower() for word in WORDS), deltas
+    translated = client.audio.translations.create(model="whisper-1", file=("s.wav", wav))
+    assert all(word in translated.text.lower() for word in WORDS), translated.text
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.audio.translations.create(model="moonshine", file=("s.wav", wav))
+    assert refused.value.code == "translation_unsupported"

@@ -325,7 +325,22 @@ def build_parser() -> argparse.ArgumentParser:
         pass
     else:
         cli_models.register(sub)
+    _accept_globals_anywhere(parser)
     return parser
+
+
+def _accept_globals_anywhere(parser: argparse.ArgumentParser) -> None:
+    """`--url` and `--json` also after the subcommand (`hal0 slot unload NAME --url URL`): every subcommand
+    takes them too, defaulting to nothing, so a value given before the subcommand is kept."""
+    for action in parser._actions:
+        if not isinstance(action, argparse._SubParsersAction):
+            continue
+        for sub in action.choices.values():
+            if not any(a.dest == "url" for a in sub._actions):
+                sub.add_argument("--url", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+            if not any(a.dest == "json" for a in sub._actions):
+                sub.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+            _accept_globals_anywhere(sub)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

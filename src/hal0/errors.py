@@ -19,6 +19,23 @@ def openai_error_body(status: int, code: str, message: str, detail: dict[str, An
     return {"error": err}
 
 
+#: Anthropic's error `type` for each HTTP status (https://docs.anthropic.com/en/api/errors).
+_ANTHROPIC_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+                    404: "not_found_error", 413: "request_too_large", 429: "rate_limit_error",
+                    529: "overloaded_error"}
+
+
+def anthropic_error_body(status: int, code: str, message: str,
+                         detail: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The error body of Anthropic-style endpoints (/v1/messages): `{"type": "error", "error": {type, message}}`,
+    with hal0's stable `code` (and `detail`) beside them."""
+    kind = _ANTHROPIC_TYPES.get(status, "invalid_request_error" if status < 500 else "api_error")
+    err: dict[str, Any] = {"type": kind, "message": message, "code": code}
+    if detail:
+        err["detail"] = detail
+    return {"type": "error", "error": err}
+
+
 class Hal0Error(Exception):
     code = "internal_error"
     status = 500

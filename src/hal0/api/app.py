@@ -17,8 +17,10 @@ from fastapi import FastAPI
 
 from hal0 import __version__
 from hal0.api import dashboard, errors, manage, models
+from hal0.dispatch.backend_errors import anthropic_path
 from hal0.dispatch.decisions import DecisionLog
 from hal0.dispatch.proxy import Dispatcher, Receive, Scope, Send
+from hal0.errors import anthropic_error_body
 from hal0.events import EventBus
 from hal0.fsio import WriteFailures
 from hal0.providers.base import Provider
@@ -97,7 +99,7 @@ class Hal0App:
         if scope["type"] == "http":
             path: str = scope["path"]
             if self._keys and _needs_key(path) and not self._authorized(scope):
-                await _unauthorized(send)
+                await _unauthorized(send, path)
                 return
             if path.startswith("/v1/") and self.dispatcher is not None:
                 await self.dispatcher(scope, receive, send)
@@ -141,9 +143,10 @@ def _needs_key(path: str) -> bool:
     return (path.startswith("/v1/") or path.startswith("/api/")) and path != "/api/health"
 
 
-async def _unauthorized(send: Send) -> None:
-    body = json.dumps(errors.error_body(401, "invalid_api_key",
-                                        "missing or wrong API key: send `Authorization: Bearer <key>`")).encode()
+async def _unauthorized(send: Send, path: str) -> None:
+    shape = anthropic_error_body if anthropic_path(path) else errors.error_body
+    body = json.dumps(shape(401, "invalid_api_key",
+                            "missing or wrong API key: send `Authorization: Bearer <key>`")).encode()
     await send({"type": "http.response.start", "status": 401,
                 "headers": [(b"content-type", b"application/json"), (b"www-authenticate", b"Bearer")]})
     await send({"type": "http.response.body", "body": body})

@@ -22,7 +22,7 @@ import uvicorn
 from starlette.applications import Starlette
 from starlette.datastructures import UploadFile
 from starlette.requests import Request
-from starlette.responses import JSONResponse, PlainTextResponse, Response
+from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from hal0.backends.audio import AudioError, Samples, decode, resample
@@ -59,10 +59,14 @@ class Options:
     prompt: str | None = None
     temperature: float = 0.0
     word_timestamps: bool = False
+    #: Whisper's tasks: "transcribe", or "translate" (into English).
+    task: str = "transcribe"
 
 
 class Engine(Protocol):
     name: str
+    #: Whether the model can translate speech into English (Whisper's translate task).
+    translates: bool
 
     def transcribe(self, samples: Samples, options: Options) -> Transcript: ...
 
@@ -71,6 +75,7 @@ class WhisperEngine:
     """faster-whisper on a CTranslate2 Whisper model (CPU, int8 by default)."""
 
     name = "whisper"
+    translates = True
 
     def __init__(self, directory: Path, compute_type: str, threads: int) -> None:
         from faster_whisper import WhisperModel
@@ -82,6 +87,7 @@ class WhisperEngine:
         segments, info = self._model.transcribe(
             samples, language=options.language, initial_prompt=options.prompt, temperature=options.temperature,
             beam_size=1, word_timestamps=options.word_timestamps, condition_on_previous_text=False,
+            task=options.task,
         )
         duration = len(samples) / SAMPLE_RATE
         # Whisper's last timestamp can run past the audio; subtitles must not.
@@ -98,6 +104,7 @@ class MoonshineEngine:
     """Moonshine's on-device runtime (libmoonshine through the moonshine-voice package)."""
 
     name = "moonshine"
+    translates = False
 
     def __init__(self, directory: Path, arch: str) -> None:
         from moonshine_voice import ModelArch, Transcriber
@@ -153,9 +160,9 @@ def to_vtt(transcript: Transcript) -> str:
     return "WEBVTT\n\n" + "\n".join(blocks)
 
 
-def to_verbose(transcript: Transcript, words: bool) -> dict[str, Any]:
+def to_verbose(transcript: Transcript, words: bool, task: str = "transcribe") -> dict[str, Any]:
     out: dict[str, Any] = {
-        "task": "transcribe", "language": transcript.language, "duration": round(transcript.duration, 3),
+        "task": task, "language": transcript.language, "duration": round(transcript.duration, 3),
         "text": transcript.text,
         "segments": [{"id": s.id, "seek": 0, "start": round(s.start, 3), "end": round(s.end, 3), "text": s.text,
                       "tokens": [], "temperature": 0.0, "avg_logprob": s.avg_logprob,
@@ -168,7 +175,20 @@ def to_verbose(transcript: Transcript, words: bool) -> dict[str, Any]:
     return out
 
 
-def render(transcript: Transcript, fmt: str, words: bool) -> Response:
+def to_events(transcript: Transcript) -> list[bytes]:
+    """OpenAI's streamed transcription: one `transcript.text.delta` event per segment, then
+    `transcript.text.done` with the whole text (what `transcriptions.create(..., stream=True)` yields)."""
+    def event(data: dict[str, Any]) -> bytes:
+        return b"data: " + json.dumps(data).encode() + b"\n\n"
+
+    texts = [s.text for s in transcript.segments if s.text]
+    deltas = [event({"type": "transcript.text.delta", "delta": (" " if i else "") + t})
+              for i, t in enumerate(texts)]
+    usage = {"type": "duration", "seconds": round(transcript.duration, 3)}
+    return [*deltas, event({"type": "transcript.text.done", "text": transcript.text, "usage": usage})]
+
+
+def render(transcript: Transcript, fmt: str, words: bool, task: str = "transcribe") -> Response:
     if fmt == "text":
         return PlainTextResponse(transcript.text + "\n")
     if fmt == "srt":
@@ -176,7 +196,7 @@ def render(transcript: Transcript, fmt: str, words: bool) -> Response:
     if fmt == "vtt":
         return PlainTextResponse(to_vtt(transcript), media_type="text/vtt")
     if fmt == "verbose_json":
-        return JSONResponse(to_verbose(transcript, words))
+        return JSONResponse(to_verbose(transcript, words, task))
     return JSONResponse({"text": transcript.text,
                          "usage": {"type": "duration", "seconds": round(transcript.duration, 3)}})
 
@@ -210,9 +230,18 @@ def build_app(state: ServerState) -> Starlette:
         return JSONResponse({"object": "list", "data": data})
 
     async def transcriptions(request: Request) -> Response:
+        return await answer(request, "transcribe")
+
+    async def translations(request: Request) -> Response:
+        return await answer(request, "translate")
+
+    async def answer(request: Request, task: str) -> Response:
         engine = state.engine
         if engine is None:
             return error(503, "loading", state.load_error or "the speech-to-text model is still loading")
+        if task == "translate" and not engine.translates:
+            return error(400, "translation_unsupported",
+                         f"this model ({engine.name}) only transcribes; translations need a Whisper model")
         try:
             form = await request.form(max_files=1, max_fields=32)
         except Exception as exc:  # starlette raises several types for a malformed body
@@ -233,23 +262,38 @@ def build_app(state: ServerState) -> Starlette:
             granularities = {str(g) for g in form.getlist("timestamp_granularities[]")}
             language = str(form.get("language") or "").strip().lower() or None
             prompt = str(form.get("prompt") or "") or None
+            stream = str(form.get("stream") or "").lower() in ("true", "1")
+            if stream and fmt not in ("json", "text"):
+                return error(400, "unsupported_response_format", "a streamed transcription is text: "
+                             f"response_format json or text, not {fmt[:40]!r}")
             data = await upload.read()
         try:
             samples = await asyncio.to_thread(_prepare, data)
         except AudioError as exc:
             return error(400, exc.code, str(exc))
-        options = Options(language, prompt, temperature, "word" in granularities)
+        # Translation ignores `language`: Whisper detects the spoken one and answers in English.
+        options = Options(None if task == "translate" else language, prompt, temperature,
+                          "word" in granularities, task)
         async with state.lock:
             try:
                 transcript = await asyncio.to_thread(engine.transcribe, samples, options)
             except ValueError as exc:
                 return error(400, "invalid_request", str(exc))
-        return render(transcript, fmt, options.word_timestamps)
+        if stream:
+            events = to_events(transcript)
+
+            async def chunks() -> Any:
+                for chunk in events:
+                    yield chunk
+
+            return StreamingResponse(chunks(), media_type="text/event-stream")
+        return render(transcript, fmt, options.word_timestamps, task)
 
     return Starlette(routes=[
         Route("/health", health, methods=["GET"]),
         Route("/v1/models", models, methods=["GET"]),
         Route("/v1/audio/transcriptions", transcriptions, methods=["POST"]),
+        Route("/v1/audio/translations", translations, methods=["POST"]),
     ])
 
 

@@ -13,7 +13,7 @@ import json
 import re
 import sys
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -51,6 +51,28 @@ VOICE_LANGUAGES = {"a": "en-us", "b": "en-gb", "e": "es", "f": "fr-fr", "h": "hi
                    "p": "pt-br", "z": "cmn"}
 _LATIN = frozenset({"en-us", "en-gb", "es", "fr-fr", "it", "pt-br"})
 _SENTENCE_END = re.compile(r"(?<=[.!?;:。！？])\s+|\n+")
+
+
+#: OpenAI's voice names, each with the Kokoro voices that sound most like it (first one the model has wins)
+#: and whether it is a female ("f") or male ("m") voice, the fallback for a voice pack without any of them.
+OPENAI_VOICES: dict[str, tuple[str, tuple[str, ...]]] = {
+    "alloy": ("f", ("af_alloy", "af_heart")), "ash": ("m", ("am_adam",)), "ballad": ("m", ("bm_fable",)),
+    "coral": ("f", ("af_heart", "af_bella")), "echo": ("m", ("am_echo",)), "fable": ("m", ("bm_fable",)),
+    "onyx": ("m", ("am_onyx",)), "nova": ("f", ("af_nova",)), "sage": ("f", ("af_sarah",)),
+    "shimmer": ("f", ("af_bella", "af_sky")), "verse": ("m", ("am_michael",)), "marin": ("f", ("af_heart",)),
+    "cedar": ("m", ("am_michael",)),
+}
+
+
+def voice_map(voices: Sequence[str], overrides: Mapping[str, str] | None = None) -> dict[str, str]:
+    """OpenAI voice name -> one of this model's voices: the slot's overrides, else the closest Kokoro voice,
+    else the model's first voice of the same gender, else its first voice."""
+    out: dict[str, str] = {}
+    for name, (gender, likely) in OPENAI_VOICES.items():
+        same_gender = [v for v in voices if v[1:2] == gender]
+        out[name] = next((v for v in likely if v in voices), same_gender[0] if same_gender else voices[0])
+    out.update(overrides or {})
+    return out
 
 
 def voice_language(voice: str) -> str | None:
@@ -114,7 +136,7 @@ class BadRequest(ValueError):
         self.code = code
 
 
-def parse_request(body: Any, voices: Sequence[str]) -> SpeechRequest:
+def parse_request(body: Any, voices: Sequence[str], aliases: Mapping[str, str] | None = None) -> SpeechRequest:
     if not isinstance(body, dict):
         raise BadRequest("expected a JSON object", "invalid_json")
     text = body.get("input")
@@ -123,6 +145,8 @@ def parse_request(body: Any, voices: Sequence[str]) -> SpeechRequest:
     if len(text) > MAX_INPUT_CHARS:
         raise BadRequest(f"`input` is longer than {MAX_INPUT_CHARS} characters", "input_too_long")
     voice = body.get("voice") or voices[0]
+    if isinstance(voice, str) and voice not in voices and aliases:
+        voice = aliases.get(voice.lower(), voice)
     if not isinstance(voice, str) or voice not in voices:
         raise BadRequest(f"unknown voice {str(voice)[:40]!r}; this model has: {', '.join(voices)}", "unknown_voice")
     fmt = body.get("response_format") or "mp3"
@@ -152,6 +176,8 @@ def error(status: int, code: str, message: str) -> JSONResponse:
 class ServerState:
     model_path: Path
     alias: str
+    #: The slot's own OpenAI voice name -> model voice choices (`--voice-map alloy=jf_alpha`).
+    voice_overrides: dict[str, str] = field(default_factory=dict)
     engine: KokoroEngine | None = None
     load_error: str | None = None
     loaded_in_s: float | None = None
@@ -175,7 +201,8 @@ def build_app(state: ServerState) -> Starlette:
         if state.engine is None:
             return error(503, "loading", "the text-to-speech model is still loading")
         data = [{"id": v, "object": "voice", "language": voice_language(v)} for v in state.engine.voices]
-        return JSONResponse({"object": "list", "data": data, "voices": list(state.engine.voices)})
+        return JSONResponse({"object": "list", "data": data, "voices": list(state.engine.voices),
+                             "openai_voices": voice_map(state.engine.voices, state.voice_overrides)})
 
     async def speech(request: Request) -> Response:
         engine = state.engine
@@ -183,7 +210,7 @@ def build_app(state: ServerState) -> Starlette:
             return error(503, "loading", state.load_error or "the text-to-speech model is still loading")
         try:
             body = json.loads(await request.body())
-            req = parse_request(body, engine.voices)
+            req = parse_request(body, engine.voices, voice_map(engine.voices, state.voice_overrides))
         except json.JSONDecodeError as exc:
             return error(400, "invalid_json", f"the body is not JSON: {exc}")
         except BadRequest as exc:
@@ -237,7 +264,8 @@ async def _load(state: ServerState, server: uvicorn.Server) -> None:
 
 
 async def _serve(args: argparse.Namespace) -> int:
-    state = ServerState(Path(args.model), args.alias or Path(args.model).parent.name)
+    overrides = dict(item.split("=", 1) for item in args.voice_map)
+    state = ServerState(Path(args.model), args.alias or Path(args.model).parent.name, overrides)
     server = uvicorn.Server(uvicorn.Config(build_app(state), host=args.host, port=args.port, log_level="warning",
                                            access_log=False, lifespan="off"))
     load = asyncio.create_task(_load(state, server), name="load-model")
@@ -256,7 +284,16 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--model", required=True, help="the Kokoro .onnx file; its voice pack sits beside it")
     parser.add_argument("--alias", default="", help="the model id /v1/models reports (the slot name)")
+    parser.add_argument("--voice-map", action="append", default=[], type=_voice_pair, metavar="OPENAI=VOICE",
+                        help="answer OpenAI's voice name OPENAI with this model's VOICE (repeatable)")
     return parser.parse_args(argv)
+
+
+def _voice_pair(text: str) -> str:
+    name, sep, voice = text.partition("=")
+    if not sep or not name or not voice:
+        raise argparse.ArgumentTypeError(f"expected OPENAI=VOICE, got {text!r}")
+    return f"{name.lower()}={voice}"
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -20,10 +20,12 @@ import aiohttp
 from multidict import CIMultiDict
 from starlette.requests import Request
 
+from hal0.dispatch.backend_errors import anthropic_path as _anthropic
+from hal0.dispatch.backend_errors import backend_error_bytes, error_headers
 from hal0.dispatch.coalesce import BufferedResponse, Coalescer
 from hal0.dispatch.decisions import Decision, DecisionLog
-from hal0.dispatch.resolve import ENDPOINT_TYPES, resolve
-from hal0.errors import Hal0Error, InvalidRequest, UpstreamError, openai_error_body
+from hal0.dispatch.resolve import ENDPOINT_TYPES, find_model, resolve
+from hal0.errors import Hal0Error, InvalidRequest, UpstreamError, anthropic_error_body, openai_error_body
 from hal0.settings import Settings
 from hal0.slots.lease import Lease
 from hal0.slots.manager import SlotManager
@@ -53,8 +55,10 @@ _JSON = [(b"content-type", b"application/json")]
 _FILE_ENDPOINTS = frozenset({"/v1/audio/transcriptions", "/v1/audio/translations"})
 
 
-def error_bytes(status: int, code: str, message: str, detail: dict[str, Any] | None = None) -> bytes:
-    return json.dumps(openai_error_body(status, code, message, detail)).encode()
+def error_bytes(status: int, code: str, message: str, detail: dict[str, Any] | None = None,
+                anthropic: bool = False) -> bytes:
+    body = (anthropic_error_body if anthropic else openai_error_body)(status, code, message, detail)
+    return json.dumps(body).encode()
 
 
 #: How an OpenAI-style event stream ends: nothing follows, so the end is not held back.
@@ -93,6 +97,14 @@ class Dispatcher:
         if path == "/v1/models" and method in ("GET", "HEAD"):
             await self._send_json(send, 200, self.models_listing(), rid)
             return
+        if path.startswith("/v1/models/") and method in ("GET", "HEAD"):
+            try:
+                slot = find_model(self.manager.slots.values(), path[len("/v1/models/"):])
+            except Hal0Error as exc:
+                await self._send_error(send, exc.status, exc.code, exc.message, rid, exc.detail or None)
+                return
+            await self._send_json(send, 200, _model_entry(slot), rid)
+            return
         if path not in ENDPOINT_TYPES:
             await self._send_error(send, 404, "unknown_endpoint", f"no endpoint {method} {path[:200]}", rid)
             return
@@ -109,7 +121,8 @@ class Dispatcher:
             decision.error = {"code": exc.code, "message": exc.message}
             if not decision.candidates and isinstance(exc.detail.get("candidates"), list):
                 decision.candidates = exc.detail["candidates"]
-            await self._send_error(send, exc.status, exc.code, exc.message, rid, exc.detail or None)
+            await self._send_error(send, exc.status, exc.code, exc.message, rid, exc.detail or None,
+                                   _anthropic(path))
         finally:
             decision.duration_ms = round((time.perf_counter() - started) * 1000, 3)
             self.decisions.record(decision)
@@ -159,9 +172,13 @@ class Dispatcher:
                 decision.reason += ",coalesced"
             decision.status = buffered.status
             decision.outcome = "ok" if buffered.status < 400 else "upstream_error"
+            out, out_headers = buffered.body, list(buffered.headers)
+            if buffered.status >= 400:
+                out = backend_error_bytes(buffered.status, out, _anthropic(path))
+                out_headers = error_headers(out_headers, out)
             await send({"type": "http.response.start", "status": buffered.status,
-                        "headers": [*buffered.headers, (b"x-request-id", rid)]})
-            await send({"type": "http.response.body", "body": buffered.body})
+                        "headers": [*out_headers, (b"x-request-id", rid)]})
+            await send({"type": "http.response.body", "body": out})
             return
         await self._proxy(slot, scope, receive, send, target, body, upstream_headers, decision, rid)
 
@@ -225,8 +242,22 @@ class Dispatcher:
         # Only event streams are batched, and only while tokens come faster than the window: an event that
         # follows a pause (the first token after the prompt, every token of a slow model) leaves at once.
         batch = self._stream_batch_s if is_sse else 0.0
-        try:
+
+        async def relay_error() -> None:
+            try:
+                data = await resp.read()  # an error answer: one small JSON body
+            except (TimeoutError, aiohttp.ClientError) as exc:
+                backend.failed()
+                raise UpstreamError(f"backend of slot {slot.name} failed mid-response: {exc}",
+                                    code="backend_failed") from exc
+            body = backend_error_bytes(resp.status, data, _anthropic(decision.endpoint))
+            await send({"type": "http.response.start", "status": resp.status,
+                        "headers": error_headers(out_headers, body)})
+            await send({"type": "http.response.body", "body": body, "more_body": False})
+
+        async def pump() -> BaseException | None:
             await send({"type": "http.response.start", "status": resp.status, "headers": out_headers})
+            failure: BaseException | None = None
             try:
                 loop = asyncio.get_running_loop()
                 chunks = 0
@@ -247,6 +278,13 @@ class Dispatcher:
                     502, "backend_failed", f"backend of slot {slot.name} failed mid-stream: "
                     f"{type(failure).__name__}: {failure}") + b"\n\n"
             await send({"type": "http.response.body", "body": tail, "more_body": False})
+            return failure
+
+        try:
+            if resp.status >= 400 and not is_sse:
+                await relay_error()
+            else:
+                failure = await pump()
             decision.outcome = "backend_failed" if failure is not None else (
                 "ok" if resp.status < 400 else "upstream_error")
         finally:
@@ -283,14 +321,7 @@ class Dispatcher:
                 return b"".join(chunks)
 
     def models_listing(self) -> dict[str, Any]:
-        data = []
-        for slot in self.manager.ordered():
-            if not slot.config.model:
-                continue
-            data.append({"id": slot.config.model, "object": "model", "created": int(slot.record.since),
-                         "owned_by": "hal0", "slot": slot.name, "type": slot.config.type,
-                         "state": slot.state.value, "aliases": [slot.name, *slot.config.aliases]})
-        return {"object": "list", "data": data}
+        return {"object": "list", "data": [_model_entry(s) for s in self.manager.ordered() if s.config.model]}
 
     async def _send_json(self, send: Send, status: int, data: Any, rid: bytes) -> None:
         body = json.dumps(data).encode()
@@ -299,11 +330,19 @@ class Dispatcher:
         await send({"type": "http.response.body", "body": body})
 
     async def _send_error(self, send: Send, status: int, code: str, message: str, rid: bytes,
-                          detail: dict[str, Any] | None = None) -> None:
+                          detail: dict[str, Any] | None = None, anthropic: bool = False) -> None:
         with contextlib.suppress(Exception):  # the client may be gone already
             await send({"type": "http.response.start", "status": status,
                         "headers": [*_JSON, (b"x-request-id", rid)]})
-            await send({"type": "http.response.body", "body": error_bytes(status, code, message, detail)})
+            await send({"type": "http.response.body",
+                        "body": error_bytes(status, code, message, detail, anthropic)})
+
+
+def _model_entry(slot: Slot) -> dict[str, Any]:
+    """One model in OpenAI's shape (`id`, `object`, `created`, `owned_by`), with its slot and live state."""
+    return {"id": slot.config.model, "object": "model", "created": int(slot.record.since), "owned_by": "hal0",
+            "slot": slot.name, "type": slot.config.type, "state": slot.state.value,
+            "aliases": [slot.name, *slot.config.aliases]}
 
 
 def _header(scope: Scope, name: bytes) -> bytes:

@@ -19,10 +19,12 @@ ENDPOINT_TYPES: dict[str, frozenset[str]] = {
     "/v1/completions": frozenset({"chat"}),
     "/v1/responses": frozenset({"chat"}),
     "/v1/messages": frozenset({"chat"}),
+    "/v1/messages/count_tokens": frozenset({"chat"}),
     "/v1/embeddings": frozenset({"embed"}),
     "/v1/rerank": frozenset({"rerank"}),
     "/v1/reranking": frozenset({"rerank"}),
     "/v1/audio/transcriptions": frozenset({"stt"}),
+    "/v1/audio/translations": frozenset({"stt"}),
     "/v1/audio/speech": frozenset({"tts"}),
     "/v1/audio/voices": frozenset({"tts"}),
 }
@@ -72,13 +74,7 @@ def resolve(slots: Iterable[Slot], model: str, endpoint: str) -> Resolution:
         for s, how in matched
     )
     if not matched:
-        available = sorted({s.name for s in all_slots if s.config.model}
-                           | {s.config.model for s in all_slots if s.config.model}
-                           | {a for s in all_slots if s.config.model for a in s.config.aliases})
-        raise ModelNotFound(
-            f"model {model[:200]!r} is not served by any slot; available: {', '.join(available) or 'none'}",
-            detail={"available": available},
-        )
+        raise _not_found(all_slots, model)
     fitting = [(s, how) for s, how in matched if s.config.type in fitting_types]
     if not fitting:
         slot, _ = matched[0]
@@ -93,3 +89,24 @@ def resolve(slots: Iterable[Slot], model: str, endpoint: str) -> Resolution:
     fitting.sort(key=lambda pair: (rank[pair[1]], pair[0].state not in LOADED, pair[0].name))
     slot, how = fitting[0]
     return Resolution(slot, how, candidates)
+
+
+def find_model(slots: Iterable[Slot], model: str) -> Slot:
+    """The slot a model name (slot name, ref or alias) means, whatever its type: `GET /v1/models/{id}`."""
+    all_slots = list(slots)
+    rank = {"slot-name": 0, "ref": 1, "alias": 2}
+    matched = sorted(((rank[how], s.name, s) for s in all_slots if s.config.model
+                      for how in [_matches(s, model)] if how is not None), key=lambda t: (t[0], t[1]))
+    if not matched:
+        raise _not_found(all_slots, model)
+    return matched[0][2]
+
+
+def _not_found(all_slots: list[Slot], model: str) -> ModelNotFound:
+    available = sorted({s.name for s in all_slots if s.config.model}
+                       | {s.config.model for s in all_slots if s.config.model}
+                       | {a for s in all_slots if s.config.model for a in s.config.aliases})
+    return ModelNotFound(
+        f"model {model[:200]!r} is not served by any slot; available: {', '.join(available) or 'none'}",
+        detail={"available": available},
+    )

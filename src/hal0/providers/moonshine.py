@@ -24,7 +24,7 @@ from hal0.providers.speech import (
     silent_wav,
 )
 
-_ENDPOINTS = frozenset({"/v1/audio/transcriptions", "/v1/models"})
+_ENDPOINTS = frozenset({"/v1/audio/transcriptions", "/v1/audio/translations", "/v1/models"})
 _SENTINEL_AUDIO = silent_wav()
 
 

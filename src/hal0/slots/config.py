@@ -21,6 +21,12 @@ SLOT_TYPES = ("chat", "embed", "rerank", "stt", "tts")
 DEFAULT_PROVIDER = {"chat": "llama.cpp", "embed": "llama.cpp", "rerank": "llama.cpp",
                     "stt": "moonshine", "tts": "kokoro"}
 BUILTIN_SLOTS = {"primary": "chat", "embed": "embed", "stt": "stt", "tts": "tts"}
+#: The model names stock OpenAI client code asks for, answered by the built-in speech slots unless their config
+#: sets `aliases` itself.
+BUILTIN_ALIASES: dict[str, tuple[str, ...]] = {
+    "stt": ("whisper-1", "gpt-4o-transcribe", "gpt-4o-mini-transcribe"),
+    "tts": ("tts-1", "tts-1-hd", "gpt-4o-mini-tts"),
+}
 
 _NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 _ALIAS = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/@-]{0,127}$")
@@ -124,7 +130,8 @@ class ConfigStore:
         return self.root / f"{validate_slot_name(name)}.toml"
 
     def load_all(self) -> dict[str, SlotConfig]:
-        configs = {name: SlotConfig(name=name, type=typ, builtin=True) for name, typ in BUILTIN_SLOTS.items()}
+        configs = {name: SlotConfig(name=name, type=typ, builtin=True, aliases=BUILTIN_ALIASES.get(name, ()))
+                   for name, typ in BUILTIN_SLOTS.items()}
         if self.root.is_dir():
             for path in sorted(self.root.glob("*.toml")):
                 name = path.stem
@@ -133,6 +140,7 @@ class ConfigStore:
                     data.setdefault("name", name)
                     if name in BUILTIN_SLOTS:
                         data.setdefault("type", BUILTIN_SLOTS[name])
+                        data.setdefault("aliases", list(BUILTIN_ALIASES.get(name, ())))
                     if data["name"] != name:
                         raise ConfigError(f"name {data['name']!r} does not match the file name")
                     configs[name] = SlotConfig.from_mapping(data, builtin=name in BUILTIN_SLOTS)
@@ -150,5 +158,5 @@ class ConfigStore:
             pass
 
 
-__all__ = ["BUILTIN_SLOTS", "SLOT_TYPES", "ConfigStore", "SlotConfig", "validate_ref",
+__all__ = ["BUILTIN_ALIASES", "BUILTIN_SLOTS", "SLOT_TYPES", "ConfigStore", "SlotConfig", "validate_ref",
            "validate_slot_name"]
