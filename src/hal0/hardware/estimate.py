@@ -7,10 +7,12 @@ fitted on the CPU build's `sched_reserve` report, see docs/performance.md for th
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
-from hal0.registry.gguf import GGUFLayout
+from hal0.registry.gguf import GGUFLayout, read_gguf_layout
 
 MIB = 1 << 20
 # llama.cpp pads each KV stream to a multiple of 256 cells.
@@ -217,3 +219,16 @@ def estimate(layout: GGUFLayout, settings: LoadSettings,
 def file_size_rule(file_bytes: int) -> int:
     """The usual rule of thumb this estimate replaces: file size times 1.2."""
     return int(file_bytes * 1.2)
+
+
+@functools.lru_cache(maxsize=64)
+def _layout(path: Path, mtime_ns: int, size: int) -> GGUFLayout:
+    return read_gguf_layout(path)
+
+
+def estimate_file(model_path: Path, settings: LoadSettings,
+                  baseline_bytes: int = DEFAULT_BASELINE_BYTES) -> MemoryEstimate:
+    """`estimate` for a GGUF file, its header read once per (path, mtime, size). Raises ValueError for a file
+    that is not a readable GGUF."""
+    st = model_path.stat()
+    return estimate(_layout(model_path, st.st_mtime_ns, st.st_size), settings, baseline_bytes)

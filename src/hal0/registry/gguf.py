@@ -119,13 +119,22 @@ def read_gguf_layout(path: Path) -> GGUFLayout:
     return GGUFLayout(values=values, tensors=tensors, alignment=align if isinstance(align, int) else 32)
 
 
+# ggml types -> (elements per block, bytes per block), from ggml.h / gguf-py's GGML_QUANT_SIZES; kept here so
+# reading a layout needs no gguf package (the GPU bench runs with numpy alone).
+GGML_BLOCKS: dict[int, tuple[int, int]] = {
+    0: (1, 4), 1: (1, 2), 2: (32, 18), 3: (32, 20), 6: (32, 22), 7: (32, 24), 8: (32, 34), 9: (32, 40),
+    10: (256, 84), 11: (256, 110), 12: (256, 144), 13: (256, 176), 14: (256, 210), 15: (256, 292),
+    16: (256, 66), 17: (256, 74), 18: (256, 98), 19: (256, 50), 20: (32, 18), 21: (256, 110), 22: (256, 82),
+    23: (256, 136), 24: (1, 1), 25: (1, 2), 26: (1, 4), 27: (1, 8), 28: (1, 8), 29: (256, 56), 30: (1, 2),
+    34: (256, 54), 35: (256, 66), 39: (32, 17), 40: (64, 36), 41: (128, 18),
+}
+
+
 def tensor_nbytes(ggml_type: int, shape: tuple[int, ...]) -> int:
     """Bytes of one tensor: elements / block size, times bytes per block of its ggml type."""
-    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
-
     try:
-        block, size = GGML_QUANT_SIZES[GGMLQuantizationType(ggml_type)]
-    except (ValueError, KeyError) as exc:
+        block, size = GGML_BLOCKS[ggml_type]
+    except KeyError as exc:
         raise KeyError(f"unknown ggml type {ggml_type}") from exc
     n = 1
     for d in shape:
