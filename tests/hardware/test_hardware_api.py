@@ -38,3 +38,24 @@ def test_a_slot_shows_its_estimate_before_and_its_measured_memory_after_a_load(
     assert measured["rss_bytes"] > 0 and measured["total_bytes"] > 0
     # llama-server's own report, read from the slot's log, agrees with the estimate.
     assert abs(measured["buffers_bytes"] - est["buffers_bytes"]) <= 0.10 * measured["buffers_bytes"]
+
+
+def test_hal0_hardware_prints_every_memory_pool(hal0: Hal0) -> None:
+    import subprocess
+    import sys
+
+    hal0.start()
+    out = subprocess.run([sys.executable, "-m", "hal0.cli", "--url", hal0.url, "hardware"], env=hal0.env,
+                         capture_output=True, text=True, timeout=60, check=True).stdout
+    assert out.splitlines()[0].split() == ["DEVICE", "NAME", "TOTAL", "FREE", "NOTE"]
+    assert out.splitlines()[1].startswith("host")
+
+
+def test_an_apu_shows_its_vram_and_its_gtt_pool() -> None:
+    from hal0.cli import hardware_rows
+
+    rows = hardware_rows({"memory": {"total_bytes": 64 << 30, "available_bytes": 60 << 30}, "cpu": {"cores": 16},
+                          "gpus": [{"index": 0, "vendor": "amd", "name": "Radeon 8060S", "memory_total_bytes": 1 << 29,
+                                    "memory_used_bytes": 0, "gtt_total_bytes": 96 << 30, "gtt_used_bytes": 0}]})
+    assert [r["note"] for r in rows] == ["", "VRAM", "GTT"]
+    assert rows[2]["total"] == "96.0 GiB"

@@ -17,9 +17,9 @@ from hal0.registry.gguf import GGUFLayout, read_gguf_layout
 MIB = 1 << 20
 # llama.cpp pads each KV stream to a multiple of 256 cells.
 KV_PAD = 256
-# What an idle CPU llama-server holds beyond its reported buffers (code, ggml threadpool, vocabulary tables);
-# measured as RSS minus buffers of the generated models on the CPU build, 2026-12.
-DEFAULT_BASELINE_BYTES = 24 * MIB
+# What an idle CPU llama-server holds beyond its reported buffers (code, threadpool, vocabulary tables): its RSS
+# minus its buffers at ctx 512 was 3-13 MiB for the generated models (bench/memory.py, CPU build, 2026-12).
+DEFAULT_BASELINE_BYTES = 16 * MIB
 # Bytes per element of the KV cache types `-ctk/-ctv` accept (block types: block bytes / block elements).
 CACHE_TYPE_BYTES: dict[str, float] = {
     "f32": 4.0, "f16": 2.0, "bf16": 2.0, "q8_0": 34 / 32, "q4_0": 18 / 32, "q4_1": 20 / 32,

@@ -46,10 +46,10 @@ class MeasuredMemory:
 
     @property
     def total_bytes(self) -> int:
-        """Host memory (RSS, or the host buffers while it is unknown) plus GPU memory (NVML's figure, or the
-        reported device buffers)."""
+        """Host memory plus GPU memory (NVML's figure, or the reported device buffers). Host memory is the larger
+        of RSS and the host buffers: KV and compute pages not touched yet are not resident, but they will be."""
         host_buffers = sum(self.buffers.get("CPU", {}).values())
-        host = max(self.process.rss_bytes, 0) if self.process else host_buffers
+        host = max(self.process.rss_bytes, host_buffers) if self.process else host_buffers
         gpu_buffers = self.buffers_bytes - host_buffers
         gpu = sum(self.gpu_process_bytes.values()) if self.gpu_process_bytes else gpu_buffers
         return host + gpu
