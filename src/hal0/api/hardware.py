@@ -52,9 +52,12 @@ def slot_measured(manager: SlotManager, slot: Slot) -> MeasuredMemory | None:
     key = (slot.name, pid)
     buffers = _reports.get(key)
     if buffers is None:
+        # Loaded means the report is already written (llama-server prints it before it listens), so an empty
+        # answer (another provider, a lower -lv) is kept too: the log is read once per backend, never per request.
         buffers = parse_buffer_report(read_log_tail(manager.supervisor.log_path(slot.name)))
-        if buffers:
-            _reports[key] = buffers
+        for old in [k for k in _reports if k[0] == slot.name]:
+            del _reports[old]
+        _reports[key] = buffers
     live = measure(pid, None)
     return MeasuredMemory(buffers, live.process, live.gpu_process_bytes)
 
