@@ -22,7 +22,8 @@ def test_hardware_reports_host_memory_and_gpus(hal0: Hal0) -> None:
 def test_a_slot_shows_its_estimate_before_and_its_measured_memory_after_a_load(
         hal0: Hal0, model_files: dict[str, Path]) -> None:
     hal0.add_model("tiny", model_files["tiny"])
-    hal0.write_slot_config("a", 'type = "chat"\nctx_size = 1024\nargs = ["-np", "1"]\n')
+    # Verbosity 4 is where llama-server prints its buffer report (hal0 does not start it so by default yet).
+    hal0.write_slot_config("a", 'type = "chat"\nctx_size = 1024\nargs = ["-np", "1", "-lv", "4"]\n')
     hal0.start()
     r = hal0.client.get("/api/slots/a/estimate", params={"model": "tiny"})
     assert r.status_code == 200, r.text

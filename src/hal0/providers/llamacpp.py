@@ -82,9 +82,6 @@ class LlamaCppProvider:
         argv = [
             str(self.binary()), "--host", spec.host, "--port", str(spec.port),
             "-m", str(spec.model_path), "--alias", spec.slot, "--no-webui",
-            # Verbosity 4 is where llama-server reports its buffer sizes per device (hal0.hardware.measure reads
-            # them); it adds ~20 log lines per request, none per token. A `-lv` in the slot's args wins (last).
-            "-lv", "4",
         ]
         if spec.ctx_size:
             argv += ["-c", str(spec.ctx_size)]
