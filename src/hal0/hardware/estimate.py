@@ -203,7 +203,6 @@ def estimate(layout: GGUFLayout, settings: LoadSettings,
         compute = ubatch * 4 * (3 * n_ff + 5 * n_embd + 10) + n_ctx_seq * ubatch * 2
     else:
         compute = ubatch * 4 * 7 * n_embd + n_ctx_seq * ubatch * 4 * (n_head + 1)
-        notes.append("compute buffer without flash attention is fitted on one model only")
     output = n_vocab * 4 * parallel
     devices = {"CPU": DevicePart(weights["CPU"], kv_cpu, 0, output)}
     if gpu_layers:
