@@ -221,6 +221,40 @@ def cmd_logs(args: argparse.Namespace) -> int:
     return 0
 
 
+def _gib(n: int | None) -> str:
+    return "" if n is None else f"{n / (1 << 30):.1f} GiB"
+
+
+def hardware_rows(hw: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per memory pool of /api/hardware: the host, each GPU (its GTT pool too, for amdgpu), each NPU."""
+    mem = hw["memory"]
+    cpu = hw.get("cpu", {})
+    rows = [{"device": "host", "name": f"{cpu.get('model') or 'CPU'} ({cpu.get('cores')} cores)",
+             "total": _gib(mem["total_bytes"]), "free": _gib(mem["available_bytes"]),
+             "note": "cgroup memory.max" if mem.get("source") == "cgroup" else ""}]
+    for g in hw.get("gpus", []):
+        rows.append({"device": f"gpu{g['index']}", "name": f"{g['vendor']} {g['name']}",
+                     "total": _gib(g["memory_total_bytes"]),
+                     "free": _gib(g["memory_total_bytes"] - g["memory_used_bytes"]), "note": "VRAM"})
+        if g.get("gtt_total_bytes"):
+            rows.append({"device": f"gpu{g['index']}", "name": "GTT (system memory the GPU maps)",
+                         "total": _gib(g["gtt_total_bytes"]),
+                         "free": _gib(g["gtt_total_bytes"] - (g.get("gtt_used_bytes") or 0)), "note": "GTT"})
+    rows += [{"device": "npu", "name": n, "total": "", "free": "", "note": "present"} for n in hw.get("npus", [])]
+    rows += [{"device": "-", "name": f"{k} skipped", "total": "", "free": "", "note": v}
+             for k, v in hw.get("skipped", {}).items()]
+    return rows
+
+
+def cmd_hardware(args: argparse.Namespace) -> int:
+    hw = args.client.get("/api/hardware")
+    if args.json:
+        _print_json(hw)
+    else:
+        print_table(hardware_rows(hw), ["device", "name", "total", "free", "note"])
+    return 0
+
+
 def cmd_doctor(args: argparse.Namespace) -> int:
     from hal0.setup_systemd import doctor_checks
 
@@ -306,7 +340,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--outcome")
     p.set_defaults(func=cmd_logs)
 
-    p = sub.add_parser("doctor", help="check the installation: supervisor, llama-server, ports, disk")
+    p = sub.add_parser("hardware", help="CPU, host memory, GPUs (VRAM, GTT) and NPUs this machine has")
+    p.set_defaults(func=cmd_hardware)
+
+    p = sub.add_parser("doctor", help="check the installation: supervisor, llama-server, ports, disk, hardware")
     p.set_defaults(func=cmd_doctor, local=True)
 
     p = sub.add_parser("setup", help="install hal0 as a system service")

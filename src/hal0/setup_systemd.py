@@ -155,7 +155,21 @@ class Check:
 def doctor_checks(settings: Settings) -> list[Check]:
     """Everything `hal0 doctor` reports, each with a verdict and a human detail."""
     return [_check_supervisor(settings), _check_llama_server(settings), _check_ports(settings),
-            _check_state_dir(settings), _check_disk(settings)]
+            _check_state_dir(settings), _check_disk(settings), _check_hardware()]
+
+
+def _check_hardware() -> Check:
+    from hal0.hardware.inventory import read_inventory
+
+    inv = read_inventory()
+    gib = 1 << 30
+    parts = [f"{inv.cpu_cores} cores, host {inv.memory.available_bytes / gib:.1f} of "
+             f"{inv.memory.total_bytes / gib:.1f} GiB free ({inv.memory.source})"]
+    parts += [f"gpu{g.index} {g.name} {g.memory_total_bytes / gib:.1f} GiB"
+              + (f" + GTT {g.gtt_total_bytes / gib:.1f} GiB" if g.gtt_total_bytes else "") for g in inv.gpus]
+    parts += [f"npu {n}" for n in inv.npus]
+    parts += [f"{k}: {v}" for k, v in inv.skipped.items()]
+    return Check("hardware", True, "; ".join(parts))
 
 
 def _check_supervisor(settings: Settings) -> Check:

@@ -16,7 +16,7 @@ import aiohttp
 from fastapi import FastAPI
 
 from hal0 import __version__
-from hal0.api import dashboard, errors, manage, models
+from hal0.api import dashboard, errors, hardware, manage, models
 from hal0.dispatch.backend_errors import anthropic_path
 from hal0.dispatch.decisions import DecisionLog
 from hal0.dispatch.proxy import Dispatcher, Receive, Scope, Send
@@ -199,6 +199,7 @@ def create_app(settings: Settings, options: AppOptions | None = None) -> Hal0App
                               "OpenAI-shaped edge (/v1).")
     errors.install(app)
     app.include_router(manage.router)
+    app.include_router(hardware.router)
     app.include_router(models.router)
     app.include_router(dashboard.router)
     edge.fastapi = app

@@ -11,6 +11,7 @@ from typing import Any
 from fastapi import APIRouter, Query, Request, Response
 from pydantic import BaseModel, ConfigDict, Field
 
+from hal0.api.hardware import memory_view
 from hal0.api.sse import sse_response
 from hal0.dispatch.decisions import DecisionLog
 from hal0.slots.manager import SlotManager
@@ -50,8 +51,11 @@ def _manager(request: Request) -> SlotManager:
     return manager
 
 
-def _view(slot: Slot) -> dict[str, Any]:
-    return slot.snapshot()
+def _view(slot: Slot, manager: SlotManager | None = None) -> dict[str, Any]:
+    view = slot.snapshot()
+    if manager is not None:
+        view["memory"] = memory_view(manager, slot)
+    return view
 
 
 @router.get("/health", summary="The API itself is up")
@@ -64,7 +68,8 @@ async def health(request: Request) -> dict[str, Any]:
 
 @router.get("/slots", summary="Every slot with its live state")
 async def list_slots(request: Request) -> dict[str, Any]:
-    return {"data": [_view(s) for s in _manager(request).ordered()]}
+    manager = _manager(request)
+    return {"data": [_view(s, manager) for s in manager.ordered()]}
 
 
 @router.post("/slots", status_code=201, summary="Create a user slot")
@@ -75,8 +80,9 @@ async def create_slot(body: SlotCreate, request: Request) -> dict[str, Any]:
 
 @router.get("/slots/{name}", summary="One slot")
 async def show_slot(name: str, request: Request) -> dict[str, Any]:
-    slot = _manager(request).get(name)
-    view = _view(slot)
+    manager = _manager(request)
+    slot = manager.get(name)
+    view = _view(slot, manager)
     view["history"] = slot.history
     return view
 

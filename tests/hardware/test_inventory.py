@@ -1,0 +1,98 @@
+"""Inventory readers against copies of real files: /proc/meminfo, cgroup v2 memory.max, amdgpu sysfs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from hal0.hardware.inventory import read_amdgpu, read_host_memory, read_inventory, read_npus, read_nvml
+
+# A /proc/meminfo head as the kernel writes it (Documentation/filesystems/proc.rst, "meminfo").
+MEMINFO = """MemTotal:       65536000 kB
+MemFree:         1024000 kB
+MemAvailable:   32768000 kB
+Buffers:          102400 kB
+Cached:         20480000 kB
+"""
+
+
+def _proc(root: Path, cgroup_line: str = "0::/\n") -> Path:
+    proc = root / "proc"
+    (proc / "self").mkdir(parents=True)
+    (proc / "meminfo").write_text(MEMINFO)
+    (proc / "self" / "cgroup").write_text(cgroup_line)
+    return proc
+
+
+def test_host_memory_comes_from_meminfo_without_a_cgroup_limit(tmp_path: Path) -> None:
+    proc = _proc(tmp_path)
+    cg = tmp_path / "cgroup"
+    cg.mkdir()
+    (cg / "memory.max").write_text("max\n")
+    mem = read_host_memory(proc, cg)
+    assert (mem.total_bytes, mem.available_bytes, mem.source) == (65536000 * 1024, 32768000 * 1024, "meminfo")
+
+
+def test_a_lower_cgroup_memory_max_wins(tmp_path: Path) -> None:
+    proc = _proc(tmp_path, "0::/system.slice/hal0.service\n")
+    leaf = tmp_path / "cgroup" / "system.slice" / "hal0.service"
+    leaf.mkdir(parents=True)
+    (leaf.parent / "memory.max").write_text("max\n")
+    (leaf / "memory.max").write_text(f"{8 << 30}\n")
+    (leaf / "memory.current").write_text(f"{3 << 30}\n")
+    mem = read_host_memory(proc, tmp_path / "cgroup")
+    assert (mem.total_bytes, mem.available_bytes, mem.source) == (8 << 30, 5 << 30, "cgroup")
+    assert mem.meminfo_total_bytes == 65536000 * 1024
+
+
+# Copies of a Strix Halo APU's amdgpu files: each is one decimal byte count and a newline, as the kernel's amdgpu
+# documentation describes them (Documentation/gpu/amdgpu/driver-misc.rst, "mem_info_vram_total",
+# "mem_info_gtt_total", ...). Connector entries such as card0-eDP-1 sit beside the cards and are no GPU.
+AMDGPU = {
+    "mem_info_vram_total": "536870912\n",
+    "mem_info_vram_used": "143822848\n",
+    "mem_info_gtt_total": "103079215104\n",
+    "mem_info_gtt_used": "52428800\n",
+    "product_name": "\n",
+}
+
+
+def test_amdgpu_sysfs_gives_vram_and_the_gtt_pool(tmp_path: Path) -> None:
+    drm = tmp_path / "class" / "drm"
+    dev = drm / "card1" / "device"
+    dev.mkdir(parents=True)
+    for name, text in AMDGPU.items():
+        (dev / name).write_text(text)
+    (drm / "card1-eDP-1").mkdir()
+    (drm / "card0" / "device").mkdir(parents=True)  # a non-amdgpu card: no mem_info files
+    (gpu,) = read_amdgpu(drm)
+    assert gpu.vendor == "amd" and gpu.index == 0 and gpu.name == "amdgpu card1"
+    assert (gpu.memory_total_bytes, gpu.memory_used_bytes) == (536870912, 143822848)
+    assert (gpu.gtt_total_bytes, gpu.gtt_used_bytes) == (103079215104, 52428800)
+
+
+def test_npus_are_found_by_their_accel_device(tmp_path: Path) -> None:
+    (tmp_path / "accel").mkdir()
+    (tmp_path / "accel" / "accel0").touch()
+    assert read_npus(tmp_path) == [str(tmp_path / "accel" / "accel0")]
+    assert read_npus(tmp_path / "none") == []
+
+
+def test_inventory_says_why_nvml_was_skipped(tmp_path: Path) -> None:
+    proc = _proc(tmp_path)
+    inv = read_inventory(proc_root=proc, sys_root=tmp_path / "sys", dev_root=tmp_path / "dev", nvml=True)
+    _, reason = read_nvml()
+    if reason is not None:
+        assert inv.skipped["nvml"] == reason
+        assert inv.gpus == ()
+    body = inv.to_dict()
+    assert body["memory"]["total_bytes"] == 65536000 * 1024 and body["memory"]["available_bytes"] > 0
+    assert body["cpu"]["cores"] >= 1
+
+
+def test_nvml_lists_the_gpus_where_there_are_some() -> None:
+    gpus, reason = read_nvml()
+    if reason is not None:
+        pytest.skip(f"NVML path not exercised here: {reason}")
+    assert gpus and all(g.vendor == "nvidia" and g.memory_total_bytes > 0 for g in gpus)
