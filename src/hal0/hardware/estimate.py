@@ -20,6 +20,10 @@ KV_PAD = 256
 # What an idle CPU llama-server holds beyond its reported buffers (code, threadpool, vocabulary tables): its RSS
 # minus its buffers at ctx 512 was 3-13 MiB for the generated models (bench/memory.py, CPU build, 2026-12).
 DEFAULT_BASELINE_BYTES = 16 * MIB
+# What a GPU process holds on its device beyond the buffers llama-server reports: the CUDA context and its
+# kernels. NVML's per-process figure minus the CUDA buffer report was 587.7-589.9 MiB in all 12 cases of
+# bench/gpu_memory.py (H200, CUDA 13, models of 1.6-8.5 GB, full and partial offload; 2026-12-01).
+GPU_CONTEXT_BYTES = 590 * MIB
 # Bytes per element of the KV cache types `-ctk/-ctv` accept (block types: block bytes / block elements).
 CACHE_TYPE_BYTES: dict[str, float] = {
     "f32": 4.0, "f16": 2.0, "bf16": 2.0, "q8_0": 34 / 32, "q4_0": 18 / 32, "q4_1": 20 / 32,
@@ -209,7 +213,9 @@ def estimate(layout: GGUFLayout, settings: LoadSettings,
         # Fully offloaded, the host keeps only a small buffer for the input embeddings.
         devices[gpu] = DevicePart(weights[gpu], kv_gpu, compute, 0)
         devices["CPU"] = DevicePart(weights["CPU"], kv_cpu, ubatch * 4 * n_embd * 2, output)
-        notes.append("GPU split is not yet verified against a GPU build")
+        # Verified on a CUDA build (bench/gpu_memory.py): buffers within 1.6% of the report per case.
+        baseline_bytes += GPU_CONTEXT_BYTES
+        notes.append(f"includes {GPU_CONTEXT_BYTES // MIB} MiB for the GPU context (measured on CUDA)")
     else:
         devices["CPU"] = DevicePart(weights["CPU"], kv_cpu, compute, output)
     return MemoryEstimate(devices, baseline_bytes, n_ctx, n_ctx_seq, parallel, unified, tuple(notes))
