@@ -469,6 +469,12 @@ class Slot:
                 await self._ctx.supervisor.stop(self.name, handle, self._ctx.settings.stop_timeout_s)
             self._transition(S.OFFLINE, "unload finished after an API restart", pid=None)
             return
+        if not status.alive and status.stopped_cleanly:
+            # Stopped, not crashed (a reboot stopped the unit cleanly): nothing failed, the slot is cold.
+            self._transition(S.UNLOADING, f"backend stopped while the API was down ({status.detail})")
+            self._transition(S.OFFLINE, f"backend stopped while the API was down ({status.detail})", pid=None,
+                             loaded_at=None)
+            return
         if not status.alive:
             self._fail("backend_gone", f"backend of slot {self.name} ended while the API was down "
                        f"({status.detail})")

@@ -29,6 +29,8 @@ class ProcessStatus:
     #: Known when the process has ended and its status could be collected.
     exit_code: int | None = None
     detail: str = ""
+    #: Ended by a clean stop, not a failure (e.g. a unit that systemd stopped at shutdown and has not run since).
+    stopped_cleanly: bool = False
 
 
 class Supervisor(Protocol):

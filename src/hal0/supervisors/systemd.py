@@ -357,5 +357,6 @@ def _process_status(state: UnitState, handle: Handle) -> ProcessStatus:
         if handle.pid is not None and state.main_pid != handle.pid:
             detail = f"restarted by systemd (pid {handle.pid} -> {state.main_pid}, {state.restarts} restarts)"
         return ProcessStatus(True, state.main_pid, detail=detail)
-    return ProcessStatus(False, handle.pid, exit_code=state.exit_code, detail=state.describe())
+    clean = state.load_state != "not-found" and state.exit_code is None and state.result in ("", "success")
+    return ProcessStatus(False, handle.pid, exit_code=state.exit_code, detail=state.describe(), stopped_cleanly=clean)
 
