@@ -199,7 +199,7 @@ def test_doctor_reports_each_check_and_a_foreign_port(tmp_path: Path) -> None:
         squatter.bind(("127.0.0.1", hi))
         squatter.listen()
         checks = {c.name: c for c in doctor_checks(settings)}
-    assert list(checks) == ["supervisor", "llama-server", "ports", "state dir", "disk"]
+    assert list(checks) == ["supervisor", "llama-server", "ports", "state dir", "disk", "hardware"]
     assert checks["supervisor"].detail.startswith(("embedded: ", "systemd: "))
     assert not checks["ports"].ok and str(hi) in checks["ports"].detail
     assert checks["state dir"].ok, checks["state dir"].detail

@@ -15,6 +15,7 @@ from typing import Any
 
 from hal0.errors import Hal0Error
 from hal0.instance import InstanceLock
+from hal0.kinds import SLOT_TYPES
 from hal0.settings import load_settings
 
 _LOOPBACK = ("127.0.0.1", "localhost", "::1")
@@ -303,7 +304,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_slot_show)
     p = slot.add_parser("create", help="create a user slot")
     p.add_argument("name")
-    p.add_argument("--type", default="chat", choices=["chat", "embed", "rerank", "stt", "tts"])
+    p.add_argument("--type", default="chat", choices=list(SLOT_TYPES))
     p.add_argument("--provider")
     p.add_argument("--model", help="model ref")
     p.add_argument("--port", type=int)

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
 from hal0.errors import Hal0Error
+from hal0.kinds import SLOT_TYPES
 
 if TYPE_CHECKING:
     from hal0.cli_http import ApiClient
@@ -286,7 +287,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.set_defaults(func=cmd_model_list)
     p = msub.add_parser("search", help="search the built-in catalog")
     p.add_argument("query", nargs="*")
-    p.add_argument("--type", choices=["chat", "embed", "stt", "tts"])
+    p.add_argument("--type", choices=list(SLOT_TYPES))
     p.add_argument("--json", **json_flag)
     p.set_defaults(func=cmd_model_search)
     p = msub.add_parser("show", help="one model's manifest")
@@ -297,7 +298,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("ref")
     p.add_argument("--source", help="hf:owner/repo/path/file.gguf, an https URL, or a file path")
     p.add_argument("--sha256", help="expected sha256 of the file")
-    p.add_argument("--type", dest="slot_type", choices=["chat", "embed", "stt", "tts"])
+    p.add_argument("--type", dest="slot_type", choices=list(SLOT_TYPES))
     p.add_argument("--provider")
     p.add_argument("--json", **json_flag)
     p.set_defaults(func=cmd_model_pull)
@@ -305,7 +306,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("ref")
     p.add_argument("path")
     p.add_argument("--link", action="store_true", help="hard-link instead of copying")
-    p.add_argument("--type", dest="slot_type", choices=["chat", "embed", "stt", "tts"])
+    p.add_argument("--type", dest="slot_type", choices=list(SLOT_TYPES))
     p.add_argument("--provider")
     p.add_argument("--json", **json_flag)
     p.set_defaults(func=cmd_model_import)

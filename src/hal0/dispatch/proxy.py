@@ -24,8 +24,9 @@ from hal0.dispatch.backend_errors import anthropic_path as _anthropic
 from hal0.dispatch.backend_errors import backend_error_bytes, error_headers
 from hal0.dispatch.coalesce import BufferedResponse, Coalescer
 from hal0.dispatch.decisions import Decision, DecisionLog
-from hal0.dispatch.resolve import ENDPOINT_TYPES, find_model, resolve
+from hal0.dispatch.resolve import find_model, resolve
 from hal0.errors import Hal0Error, InvalidRequest, UpstreamError, anthropic_error_body, openai_error_body
+from hal0.kinds import ENDPOINT_TYPES
 from hal0.settings import Settings
 from hal0.slots.lease import Lease
 from hal0.slots.manager import SlotManager

@@ -10,24 +10,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from hal0.errors import InvalidRequest, ModelNotFound
+from hal0.kinds import ENDPOINT_TYPES
 from hal0.slots.slot import Slot
 from hal0.slots.state import LOADED
-
-#: Which slot types may serve each /v1 endpoint.
-ENDPOINT_TYPES: dict[str, frozenset[str]] = {
-    "/v1/chat/completions": frozenset({"chat"}),
-    "/v1/completions": frozenset({"chat"}),
-    "/v1/responses": frozenset({"chat"}),
-    "/v1/messages": frozenset({"chat"}),
-    "/v1/messages/count_tokens": frozenset({"chat"}),
-    "/v1/embeddings": frozenset({"embed"}),
-    "/v1/rerank": frozenset({"rerank"}),
-    "/v1/reranking": frozenset({"rerank"}),
-    "/v1/audio/transcriptions": frozenset({"stt"}),
-    "/v1/audio/translations": frozenset({"stt"}),
-    "/v1/audio/speech": frozenset({"tts"}),
-    "/v1/audio/voices": frozenset({"tts"}),
-}
 
 
 @dataclass(frozen=True, slots=True)

@@ -13,7 +13,6 @@ from typing import Any
 
 from hal0.registry.store import validate_ref
 
-SLOT_TYPES = ("chat", "embed", "stt", "tts")
 _MB = 1000 * 1000
 
 

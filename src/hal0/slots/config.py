@@ -15,18 +15,8 @@ import tomli_w
 
 from hal0.errors import ConfigError, InvalidRequest
 from hal0.fsio import atomic_write_text
+from hal0.kinds import BUILTIN_ALIASES, BUILTIN_SLOTS, DEFAULT_PROVIDER, SLOT_TYPES
 from hal0.registry.store import validate_ref
-
-SLOT_TYPES = ("chat", "embed", "rerank", "stt", "tts")
-DEFAULT_PROVIDER = {"chat": "llama.cpp", "embed": "llama.cpp", "rerank": "llama.cpp",
-                    "stt": "moonshine", "tts": "kokoro"}
-BUILTIN_SLOTS = {"primary": "chat", "embed": "embed", "stt": "stt", "tts": "tts"}
-#: The model names stock OpenAI client code asks for, answered by the built-in speech slots unless their config
-#: sets `aliases` itself.
-BUILTIN_ALIASES: dict[str, tuple[str, ...]] = {
-    "stt": ("whisper-1", "gpt-4o-transcribe", "gpt-4o-mini-transcribe"),
-    "tts": ("tts-1", "tts-1-hd", "gpt-4o-mini-tts"),
-}
 
 _NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 _ALIAS = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/@-]{0,127}$")
@@ -158,5 +148,4 @@ class ConfigStore:
             pass
 
 
-__all__ = ["BUILTIN_ALIASES", "BUILTIN_SLOTS", "SLOT_TYPES", "ConfigStore", "SlotConfig", "validate_ref",
-           "validate_slot_name"]
+__all__ = ["ConfigStore", "SlotConfig", "validate_ref", "validate_slot_name"]

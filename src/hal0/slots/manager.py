@@ -16,9 +16,10 @@ import aiohttp
 from hal0.errors import BackendError, Conflict, InvalidRequest, ModelNotFound, PortUnavailable, SlotNotFound
 from hal0.events import EventBus
 from hal0.fsio import WriteFailures
+from hal0.kinds import BUILTIN_SLOTS
 from hal0.providers.base import Provider
 from hal0.settings import Settings
-from hal0.slots.config import BUILTIN_SLOTS, ConfigStore, SlotConfig, validate_ref
+from hal0.slots.config import ConfigStore, SlotConfig, validate_ref
 from hal0.slots.slot import ModelSource, Slot, SlotContext
 from hal0.slots.state import ACTIVE, BUSY, LOADED, SlotState
 from hal0.slots.store import CorruptState, SlotError, SlotRecord, StateStore

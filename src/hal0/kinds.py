@@ -1,0 +1,39 @@
+"""The kinds of slot hal0 knows, the slots that always exist, and the /v1 endpoints each kind serves.
+
+One owner for these facts: config validation, resolution, the catalog and the CLI all read them from here.
+"""
+
+from __future__ import annotations
+
+#: Every slot type, in display order.
+SLOT_TYPES: tuple[str, ...] = ("chat", "embed", "rerank", "stt", "tts")
+
+#: The provider a slot of each type gets unless its config names another.
+DEFAULT_PROVIDER: dict[str, str] = {"chat": "llama.cpp", "embed": "llama.cpp", "rerank": "llama.cpp",
+                                    "stt": "moonshine", "tts": "kokoro"}
+
+#: The slots that always exist, with their type (and display order).
+BUILTIN_SLOTS: dict[str, str] = {"primary": "chat", "embed": "embed", "stt": "stt", "tts": "tts"}
+
+#: The model names stock OpenAI client code asks for, answered by the built-in speech slots unless their config
+#: sets `aliases` itself.
+BUILTIN_ALIASES: dict[str, tuple[str, ...]] = {
+    "stt": ("whisper-1", "gpt-4o-transcribe", "gpt-4o-mini-transcribe"),
+    "tts": ("tts-1", "tts-1-hd", "gpt-4o-mini-tts"),
+}
+
+#: Which slot types may serve each /v1 endpoint.
+ENDPOINT_TYPES: dict[str, frozenset[str]] = {
+    "/v1/chat/completions": frozenset({"chat"}),
+    "/v1/completions": frozenset({"chat"}),
+    "/v1/responses": frozenset({"chat"}),
+    "/v1/messages": frozenset({"chat"}),
+    "/v1/messages/count_tokens": frozenset({"chat"}),
+    "/v1/embeddings": frozenset({"embed"}),
+    "/v1/rerank": frozenset({"rerank"}),
+    "/v1/reranking": frozenset({"rerank"}),
+    "/v1/audio/transcriptions": frozenset({"stt"}),
+    "/v1/audio/translations": frozenset({"stt"}),
+    "/v1/audio/speech": frozenset({"tts"}),
+    "/v1/audio/voices": frozenset({"tts"}),
+}
