@@ -413,6 +413,12 @@ class Slot:
                 return
 
     def _died(self, status: ProcessStatus, provider: Provider) -> None:
+        if status.stopped_cleanly and self.state in LOADED:
+            # Stopped by its supervisor on purpose (`systemctl stop`, a shutdown): cold, not failed.
+            self._transition(S.UNLOADING, f"backend stopped by its supervisor ({status.detail})")
+            self._transition(S.OFFLINE, f"backend stopped by its supervisor ({status.detail})", pid=None,
+                             loaded_at=None)
+            return
         tail = self._ctx.supervisor.log_tail(self.name, LOG_TAIL_LINES)
         why = provider.explain_failure(status.exit_code, tail)
         self._fail("backend_exited", f"backend {status.detail or 'exited'}: {why}", exit_code=status.exit_code)

@@ -357,6 +357,9 @@ def _process_status(state: UnitState, handle: Handle) -> ProcessStatus:
         if handle.pid is not None and state.main_pid != handle.pid:
             detail = f"restarted by systemd (pid {handle.pid} -> {state.main_pid}, {state.restarts} restarts)"
         return ProcessStatus(True, state.main_pid, detail=detail)
-    clean = state.load_state != "not-found" and state.exit_code is None and state.result in ("", "success")
+    # Not run since boot, or stopped by systemd itself (`systemctl stop`, a shutdown: SIGTERM, then exit 0 or by
+    # that signal, with Result=success): no failure, the slot is only cold.
+    clean = state.load_state != "not-found" and state.result in ("", "success") and (
+        state.exit_code is None or state.exit_code in (0, -signal.SIGTERM))
     return ProcessStatus(False, handle.pid, exit_code=state.exit_code, detail=state.describe(), stopped_cleanly=clean)
 
