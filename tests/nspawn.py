@@ -133,8 +133,10 @@ class Container:
         self.prefix = ["nsenter", "-t", str(pid), "-a"]
 
         def booted() -> str:
-            # Empty until PID 1 listens on its socket; then --wait returns once start-up has finished.
-            return self.run(["systemctl", "is-system-running", "--wait"], check=False, timeout=120).stdout.strip()
+            # Empty until PID 1 listens on its socket, and "offline" for a moment while it is still coming up (seen
+            # once in CI); then --wait returns once start-up has finished.
+            state = self.run(["systemctl", "is-system-running", "--wait"], check=False, timeout=120).stdout.strip()
+            return "" if state in ("", "offline", "initializing", "starting") else state
 
         state = wait_until(booted, 120, "the container to boot")
         assert state in ("running", "degraded"), state
