@@ -223,8 +223,11 @@ def test_a_full_disk_keeps_decisions_in_memory_and_counts_the_failed_writes(hal0
                                     json={"model": "primary", "messages": [{"role": "user", "content": "hi"}],
                                           "max_tokens": 2})
             assert resp.status_code == 200, resp.text
-        seen = {d["request_id"] for d in hal0.client.get("/api/decisions", params={"limit": 100}).json()["data"]}
-        assert set(ids) <= seen
+        # A record is appended as its response ends: the client can see the last response an instant before it.
+        def all_seen() -> bool:
+            data = hal0.client.get("/api/decisions", params={"limit": 100}).json()["data"]
+            return set(ids) <= {d["request_id"] for d in data}
+        wait_until(all_seen, 10, "every decision record in memory")
         health = hal0.client.get("/api/health").json()
         assert health["write_failures"]["decisions"] >= 1, health
         log = hal0.log.read_text()
