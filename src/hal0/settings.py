@@ -61,6 +61,16 @@ class Settings:
     #: At most this many slots hold a loaded backend; loading one more first unloads the least recently used
     #: idle one. 0 means no limit.
     max_loaded_slots: int = 0
+    #: Memory each device keeps free of hal0's slots (host and every GPU); None: 10% of host memory (1-4 GiB) and
+    #: 5% of a GPU's (512 MiB-2 GiB). A device's budget is its total minus this reserve.
+    memory_reserve_mb: int | None = None
+    #: The host's budget outright (instead of total minus reserve); None: from the reserve.
+    memory_budget_mb: int | None = None
+    #: Budgets of single GPUs by index: `{0 = 20000}` in hal0.toml, `0=20000,1=8000` in the environment.
+    gpu_memory_budget_mb: tuple[tuple[int, int], ...] = ()
+    #: Below this much free memory on a device (host MemAvailable, a GPU's free memory), because of something
+    #: outside hal0, idle unpinned slots are unloaded, least recently used first, until it recovers. 0: never.
+    memory_pressure_floor_mb: int = 512
     #: Largest request body accepted at the edge.
     max_body_bytes: int = 64 * 1024 * 1024
     #: Longest silence from a backend mid-request (no header or body byte) before the request fails.
@@ -104,8 +114,26 @@ _FIELD_TYPES: dict[str, type] = {
     "supervisor": str, "cold_boot_grace_s": float, "warmup_budget_s": float, "idle_timeout_s": float,
     "stop_timeout_s": float, "max_loaded_slots": int, "max_body_bytes": int, "request_timeout_s": float,
     "decision_log_max_bytes": int, "stream_batch_ms": float, "header_timeout_s": float,
-    "hf_endpoint": str, "hf_token": str,
+    "hf_endpoint": str, "hf_token": str, "memory_reserve_mb": int, "memory_budget_mb": int,
+    "memory_pressure_floor_mb": int,
 }
+
+
+def _gpu_budgets(value: Any) -> tuple[tuple[int, int], ...]:
+    items: list[tuple[Any, Any]]
+    if isinstance(value, str):
+        items = [(k, v) for k, _, v in (part.partition("=") for part in value.split(",") if part.strip())]
+    elif isinstance(value, dict):
+        items = list(value.items())
+    else:
+        raise ConfigError(f"setting gpu_memory_budget_mb must be a table of GPU index = MB, got {value!r}")
+    try:
+        out = tuple((int(str(k).strip()), int(str(v).strip())) for k, v in items)
+    except ValueError as exc:
+        raise ConfigError(f"setting gpu_memory_budget_mb must map GPU indices to MB, got {value!r}") from exc
+    if any(k < 0 or v < 0 for k, v in out):
+        raise ConfigError(f"setting gpu_memory_budget_mb takes no negative numbers, got {value!r}")
+    return out
 
 
 def _coerce(name: str, value: Any) -> Any:
@@ -115,6 +143,8 @@ def _coerce(name: str, value: Any) -> Any:
         if isinstance(value, list | tuple) and all(isinstance(k, str) for k in value):
             return tuple(value)
         raise ConfigError(f"setting api_keys must be a list of strings, got {value!r}")
+    if name == "gpu_memory_budget_mb":
+        return _gpu_budgets(value)
     if name in ("config_dir", "state_dir", "log_dir"):
         return Path(str(value)).expanduser()
     typ = _FIELD_TYPES.get(name)
@@ -168,6 +198,10 @@ def load_settings(
         raise ConfigError(f"stream_batch_ms must be between 0 and 1000, not {settings.stream_batch_ms!r}")
     if settings.header_timeout_s <= 0:
         raise ConfigError(f"header_timeout_s must be positive, not {settings.header_timeout_s!r}")
+    for name in ("memory_reserve_mb", "memory_budget_mb", "memory_pressure_floor_mb"):
+        value = getattr(settings, name)
+        if value is not None and value < 0:
+            raise ConfigError(f"{name} must be 0 or more, not {value!r}")
     if settings.supervisor not in ("auto", "embedded", "systemd"):
         raise ConfigError(f"supervisor must be auto, embedded or systemd, not {settings.supervisor!r}")
     return settings

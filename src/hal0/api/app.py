@@ -164,15 +164,15 @@ def create_app(settings: Settings, options: AppOptions | None = None) -> Hal0App
         session = aiohttp.ClientSession(connector=connector, auto_decompress=False)
         registry = Registry(settings, hf_endpoint=settings.hf_endpoint, hf_token=settings.hf_token or None)
         failures = WriteFailures()
+        decisions = DecisionLog(settings.log_dir / "decisions.jsonl", bus, settings.decision_log_max_bytes,
+                                failures=failures)
         manager = SlotManager(settings, bus, build_supervisor(settings), build_providers(settings), session,
-                              RegistryModels(registry, bus), failures)
+                              RegistryModels(registry, bus), failures, evicted=decisions.record_eviction)
         app.state.settings = settings
         app.state.events = bus
         app.state.session = session
         app.state.registry = registry
         app.state.manager = manager
-        decisions = DecisionLog(settings.log_dir / "decisions.jsonl", bus, settings.decision_log_max_bytes,
-                                failures=failures)
         app.state.decisions = decisions
         dispatcher = Dispatcher(settings, manager, session, decisions)
         edge.dispatcher = dispatcher

@@ -11,18 +11,13 @@ from typing import Any
 from fastapi import APIRouter, Query, Request
 
 from hal0.errors import InvalidRequest
-from hal0.hardware.estimate import LoadSettings, MemoryEstimate, estimate_file
+from hal0.hardware.estimate import MemoryEstimate
 from hal0.hardware.inventory import inventory
-from hal0.hardware.measure import MeasuredMemory, measure, parse_buffer_report, read_log_tail
+from hal0.hardware.measure import MeasuredMemory
 from hal0.slots.manager import SlotManager
 from hal0.slots.slot import Slot
-from hal0.slots.state import LOADED
 
 router = APIRouter(prefix="/api", tags=["hardware"])
-
-# A backend's buffer report never changes after its load: read its log once per (slot, pid).
-_reports: dict[tuple[str, int], dict[str, dict[str, int]]] = {}
-
 
 def _manager(request: Request) -> SlotManager:
     manager: SlotManager = request.app.state.manager
@@ -30,36 +25,11 @@ def _manager(request: Request) -> SlotManager:
 
 
 def slot_estimate(manager: SlotManager, slot: Slot, ref: str | None = None) -> MemoryEstimate | None:
-    """What loading `ref` (the slot's own model by default) would cost; None where it cannot be told (no model,
-    not installed, not a GGUF, not a llama.cpp slot)."""
-    ref = ref or slot.config.model
-    if ref is None or slot.config.provider != "llama.cpp":
-        return None
-    path = manager.ctx.models.path(ref)
-    if path is None:
-        return None
-    try:
-        return estimate_file(path, LoadSettings.from_args(slot.config.ctx_size, slot.config.args))
-    except (ValueError, OSError):
-        return None
+    return manager.memory.estimate(slot, ref)
 
 
 def slot_measured(manager: SlotManager, slot: Slot) -> MeasuredMemory | None:
-    """What the slot's backend holds now; None while no backend is loaded."""
-    pid = slot.record.pid
-    if pid is None or slot.state not in LOADED:
-        return None
-    key = (slot.name, pid)
-    buffers = _reports.get(key)
-    if buffers is None:
-        # Loaded means the report is already written (llama-server prints it before it listens), so an empty
-        # answer (another provider, a lower -lv) is kept too: the log is read once per backend, never per request.
-        buffers = parse_buffer_report(read_log_tail(manager.supervisor.log_path(slot.name)))
-        for old in [k for k in _reports if k[0] == slot.name]:
-            del _reports[old]
-        _reports[key] = buffers
-    live = measure(pid, None)
-    return MeasuredMemory(buffers, live.process, live.gpu_process_bytes)
+    return manager.memory.measured(slot)
 
 
 def memory_view(manager: SlotManager, slot: Slot) -> dict[str, Any]:
@@ -69,9 +39,15 @@ def memory_view(manager: SlotManager, slot: Slot) -> dict[str, Any]:
     return {"estimate": est.to_dict() if est else None, "measured": got.to_dict() if got else None}
 
 
-@router.get("/hardware", summary="CPU, host memory, GPUs and NPUs of this machine")
-async def hardware() -> dict[str, Any]:
-    return (await asyncio.to_thread(inventory)).to_dict()
+@router.get("/hardware", summary="CPU, host memory, GPUs and NPUs of this machine, and hal0's memory budgets")
+async def hardware(request: Request) -> dict[str, Any]:
+    manager = _manager(request)
+    inv = await asyncio.to_thread(inventory)
+    out = inv.to_dict()
+    # Each device's budget and what every slot holds there: the numbers admission decides by.
+    out["budgets"] = {d: b.to_dict() for d, b in manager.budgets(inv).items()}
+    out["holdings"] = [h.to_dict() for h in await asyncio.to_thread(manager.holdings)]
+    return out
 
 
 @router.get("/slots/{name}/estimate", summary="What loading a model into this slot would cost, before loading")
@@ -80,12 +56,11 @@ async def estimate_route(name: str, request: Request,
                          ) -> dict[str, Any]:
     manager = _manager(request)
     slot = manager.get(name)
-    est = await asyncio.to_thread(slot_estimate, manager, slot, model)
-    if est is None:
+    inv = await asyncio.to_thread(inventory)
+    fit = await asyncio.to_thread(manager.fit, slot, model, inv)
+    if fit is None:
         raise InvalidRequest(
             f"no estimate for slot {name!r} with model {(model or slot.config.model)!r}: it needs an installed "
             "GGUF model and the llama.cpp provider", code="no_estimate")
-    inv = await asyncio.to_thread(inventory)
-    return {"slot": name, "model": model or slot.config.model, "estimate": est.to_dict(),
-            "fits": est.total_bytes <= inv.memory.available_bytes if not est.devices.keys() - {"CPU"} else None,
-            "available_bytes": inv.memory.available_bytes}
+    return {"slot": name, "model": model or slot.config.model, "available_bytes": inv.memory.available_bytes,
+            **fit}

@@ -10,6 +10,7 @@ import json
 import os
 import threading
 import time
+import uuid
 from collections import deque
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -17,6 +18,7 @@ from typing import IO, Any
 
 from hal0.events import EventBus
 from hal0.fsio import WriteFailures
+from hal0.slots.manager import Eviction
 
 
 @dataclass(slots=True)
@@ -33,6 +35,8 @@ class Decision:
     duration_ms: float = 0.0
     outcome: str = ""
     error: dict[str, Any] | None = None
+    #: What a record that is not a request carries (an eviction: for which slot, the bytes it needed and freed).
+    detail: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -92,6 +96,13 @@ class DecisionLog:
                                                   f"{exc.strerror or exc}; records are kept in memory")
                 return
         self.failures.succeeded("decisions")
+
+    def record_eviction(self, eviction: Eviction) -> None:
+        """An unload to make room (or under memory pressure) is a decision too: which slot, for which, why."""
+        self.record(Decision(
+            request_id=f"evict-{uuid.uuid4().hex[:16]}", endpoint="evict", model=eviction.model,
+            slot=eviction.slot, reason=eviction.reason, outcome="evicted",
+            detail={"for_slot": eviction.for_slot, "message": eviction.message, **eviction.detail}))
 
     def _reopen(self) -> None:
         # A failed flush leaves the text buffer holding a partial line; a fresh handle starts clean, and a

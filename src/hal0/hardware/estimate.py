@@ -20,6 +20,9 @@ KV_PAD = 256
 # What an idle CPU llama-server holds beyond its reported buffers (code, threadpool, vocabulary tables): its RSS
 # minus its buffers at ctx 512 was 3-13 MiB for the generated models (bench/memory.py, CPU build, 2026-12).
 DEFAULT_BASELINE_BYTES = 16 * MIB
+# The tokenizer's own tables (token strings, merge and lookup maps) live on the heap, outside every buffer: RSS minus
+# buffers grew by ~92 MiB from the 32k-token to the 600k-token generated model (CPU build, 2026-12), ~160 B a token.
+VOCAB_BYTES_PER_TOKEN = 160
 # What a GPU process holds on its device beyond the buffers llama-server reports: the CUDA context and its
 # kernels. NVML's per-process figure minus the CUDA buffer report was 587.7-589.9 MiB in all 12 cases of
 # bench/gpu_memory.py (H200, CUDA 13, models of 1.6-8.5 GB, full and partial offload; 2026-12-01).
@@ -208,6 +211,7 @@ def estimate(layout: GGUFLayout, settings: LoadSettings,
     else:
         compute = ubatch * 4 * 7 * n_embd + n_ctx_seq * ubatch * 4 * (n_head + 1)
     output = n_vocab * 4 * parallel
+    baseline_bytes += n_vocab * VOCAB_BYTES_PER_TOKEN
     devices = {"CPU": DevicePart(weights["CPU"], kv_cpu, 0, output)}
     if gpu_layers:
         # Fully offloaded, the host keeps only a small buffer for the input embeddings.

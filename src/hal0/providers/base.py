@@ -12,6 +12,8 @@ from typing import Any, Protocol
 
 import aiohttp
 
+from hal0.hardware.placement import Placement
+
 
 @dataclass(frozen=True, slots=True)
 class LaunchSpec:
@@ -25,6 +27,8 @@ class LaunchSpec:
     ctx_size: int | None = None
     extra_args: tuple[str, ...] = ()
     env: dict[str, str] = field(default_factory=dict)
+    #: Where admission placed the backend; the provider turns it into its own arguments and variables.
+    placement: Placement = field(default_factory=Placement)
 
 
 @dataclass(frozen=True, slots=True)

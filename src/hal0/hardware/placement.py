@@ -1,0 +1,70 @@
+"""Where a slot's backend runs: the `device` setting parsed, and what it means for one llama.cpp build.
+
+`auto` is resolved by admission (the GPU with the most room that fits, else the CPU); everything else is the
+user's word. A placement becomes a visibility variable for the build's runtime and an `-ngl` argument.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from hal0.errors import InvalidRequest
+
+DEVICE_PATTERN = re.compile(r"^(auto|cpu|gpu|gpu:\d{1,2}(,\d{1,2}){0,15})$")
+#: `-ngl` for "every layer, and the output": llama.cpp clamps it to the model's layers.
+ALL_LAYERS = 999
+#: The variable each GPU runtime reads to know which devices the process may see.
+VISIBILITY_VARS = {"cuda": "CUDA_VISIBLE_DEVICES", "rocm": "HIP_VISIBLE_DEVICES", "vulkan": "GGML_VK_VISIBLE_DEVICES"}
+
+
+def validate_device(device: str) -> str:
+    if not isinstance(device, str) or not DEVICE_PATTERN.match(device):
+        raise InvalidRequest(f'device must be "auto", "cpu", "gpu", "gpu:N" or "gpu:N,M"; got {str(device)[:40]!r}',
+                             code="invalid_device")
+    return device
+
+
+def requested_gpus(device: str) -> tuple[int, ...] | None:
+    """The GPU indices a `gpu:N,M` device names; None for auto, cpu and plain gpu."""
+    if not device.startswith("gpu:"):
+        return None
+    return tuple(dict.fromkeys(int(i) for i in device[4:].split(",")))
+
+
+@dataclass(frozen=True, slots=True)
+class Placement:
+    """A resolved device: which GPUs (none: the CPU) and how many layers go there. `explicit` is False for
+    `auto` on a machine without a usable GPU: the backend's command stays as the user wrote it."""
+
+    gpus: tuple[int, ...] = ()
+    gpu_layers: int = 0
+    explicit: bool = False
+
+    @property
+    def device(self) -> str:
+        return "gpu:" + ",".join(str(i) for i in self.gpus) if self.gpus else "cpu"
+
+
+def has_flag(args: tuple[str, ...], *flags: str) -> bool:
+    return any(a in flags or any(a.startswith(f + "=") for f in flags if f.startswith("--")) for a in args)
+
+
+def launch_env(build: str, placement: Placement) -> dict[str, str]:
+    """The visibility variable of `build` (cuda, rocm, vulkan) for this placement; nothing for a CPU build."""
+    var = VISIBILITY_VARS.get(build)
+    if var is None or not placement.explicit:
+        return {}
+    # An empty list hides every GPU: a `cpu` slot of a GPU build then allocates nothing on any device.
+    return {var: ",".join(str(i) for i in placement.gpus)}
+
+
+def launch_args(placement: Placement, args: tuple[str, ...]) -> list[str]:
+    """`-ngl` for the placement, unless the slot's own arguments already say."""
+    if not placement.explicit or has_flag(args, "-ngl", "--gpu-layers", "--n-gpu-layers"):
+        return []
+    return ["-ngl", str(placement.gpu_layers if placement.gpus else 0)]
+
+
+__all__ = ["ALL_LAYERS", "DEVICE_PATTERN", "Placement", "launch_args", "launch_env", "requested_gpus",
+           "validate_device"]
