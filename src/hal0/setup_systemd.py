@@ -16,7 +16,7 @@ from importlib import resources
 from pathlib import Path
 
 from hal0.errors import ConfigError, Hal0Error
-from hal0.providers.llamacpp import find_llama_server
+from hal0.providers.llamacpp import build_kind_of, find_llama_server
 from hal0.settings import Settings
 from hal0.supervisors.choose import choose_supervisor
 from hal0.supervisors.systemd import TEMPLATE_UNIT, UNIT_DIR
@@ -192,7 +192,20 @@ def _check_llama_server(settings: Settings) -> Check:
     version = next((ln for ln in lines if ln.startswith("version:")), lines[0] if lines else "no output")
     if proc.returncode != 0:
         return Check("llama-server", False, f"{path} --version exited with {proc.returncode}: {version}")
-    return Check("llama-server", True, f"{path} ({version})")
+    return Check("llama-server", True, f"{path} ({version}; {build_kind_of(path)} build; devices: "
+                                       f"{', '.join(_llama_devices(path)) or 'none (CPU only)'})")
+
+
+def _llama_devices(path: Path) -> list[str]:
+    """The devices this build of llama-server sees (`--list-devices`), e.g. `CUDA0: NVIDIA H200 (143 GiB)`."""
+    try:
+        proc = subprocess.run([str(path), "--list-devices"], capture_output=True, text=True, timeout=30,
+                              check=False, stdin=subprocess.DEVNULL)
+    except (OSError, subprocess.TimeoutExpired):
+        return []
+    lines = (proc.stdout + proc.stderr).splitlines()
+    start = next((i for i, ln in enumerate(lines) if ln.strip().startswith("Available devices")), len(lines))
+    return [ln.strip() for ln in lines[start + 1:] if ln.strip() and ln.strip() != "(none)"]
 
 
 def _slot_ports(settings: Settings) -> dict[int, str]:

@@ -34,6 +34,10 @@ class SlotFields(BaseModel):
     idle_timeout_s: float | None = None
     ttl_s: float | None = None
     warmup_budget_s: float | None = None
+    device: str | None = Field(None, description='auto, cpu, gpu, gpu:N or gpu:N,M')
+    gpu_layers: int | None = Field(None, description="layers offloaded on a GPU placement; absent: all")
+    pinned: bool | None = Field(None, description="never unloaded to make room or under memory pressure")
+    group: str | None = Field(None, description="exclusive group: loading one member unloads the others")
 
 
 class SlotCreate(SlotFields):

@@ -69,7 +69,8 @@ _BACKEND_LIBS = {"cuda": "libggml-cuda", "rocm": "libggml-hip", "vulkan": "libgg
 
 
 @functools.lru_cache(maxsize=8)
-def _build_kind(binary: Path) -> str:
+def build_kind_of(binary: Path) -> str:
+    """cpu, cuda, rocm or vulkan: the runtime a llama-server binary was built for."""
     info = binary.parent.parent / "build_info.json"
     try:
         backend = json.loads(info.read_text()).get("backend")
@@ -123,7 +124,7 @@ class LlamaCppProvider:
             binary = self.binary()
         except Hal0Error:
             return "cpu"
-        return _build_kind(binary)
+        return build_kind_of(binary)
 
     async def probe(self, session: aiohttp.ClientSession, base_url: str, slot_type: str,
                     answering: Callable[[], None] | None = None) -> ProbeResult:

@@ -322,10 +322,11 @@ class SlotManager:
         wanted = requested_gpus(cfg.device) or tuple(indices)
         missing = [i for i in wanted if i not in indices]
         if not wanted or missing:
-            raise BackendError(
+            why = "; ".join(f"{k}: {v}" for k, v in inv.skipped.items())
+            raise Conflict(
                 f"slot {slot.name} asks for device {cfg.device!r}, but this machine has "
-                f"{'GPUs ' + ', '.join(map(str, indices)) if indices else 'no GPU'} ({inv.skipped or 'all found'})",
-                code="device_unavailable", detail={"device": cfg.device, "gpus": indices})
+                f"{'GPUs ' + ', '.join(map(str, indices)) if indices else 'no GPU'}" + (f" ({why})" if why else ""),
+                code="device_unavailable", detail={"device": cfg.device, "gpus": indices, "skipped": inv.skipped})
         return Placement(wanted, layers, explicit=True)
 
     def fit(self, slot: Slot, ref: str | None, inv: Inventory) -> dict[str, Any] | None:
