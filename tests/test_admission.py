@@ -21,6 +21,7 @@ from hal0.hardware.measure import read_process_memory
 from hal0.hardware.placement import Placement
 from hal0.slots.memory import split
 from tests.conftest import Hal0, wait_until
+from tests.test_dispatch import event_stream, read_until
 
 CTX = 8192
 SLOT = f'type = "chat"\nmodel = "tiny"\nctx_size = {CTX}\n'
@@ -83,6 +84,16 @@ def test_loads_that_fit_stay_and_one_more_unloads_the_least_recently_used(hal0: 
     assert {h["slot"] for h in body["holdings"]} == {"a", "c"}
     assert all(h["measured"] for h in body["holdings"])
     assert hal0.slot("a")["memory"]["estimate"]["total_bytes"] > 0
+    # The same figures travel on the event stream with every move of the slot (measured once a second).
+    with event_stream(hal0, "slot") as events:
+        deadline = time.monotonic() + 15
+        while True:
+            ask(hal0, "a")
+            moves = read_until(events, lambda e: e.get("slot") == "a" and e.get("to") == "ready")
+            memory = moves[-1]["record"]["memory"]
+            if memory["measured"] is not None or time.monotonic() > deadline:
+                break
+        assert memory["estimate"]["total_bytes"] > 0 and memory["measured"]["rss_bytes"] > 0
 
 
 @pytest.mark.llama

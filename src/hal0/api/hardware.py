@@ -33,10 +33,8 @@ def slot_measured(manager: SlotManager, slot: Slot) -> MeasuredMemory | None:
 
 
 def memory_view(manager: SlotManager, slot: Slot) -> dict[str, Any]:
-    """The `memory` field of a slot's JSON."""
-    est = slot_estimate(manager, slot)
-    got = slot_measured(manager, slot)
-    return {"estimate": est.to_dict() if est else None, "measured": got.to_dict() if got else None}
+    """The `memory` field of a slot's JSON, read now."""
+    return manager.memory.view(slot)
 
 
 @router.get("/hardware", summary="CPU, host memory, GPUs and NPUs of this machine, and hal0's memory budgets")

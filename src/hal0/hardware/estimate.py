@@ -27,6 +27,10 @@ VOCAB_BYTES_PER_TOKEN = 160
 # kernels. NVML's per-process figure minus the CUDA buffer report was 587.7-589.9 MiB in all 12 cases of
 # bench/gpu_memory.py (H200, CUDA 13, models of 1.6-8.5 GB, full and partial offload; 2026-12-01).
 GPU_CONTEXT_BYTES = 590 * MIB
+# What the same GPU process holds in host memory beyond its host buffers: the CUDA runtime and the libraries it maps
+# (cuBLAS, the ggml-cuda kernels). RSS of a fully offloaded 1.7 GB model's llama-server was 512 MiB against 154 MiB
+# estimated for its host buffers and baseline (bench/gpu_admission.py, H200, CUDA 13, 2026-12-02).
+GPU_HOST_RUNTIME_BYTES = 360 * MIB
 # Bytes per element of the KV cache types `-ctk/-ctv` accept (block types: block bytes / block elements).
 CACHE_TYPE_BYTES: dict[str, float] = {
     "f32": 4.0, "f16": 2.0, "bf16": 2.0, "q8_0": 34 / 32, "q4_0": 18 / 32, "q4_1": 20 / 32,
@@ -218,8 +222,9 @@ def estimate(layout: GGUFLayout, settings: LoadSettings,
         devices[gpu] = DevicePart(weights[gpu], kv_gpu, compute, 0)
         devices["CPU"] = DevicePart(weights["CPU"], kv_cpu, ubatch * 4 * n_embd * 2, output)
         # Verified on a CUDA build (bench/gpu_memory.py): buffers within 1.6% of the report per case.
-        baseline_bytes += GPU_CONTEXT_BYTES
-        notes.append(f"includes {GPU_CONTEXT_BYTES // MIB} MiB for the GPU context (measured on CUDA)")
+        baseline_bytes += GPU_CONTEXT_BYTES + GPU_HOST_RUNTIME_BYTES
+        notes.append(f"includes {GPU_CONTEXT_BYTES // MIB} MiB for the GPU context and {GPU_HOST_RUNTIME_BYTES // MIB} "
+                     "MiB of host memory for the GPU runtime (measured on CUDA)")
     else:
         devices["CPU"] = DevicePart(weights["CPU"], kv_cpu, compute, output)
     return MemoryEstimate(devices, baseline_bytes, n_ctx, n_ctx_seq, parallel, unified, tuple(notes))

@@ -98,11 +98,11 @@ class SlotManager:
         self.bus = bus
         self.configs = ConfigStore(settings.slots_config_dir)
         self.store = StateStore(settings.slots_state_dir, failures)
+        self.memory = SlotMemory(models, supervisor.log_path)
         self.ctx = SlotContext(settings=settings, store=self.store, bus=bus, supervisor=supervisor,
                                providers=providers, session=session, models=models,
-                               allocate_port=self._allocate_port, make_room=self._make_room)
+                               allocate_port=self._allocate_port, make_room=self._make_room, memory=self.memory)
         self.slots: dict[str, Slot] = {}
-        self.memory = SlotMemory(models, supervisor.log_path)
         self.budget_settings = BudgetSettings.from_mb(settings.memory_reserve_mb, settings.memory_budget_mb,
                                                       settings.gpu_memory_budget_mb)
         self._evicted = evicted

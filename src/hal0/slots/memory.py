@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from hal0.hardware.budget import HOST, Holding, gpu_device
 from hal0.hardware.estimate import GPU_CONTEXT_BYTES, LoadSettings, MemoryEstimate, estimate_file
@@ -96,6 +96,12 @@ class SlotMemory:
             self._reports[key] = buffers
         live = measure(pid, None)
         return MeasuredMemory(buffers, live.process, live.gpu_process_bytes)
+
+    def view(self, slot: Slot) -> dict[str, Any]:
+        """The `memory` field of a slot's JSON: its estimate and what its backend holds now."""
+        est = self.estimate(slot)
+        got = self.measured(slot)
+        return {"estimate": est.to_dict() if est else None, "measured": got.to_dict() if got else None}
 
     def holding(self, slot: Slot) -> Holding | None:
         """What `slot` holds per device for admission: measured where known (host: the larger of RSS and the

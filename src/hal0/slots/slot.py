@@ -25,6 +25,7 @@ from hal0.redact import redact_argv, redact_env
 from hal0.settings import Settings
 from hal0.slots.config import SlotConfig
 from hal0.slots.lease import Lease, parallel
+from hal0.slots.memory import SlotMemory
 from hal0.slots.state import ACTIVE, LOADED, LOADING, SlotState, check_transition
 from hal0.slots.store import SlotError, SlotRecord, StateStore, WriteMode
 from hal0.supervisors.base import Handle, ProcessStatus, Supervisor
@@ -120,6 +121,8 @@ class SlotContext:
     allocate_port: Callable[[Slot], int]
     #: Admission: make room for this slot's load (groups, `max_loaded_slots`, memory) and place it.
     make_room: Callable[[Slot], Awaitable[Placement]]
+    #: Estimates and measurements of what each slot's backend holds.
+    memory: SlotMemory | None = None
 
 
 class Slot:
@@ -140,6 +143,9 @@ class Slot:
         #: Set while warming once the backend takes requests and only the probe's sentinel is outstanding.
         self._answering = asyncio.Event()
         self._gate: tuple[int, asyncio.Semaphore] | None = None
+        #: The `memory` figures of the snapshot: read at the end of a load and once a second while loaded (off the
+        #: request path, where reading /proc on every serving/ready move would cost), so SSE carries them too.
+        self.memory: dict[str, Any] | None = None
 
     # -- views ---------------------------------------------------------------------------------------
     @property
@@ -166,6 +172,7 @@ class Slot:
         rec["type"] = self.config.type
         rec["in_flight"] = self.in_flight
         rec["requests_total"] = self.requests_total
+        rec["memory"] = self.memory
         rec["uptime_s"] = (time.time() - self.record.loaded_at) if (
             self.record.loaded_at and self.state in LOADED) else None
         if self.state is S.OFFLINE and not self.config.model:
@@ -184,6 +191,8 @@ class Slot:
         rec.reason = reason
         if dst is not S.ERROR:
             rec.error = None
+        if dst in (S.OFFLINE, S.ERROR):
+            self.memory = None
         for key, value in changes.items():
             setattr(rec, key, value)
         try:
@@ -389,6 +398,7 @@ class Slot:
                     self._died(status, provider)
                     return
                 self._last_activity = time.monotonic()
+                self._read_memory()
                 self._transition(S.READY, f"probe passed after {time.monotonic() - started:.3f}s",
                                  loaded_at=time.time())
                 self._ensure_watch()
@@ -593,6 +603,9 @@ class Slot:
                     return
                 if time.monotonic() >= next_liveness:
                     self._ctx.supervisor.trim_log(self.name)
+                    if self._ctx.memory is not None:
+                        # /proc and NVML in a thread: NVML's init alone can take milliseconds.
+                        self.memory = await asyncio.to_thread(self._ctx.memory.view, self)
                     answered = await self._alive()
                     next_liveness = time.monotonic() + LIVENESS_INTERVAL_S
                     misses = 0 if answered else misses + 1
@@ -610,6 +623,10 @@ class Slot:
             if pidfd is not None:
                 asyncio.get_running_loop().remove_reader(pidfd)
                 os.close(pidfd)
+
+    def _read_memory(self) -> None:
+        if self._ctx.memory is not None:
+            self.memory = self._ctx.memory.view(self)
 
     async def _alive(self) -> bool:
         """A cheap liveness probe off the request path: any HTTP answer from the backend counts (llama-server
