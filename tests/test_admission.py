@@ -121,6 +121,12 @@ def test_a_load_that_cannot_fit_is_refused_before_anything_starts(hal0: Hal0, mo
     assert fit["fits"] is False and fit["device"] == "cpu"
     decision = hal0.client.get("/api/decisions", params={"slot": "big"}).json()["data"][0]
     assert decision["outcome"] == "rejected:insufficient_memory"
+    # The catalog and the loadouts say so too, against the same budget (about 50 MiB here).
+    entries = hal0.client.get("/api/catalog").json()["catalog"]
+    assert entries and all(e["fits"] is False for e in entries if e["size"] and e["size"] > 64 << 20)
+    plan = hal0.client.get("/api/loadouts/cpu-tiny").json()
+    assert plan["fits"] is False and plan["memory"]["device"] == "host"
+    assert plan["memory"]["total"] == hal0.client.get("/api/hardware").json()["budgets"]["host"]["budget_bytes"]
 
 
 @pytest.mark.llama

@@ -7,8 +7,9 @@ from pathlib import Path
 import pytest
 
 from hal0.errors import InsufficientMemory, LoadoutNotFound
+from hal0.hardware.budget import DeviceBudget
 from hal0.registry import catalog
-from hal0.registry.loadouts import MemInfo, apply_loadout, list_loadouts, plan_loadout, read_meminfo
+from hal0.registry.loadouts import MemInfo, apply_loadout, list_loadouts, machine_memory, plan_loadout
 from hal0.registry.pull import Registry
 
 from .conftest import FileServer
@@ -23,11 +24,12 @@ def serve_catalog_files(server: FileServer, ref: str) -> None:
         server.add(f.source.rsplit("/", 1)[-1], 4096)
 
 
-def test_read_meminfo_parses_kb(tmp_path: Path) -> None:
-    path = tmp_path / "meminfo"
-    path.write_text("MemTotal:       16318000 kB\nMemFree:  100 kB\nMemAvailable:    8000000 kB\n")
-    assert read_meminfo(path) == MemInfo(total=16318000 * 1024, available=8000000 * 1024)
-    assert read_meminfo().total > 0
+def test_loadouts_are_checked_against_the_largest_device_budget() -> None:
+    host = DeviceBudget("host", 32 * GIB, 3 * GIB, 29 * GIB, 20 * GIB)
+    gpu = DeviceBudget("gpu:0", 48 * GIB, GIB, 47 * GIB, 40 * GIB)
+    assert machine_memory({"host": host}) == MemInfo(total=29 * GIB, available=20 * GIB, device="host")
+    assert machine_memory({"host": host, "gpu:0": gpu}) == MemInfo(47 * GIB, 40 * GIB, "gpu:0")
+    assert machine_memory().total > 0
 
 
 def test_every_loadout_covers_the_builtin_slots() -> None:

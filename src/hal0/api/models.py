@@ -15,6 +15,8 @@ from fastapi import APIRouter, Query, Request, Response
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.responses import StreamingResponse
 
+from hal0.hardware.estimate import file_size_rule
+from hal0.hardware.inventory import inventory
 from hal0.registry import catalog, loadouts
 from hal0.registry.pull import EventCallback, PullEvent, Registry
 
@@ -77,7 +79,10 @@ async def search_catalog(request: Request, q: str = Query("", max_length=200),
                          type: str | None = Query(None, description="chat, embed, stt or tts")
                          ) -> dict[str, Any]:
     registry = _registry(request)
-    return {"catalog": [{**e.to_dict(), "installed": registry.exists(e.ref)}
+    memory = await _machine_memory(request)
+    # Before a pull there is no GGUF header to estimate from: the file size rule (x1.2) stands in for it.
+    return {"catalog": [{**e.to_dict(), "installed": registry.exists(e.ref),
+                         "fits": file_size_rule(e.size) <= memory.total if e.size else None}
                         for e in catalog.search(q, type)]}
 
 
@@ -154,9 +159,15 @@ async def list_loadouts() -> dict[str, Any]:
     return {"loadouts": [lo.to_dict() for lo in loadouts.list_loadouts()]}
 
 
+async def _machine_memory(request: Request) -> loadouts.MemInfo:
+    """What loadouts are checked against: the budgets admission uses, with this hal0's memory settings."""
+    inv = await asyncio.to_thread(inventory)
+    return loadouts.machine_memory(request.app.state.manager.budgets(inv))
+
+
 @router.get("/loadouts/{name}", summary="A loadout with its memory estimate for this machine")
 async def show_loadout(name: str, request: Request) -> dict[str, Any]:
-    return loadouts.plan_loadout(_registry(request), name).to_dict()
+    return loadouts.plan_loadout(_registry(request), name, await _machine_memory(request)).to_dict()
 
 
 @router.post("/loadouts/{name}/apply", summary="Pull what is missing and assign every slot")
@@ -168,5 +179,6 @@ async def apply_loadout(name: str, request: Request, body: ApplyRequest | None =
 
     report = await loadouts.apply_loadout(_registry(request), name, assign,
                                           force=body.force if body else False,
+                                          memory=await _machine_memory(request),
                                           on_event=_publisher(request))
     return report.to_dict()

@@ -7,10 +7,11 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from hal0.errors import InsufficientMemory, LoadoutNotFound
+from hal0.hardware.budget import BudgetSettings, DeviceBudget, device_budgets
+from hal0.hardware.inventory import inventory
 from hal0.registry import catalog
 from hal0.registry.pull import EventCallback, Registry
 
@@ -80,23 +81,23 @@ def get_loadout(name: str) -> Loadout:
 
 @dataclass(frozen=True, slots=True)
 class MemInfo:
+    """The memory a loadout is checked against: the budget of the machine's largest device (the host, or a GPU
+    whose budget is larger) and what is free there now."""
+
     total: int
     available: int
+    device: str = "host"
 
-    def to_dict(self) -> dict[str, int]:
-        return {"total": self.total, "available": self.available}
+    def to_dict(self) -> dict[str, Any]:
+        return {"total": self.total, "available": self.available, "device": self.device}
 
 
-def read_meminfo(path: Path = Path("/proc/meminfo")) -> MemInfo:
-    """MemTotal and MemAvailable in bytes (MemAvailable falls back to MemFree on very old kernels)."""
-    values: dict[str, int] = {}
-    for line in path.read_text().splitlines():
-        key, _, rest = line.partition(":")
-        parts = rest.split()
-        if parts and parts[0].isdigit():
-            values[key] = int(parts[0]) * (1024 if parts[1:2] == ["kB"] else 1)
-    total = values.get("MemTotal", 0)
-    return MemInfo(total=total, available=values.get("MemAvailable", values.get("MemFree", total)))
+def machine_memory(budgets: dict[str, DeviceBudget] | None = None) -> MemInfo:
+    """MemInfo from the budgets admission uses (the default ones where none are given)."""
+    if budgets is None:
+        budgets = device_budgets(inventory(), BudgetSettings())
+    best = max(budgets.values(), key=lambda b: b.budget_bytes)
+    return MemInfo(total=best.budget_bytes, available=min(best.free_bytes, best.budget_bytes), device=best.device)
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,7 +136,7 @@ class LoadoutPlan:
 def plan_loadout(registry: Registry, name: str, memory: MemInfo | None = None) -> LoadoutPlan:
     """Estimate the memory of loadout `name` (file sizes + context allowance) against this machine."""
     loadout = get_loadout(name)
-    memory = memory or read_meminfo()
+    memory = memory or machine_memory()
     slots: list[SlotPlan] = []
     warnings: list[str] = []
     for s in loadout.slots:
@@ -151,8 +152,8 @@ def plan_loadout(registry: Registry, name: str, memory: MemInfo | None = None) -
     estimate = sum((p.file_bytes or 0) + p.context_bytes for p in slots)
     fits = estimate <= memory.total
     if not fits:
-        warnings.append(f"needs about {estimate / _GIB:.1f} GiB but the machine has "
-                        f"{memory.total / _GIB:.1f} GiB in total")
+        warnings.append(f"needs about {estimate / _GIB:.1f} GiB but the largest budget here ({memory.device}) is "
+                        f"{memory.total / _GIB:.1f} GiB")
     elif estimate > memory.available:
         warnings.append(f"needs about {estimate / _GIB:.1f} GiB but only {memory.available / _GIB:.1f} GiB "
                         "is available now; slots being replaced will free some")
@@ -181,8 +182,8 @@ async def apply_loadout(registry: Registry, name: str, assign: Callable[[str, st
     plan = plan_loadout(registry, name, memory)
     if not plan.fits and not force:
         raise InsufficientMemory(
-            f"loadout {name!r} needs about {plan.estimate_bytes / _GIB:.1f} GiB; this machine has "
-            f"{plan.memory.total / _GIB:.1f} GiB (use force to apply anyway)",
+            f"loadout {name!r} needs about {plan.estimate_bytes / _GIB:.1f} GiB; the largest memory budget here "
+            f"({plan.memory.device}) is {plan.memory.total / _GIB:.1f} GiB (use force to apply anyway)",
             detail={"estimate_bytes": plan.estimate_bytes, **plan.memory.to_dict()})
     report = ApplyReport(name, plan)
     for ref in dict.fromkeys(s.ref for s in plan.slots):
