@@ -15,6 +15,7 @@ from fastapi import APIRouter, Query, Request, Response
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.responses import StreamingResponse
 
+from hal0.hardware.budget import BudgetSettings, device_budgets
 from hal0.hardware.estimate import file_size_rule
 from hal0.hardware.inventory import inventory
 from hal0.registry import catalog, loadouts
@@ -162,7 +163,7 @@ async def list_loadouts() -> dict[str, Any]:
 async def _machine_memory(request: Request) -> loadouts.MemInfo:
     """What loadouts are checked against: the budgets admission uses, with this hal0's memory settings."""
     inv = await asyncio.to_thread(inventory)
-    return loadouts.machine_memory(request.app.state.manager.budgets(inv))
+    return loadouts.machine_memory(device_budgets(inv, BudgetSettings.from_settings(request.app.state.settings)))
 
 
 @router.get("/loadouts/{name}", summary="A loadout with its memory estimate for this machine")

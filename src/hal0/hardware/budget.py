@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from hal0.hardware.inventory import Inventory
+from hal0.settings import Settings
 
 MIB = 1 << 20
 GIB = 1 << 30
@@ -39,6 +40,10 @@ class BudgetSettings:
     reserve_bytes: int | None = None
     host_budget_bytes: int | None = None
     gpu_budget_bytes: dict[int, int] = field(default_factory=dict)
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> BudgetSettings:
+        return cls.from_mb(settings.memory_reserve_mb, settings.memory_budget_mb, settings.gpu_memory_budget_mb)
 
     @classmethod
     def from_mb(cls, reserve_mb: int | None, budget_mb: int | None,

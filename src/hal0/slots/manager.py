@@ -103,8 +103,7 @@ class SlotManager:
                                providers=providers, session=session, models=models,
                                allocate_port=self._allocate_port, make_room=self._make_room, memory=self.memory)
         self.slots: dict[str, Slot] = {}
-        self.budget_settings = BudgetSettings.from_mb(settings.memory_reserve_mb, settings.memory_budget_mb,
-                                                      settings.gpu_memory_budget_mb)
+        self.budget_settings = BudgetSettings.from_settings(settings)
         self._evicted = evicted
         self._inventory = read_inventory
         self._mutate = asyncio.Lock()
