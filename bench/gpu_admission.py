@@ -149,8 +149,54 @@ def run(binary: str, work: Path) -> dict[str, Any]:
               status=resp.status_code, message=err.get("message"))
     finally:
         api.close()
+    hw_gpus = len(hw["gpus"])
+    if hw_gpus >= 2:
+        two_gpus(binary, work, model, ctx, need)
+    else:
+        print(f"SKIP two-GPU checks: this machine has {hw_gpus} GPU(s)", flush=True)
     model.unlink()
     return {"checks": RESULTS}
+
+
+def two_gpus(binary: str, work: Path, model: Path, ctx: list[str], need: dict[str, int]) -> None:
+    """Issue 16's checks: `auto` spreads over GPUs, `gpu:1` stays on GPU 1, `gpu:0,1` splits, admission per GPU."""
+    budget_mib = int(need["gpu:0"] * 1.5 / MIB)
+    api = Api(work / "home-c", binary, {"HAL0_GPU_MEMORY_BUDGET_MB": f"0={budget_mib},1={budget_mib}"})
+    try:
+        assert api.http.post("/api/models/import", json={"ref": "m1", "path": str(model), "link": True}
+                             ).status_code == 201
+        for name in ("auto1", "auto2"):
+            api.slot(name, "m1", args=ctx)
+        api.slot("one", "m1", device="gpu:1", args=ctx)
+        api.slot("zero", "m1", device="gpu:0", args=ctx)
+        api.slot("split", "m1", device="gpu:0,1", args=[*ctx, "-lv", "4"])
+        for name in ("auto1", "auto2"):
+            assert api.load(name).status_code == 200, name
+        devices = sorted(api.get(n)["device"] for n in ("auto1", "auto2"))
+        check("two auto slots that each fit one GPU land on different GPUs", devices == ["gpu:0", "gpu:1"],
+              devices=devices)
+        on1 = next(n for n in ("auto1", "auto2") if api.get(n)["device"] == "gpu:1")
+        assert api.load("one").status_code == 200  # GPU 1 is full: its auto slot goes, GPU 0's stays
+        one = api.get("one")
+        nvml = one["memory"]["measured"]["gpu_process_bytes"]
+        evicted = [e["slot"] for e in api.http.get("/api/decisions", params={"outcome": "evicted"}).json()["data"]]
+        check("gpu:1 runs only on GPU 1, and filling GPU 1 evicts only GPU 1's slot",
+              visible(one["pid"]) == "1" and set(nvml) == {"nvml:1"} and evicted == [on1],
+              visible=visible(one["pid"]), nvml=nvml, evicted=evicted)
+        for name in ("auto1", "auto2", "one"):
+            api.http.post(f"/api/slots/{name}/unload")
+        fit = api.http.get("/api/slots/split/estimate").json()
+        assert api.load("split").status_code == 200
+        split = api.get("split")
+        measured = split["memory"]["measured"]
+        check("gpu:0,1 splits one model over both GPUs as the estimate does",
+              set(measured["gpu_process_bytes"]) == {"nvml:0", "nvml:1"}
+              and {"CUDA0", "CUDA1"} <= set(measured["buffers"]),
+              estimate_mib={d: round(n / MIB) for d, n in fit["needed_bytes"].items()},
+              nvml_mib={d: round(n / MIB) for d, n in measured["gpu_process_bytes"].items()},
+              buffers_mib={d: round(sum(k.values()) / MIB) for d, k in measured["buffers"].items()})
+    finally:
+        api.close()
 
 
 def main(argv: list[str] | None = None) -> int:

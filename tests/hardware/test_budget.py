@@ -115,6 +115,8 @@ def test_placement_settings_are_validated_and_become_arguments_and_variables() -
     assert launch_args(one, ()) == ["-ngl", "20"] and launch_args(one, ("-ngl", "5")) == []
     assert launch_env("cuda", one) == {"CUDA_VISIBLE_DEVICES": "1"}
     assert launch_env("rocm", Placement((0, 1), 99, True)) == {"HIP_VISIBLE_DEVICES": "0,1"}
+    assert launch_args(Placement((0, 1), 99, True), ()) == ["-ngl", "99", "--tensor-split", "1,1"]
+    assert launch_args(Placement((0, 1), 99, True), ("-ts", "3,1")) == ["-ngl", "99"]
     assert launch_env("vulkan", one) == {"GGML_VK_VISIBLE_DEVICES": "1"}
     cpu = Placement((), 0, explicit=True)
     assert launch_env("cuda", cpu) == {"CUDA_VISIBLE_DEVICES": ""} and launch_args(cpu, ()) == ["-ngl", "0"]

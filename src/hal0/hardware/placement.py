@@ -60,10 +60,16 @@ def launch_env(build: str, placement: Placement) -> dict[str, str]:
 
 
 def launch_args(placement: Placement, args: tuple[str, ...]) -> list[str]:
-    """`-ngl` for the placement, unless the slot's own arguments already say."""
-    if not placement.explicit or has_flag(args, "-ngl", "--gpu-layers", "--n-gpu-layers"):
+    """`-ngl` (and an even `--tensor-split` over several GPUs) for the placement, unless the slot's own
+    arguments already say."""
+    if not placement.explicit:
         return []
-    return ["-ngl", str(placement.gpu_layers if placement.gpus else 0)]
+    out = [] if has_flag(args, "-ngl", "--gpu-layers", "--n-gpu-layers") else [
+        "-ngl", str(placement.gpu_layers if placement.gpus else 0)]
+    if len(placement.gpus) > 1 and not has_flag(args, "-ts", "--tensor-split"):
+        # An even split, as the estimate counts it (llama.cpp would split by each device's free memory at start).
+        out += ["--tensor-split", ",".join("1" for _ in placement.gpus)]
+    return out
 
 
 __all__ = ["ALL_LAYERS", "DEVICE_PATTERN", "Placement", "launch_args", "launch_env", "requested_gpus",
