@@ -9,7 +9,6 @@ import asyncio
 import tempfile
 from pathlib import Path
 
-from hal0.registry.generate import TINY, generate_gguf
 from hal0.registry.store import ModelStore
 from hal0.slots.manager import SlotManager
 
@@ -19,6 +18,9 @@ DEMO_REF = "hal0-demo-tiny"
 def install_demo_model(store: ModelStore) -> str:
     """Generate and import the demo model unless it is installed already; returns its ref."""
     if not store.exists(DEMO_REF):
+        # Only a first run writes it: the generator's gguf and numpy stay out of every later start (0.18 s).
+        from hal0.registry.generate import TINY, generate_gguf
+
         with tempfile.TemporaryDirectory(dir=store.root) as tmp:
             path = generate_gguf(Path(tmp) / "hal0-demo-tiny.gguf", TINY)
             store.import_file(DEMO_REF, path, slot_type="chat", provider="llama.cpp")
