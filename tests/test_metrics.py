@@ -164,6 +164,9 @@ def test_usage_is_read_from_a_json_answer_without_parsing_the_rest() -> None:
     assert usage_from_body(body) == Usage(11, 5)
     anthropic = json.dumps({"type": "message", "usage": {"input_tokens": 9, "output_tokens": 3}}).encode()
     assert usage_from_body(anthropic) == Usage(9, 3)
+    # Anthropic counts cached prompt tokens apart; the prompt is all of them.
+    cached = json.dumps({"usage": {"cache_read_input_tokens": 19, "input_tokens": 1, "output_tokens": 3}}).encode()
+    assert usage_from_body(cached) == Usage(20, 3)
     assert usage_from_body(b'{"data": [{"embedding": [0.1, 0.2]}], "usage": {"prompt_tokens": 4}}') == Usage(4, 0)
     assert usage_from_body(b'{"choices": []}') is None
     assert usage_from_body(b'{"usage": {"prompt_tokens": ') is None

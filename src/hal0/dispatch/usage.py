@@ -43,7 +43,14 @@ class _Counts:
     def add_usage(self, usage: Any) -> None:
         if not isinstance(usage, dict):
             return
-        self._more(self.usage, 0, usage.get("prompt_tokens", usage.get("input_tokens")))
+        prompt = usage.get("prompt_tokens", usage.get("input_tokens"))
+        if isinstance(prompt, int):
+            # Anthropic's input_tokens leave out what came from (or went into) the prompt cache; OpenAI's
+            # prompt_tokens, and so hal0's count, hold the whole prompt.
+            for cached in ("cache_read_input_tokens", "cache_creation_input_tokens"):
+                if isinstance(usage.get(cached), int):
+                    prompt += usage[cached]
+        self._more(self.usage, 0, prompt)
         self._more(self.usage, 1, usage.get("completion_tokens", usage.get("output_tokens")))
 
     def add_timings(self, timings: Any) -> None:
