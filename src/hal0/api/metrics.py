@@ -8,8 +8,7 @@ import asyncio
 import time
 
 from fastapi import APIRouter, Query, Request, Response
-from fastapi.responses import JSONResponse
-from prometheus_client import CONTENT_TYPE_LATEST
+from fastapi.responses import JSONResponse, PlainTextResponse
 
 from hal0.api.hardware import memory_totals
 from hal0.errors import SlotNotFound
@@ -19,6 +18,10 @@ from hal0.slots.slot import Slot
 from hal0.stats import WINDOW_S, SlotSample, StatsRing, StatsView
 
 router = APIRouter(tags=["monitoring"])
+
+#: The text format every Prometheus reads (prometheus_client's newest, 1.0.0, is the same text for hal0's
+#: names, but a 2.x server does not know it by that name).
+EXPOSITION_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
 def slot_samples(manager: SlotManager, stats: StatsRing) -> list[SlotSample]:
@@ -46,11 +49,11 @@ async def sample_every_second(manager: SlotManager, stats: StatsRing) -> None:
         await asyncio.sleep(1.0 - time.time() % 1.0 + 0.001)
 
 
-@router.get("/metrics", summary="Prometheus metrics (text exposition format)",
-            response_description="text/plain; version=0.0.4")
+@router.get("/metrics", summary="Prometheus metrics (text exposition format)", response_class=PlainTextResponse,
+            response_description="Prometheus' text format, version 0.0.4")
 async def metrics(request: Request) -> Response:
     registry: Metrics = request.app.state.metrics
-    return Response(registry.exposition(), media_type=CONTENT_TYPE_LATEST)
+    return Response(registry.exposition(), media_type=EXPOSITION_TYPE)
 
 
 @router.get("/api/stats", summary="Per-second aggregates per slot over the last 15 minutes")
