@@ -4,17 +4,19 @@ the numbers /api/stats holds, `q` quits with 0; `--once` prints one frame.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pty
 import re
 import select
+import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from tests.conftest import Hal0, free_port
+from tests.conftest import Hal0, free_port, wait_until
 
 _ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 _FRAME = "\x1b[H\x1b[2J"
@@ -31,14 +33,18 @@ def top_rows(frame: str) -> dict[str, list[str]]:
 
 
 class Terminal:
-    """A child process on the slave side of a pty; its output read from the master side."""
+    """A child process with a pty as its controlling terminal (so Ctrl-C there is SIGINT to it), read from the
+    master side."""
 
     def __init__(self, argv: list[str], env: dict[str, str]) -> None:
-        self.master, slave = pty.openpty()
-        self.proc = subprocess.Popen(argv, stdin=slave, stdout=slave, stderr=slave, env=env, close_fds=True,
-                                     start_new_session=True)
-        os.close(slave)
+        self.pid, self.master = pty.fork()
+        if self.pid == 0:  # the child: nothing but exec (and never back into pytest)
+            try:
+                os.execve(argv[0], argv, env)
+            finally:
+                os._exit(127)
         self.output = ""
+        self.code: int | None = None
 
     def read_for(self, predicate: Any, timeout: float) -> Any:
         """Read until predicate(frames) is truthy (frames: complete ones, newest last)."""
@@ -61,10 +67,26 @@ class Terminal:
     def send(self, data: bytes) -> None:
         os.write(self.master, data)
 
+    def wait(self, timeout: float) -> int:
+        """The child's exit code, reading (and so draining) its output meanwhile."""
+        def ended() -> bool:
+            with contextlib.suppress(OSError):
+                if select.select([self.master], [], [], 0)[0]:
+                    self.output += os.read(self.master, 65536).decode(errors="replace")
+            pid, status = os.waitpid(self.pid, os.WNOHANG)
+            if pid:
+                self.code = os.waitstatus_to_exitcode(status)
+            return pid != 0
+
+        wait_until(ended, timeout, "hal0 top to exit")
+        assert self.code is not None
+        return self.code
+
     def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(10)
+        if self.code is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, signal.SIGKILL)
+            os.waitpid(self.pid, 0)
         os.close(self.master)
 
 
@@ -110,7 +132,20 @@ def test_top_shows_each_slots_state_and_rates_live_and_q_quits(hal0: Hal0, model
         assert rows["embed"][1] == "offline" and rows["embed"][3] == "0.0"
 
         term.send(b"q")
-        assert term.proc.wait(10) == 0
+        assert term.wait(10) == 0
+        assert term.output.rstrip().endswith("\x1b[?1049l")  # the screen it found is back
+    finally:
+        term.close()
+
+
+def test_ctrl_c_quits_top_cleanly(hal0_factory: Any) -> None:
+    hal0: Hal0 = hal0_factory(None).start()
+    term = Terminal([sys.executable, "-m", "hal0.cli", "top", "--url", hal0.url], {**hal0.env, "TERM": "xterm"})
+    try:
+        term.read_for(lambda frames: frames and "tts" in top_rows(frames[-1]), 30)
+        term.send(b"\x03")  # the terminal turns it into SIGINT for its foreground process
+        assert term.wait(10) == 0
+        assert "Traceback" not in term.output
     finally:
         term.close()
 
