@@ -55,7 +55,7 @@ def slot_measured(manager: SlotManager, slot: Slot) -> MeasuredMemory | None:
         # Loaded means the report is already written (llama-server prints it before it listens), so an empty
         # answer (another provider, a lower -lv) is kept too: the log is read once per backend, never per request.
         buffers = parse_buffer_report(read_log_tail(manager.supervisor.log_path(slot.name)))
-        for old in [k for k in _reports if k[0] == slot.name]:
+        for old in [k for k in list(_reports) if k[0] == slot.name]:  # list(): the sampler thread reads too
             del _reports[old]
         _reports[key] = buffers
     live = measure(pid, None)

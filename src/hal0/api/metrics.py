@@ -5,6 +5,7 @@ the once-a-second sample of every slot that both read.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 
 from fastapi import APIRouter, Query, Request, Response
@@ -18,6 +19,7 @@ from hal0.slots.slot import Slot
 from hal0.stats import WINDOW_S, SlotSample, StatsRing, StatsView
 
 router = APIRouter(tags=["monitoring"])
+log = logging.getLogger("hal0.metrics")
 
 #: The text format every Prometheus reads (prometheus_client's newest, 1.0.0, is the same text for hal0's
 #: names, but a 2.x server does not know it by that name).
@@ -40,12 +42,20 @@ def _memory(manager: SlotManager, slots: list[Slot]) -> list[tuple[int | None, i
 async def sample_every_second(manager: SlotManager, stats: StatsRing) -> None:
     """Record each slot's state and memory once a second, on the second. Memory is read in a thread: /proc,
     NVML and (once per model) a GGUF header are file reads."""
+    failing = False
     while True:
         slots = manager.ordered()
-        memory = await asyncio.to_thread(_memory, manager, slots)
-        now = time.time()
-        stats.sample(now, [SlotSample(s.name, s.state.value, s.in_flight, est, got)
-                           for s, (est, got) in zip(slots, memory, strict=True)])
+        try:
+            memory = await asyncio.to_thread(_memory, manager, slots)
+        except Exception:  # one bad reading must not end the sampling: the states still count
+            if not failing:
+                log.exception("reading the slots' memory failed (logged once until it works again)")
+            failing = True
+            memory = [(None, None)] * len(slots)
+        else:
+            failing = False
+        stats.sample(time.time(), [SlotSample(s.name, s.state.value, s.in_flight, est, got)
+                                   for s, (est, got) in zip(slots, memory, strict=True)])
         await asyncio.sleep(1.0 - time.time() % 1.0 + 0.001)
 
 
