@@ -112,3 +112,18 @@ def test_activity_charts_are_drawn_from_the_numbers_api_stats_gives(
     detail.get_by_test_id("chart-primary-requests").locator("canvas").first.wait_for(timeout=UI_TIMEOUT_MS)
     assert detail.locator("[data-slot]").count() == 1
     board.shot("slot-detail-activity")
+
+
+def test_the_vendored_chart_library_is_served_from_the_package_with_its_licence(hal0_factory: Any) -> None:
+    from importlib import resources
+
+    hal0: Hal0 = hal0_factory(None).start()
+    page = hal0.client.get("/").text
+    assert 'src="/dashboard/vendor/uPlot.iife.min.js"' in page
+    for asset, kind in (("vendor/uPlot.iife.min.js", "text/javascript"), ("vendor/uPlot.min.css", "text/css")):
+        resp = hal0.client.get(f"/dashboard/{asset}")
+        assert resp.status_code == 200, asset
+        assert resp.headers["content-type"].startswith(kind)
+    assert "uPlot" in hal0.client.get("/dashboard/vendor/uPlot.iife.min.js").text
+    licence = resources.files("hal0").joinpath("dashboard", "vendor", "uPlot.LICENSE").read_text()
+    assert "The MIT License" in licence and "Leon Sorokin" in licence
