@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import Hal0
+from tests.conftest import Hal0, wait_until
 from tests.test_dashboard import UI_TIMEOUT_MS, browser, dashboard  # noqa: F401 (fixtures)
 
 # Pixels of one colour (within a little antialiasing) in each canvas under `root`.
@@ -66,9 +66,16 @@ def test_activity_charts_are_drawn_from_the_numbers_api_stats_gives(
     assert hal0.client.put("/api/slots/primary/model", json={"model": "tiny"}).status_code == 200
     tokens = traffic(hal0)
 
+    # The second of the cold load; the page is read once a few seconds have followed it.
+    def load_second() -> int | None:
+        got = hal0.client.get("/api/stats", params={"slot": "primary", "seconds": 60}).json()
+        return next((t for t, state in zip(got["t"], got["slots"]["primary"]["state"], strict=True)
+                     if state in ("starting", "warming", "pulling")), None)
+
+    load_at: int = wait_until(load_second, 10, "the load's second to be complete")
     board = dashboard(hal0)
     page = board.open("#/activity")
-    page.wait_for_function("() => (window.hal0Charts?.primary?.requests?.[1] || []).reduce((a, b) => a + b, 0) === 5",
+    page.wait_for_function("(after) => window.hal0Charts?.primary?.end >= after", arg=load_at + 5,
                            timeout=UI_TIMEOUT_MS)
     drawn = page.evaluate("JSON.parse(JSON.stringify(window.hal0Charts.primary))")
     board.shot("activity")
@@ -76,12 +83,13 @@ def test_activity_charts_are_drawn_from_the_numbers_api_stats_gives(
     s = stats["slots"]["primary"]
     t = stats["t"]
     assert drawn["t"] == t and len(t) == 900
-    assert drawn["requests"] == [t, s["requests"]]
+    assert drawn["requests"] == [t, s["requests"], s["waited"]]
     assert drawn["ttft"] == [t, s["ttft_p50_ms"], s["ttft_p95_ms"]]
     assert drawn["tokens"] == [t, s["completion_tokens"]]
     assert drawn["memory"] == [t, s["memory_bytes"], s["memory_estimate_bytes"]]
     assert drawn["state"] == s["state"]
     assert sum(s["requests"]) == 5
+    assert sum(s["waited"]) == 1  # the first one, through the cold load
     assert sum(s["completion_tokens"]) == pytest.approx(tokens, abs=0.01)
     assert sum(v is not None for v in s["ttft_p50_ms"]) >= 1  # the streams had a first token
     assert any(v for v in s["memory_bytes"] if v)
@@ -94,13 +102,18 @@ def test_activity_charts_are_drawn_from_the_numbers_api_stats_gives(
             _COUNT_COLOUR, [f'[data-testid="chart-primary-{key}"] canvas', css_var(page, colour)])]
         assert counts and max(counts) > 0, key
     # The timeline: the second of the cold load shows loading, the last one ready.
-    loading = next(i for i, state in enumerate(s["state"]) if state in ("starting", "warming", "pulling"))
+    loading = t.index(load_at)
     timeline = '[data-testid="timeline-primary"]'
     assert page.evaluate(_TIMELINE_AT, [timeline, loading, len(t)]) == css_var(page, "--busy")
     assert s["state"][-1] == "ready"
     assert page.evaluate(_TIMELINE_AT, [timeline, len(t) - 1, len(t)]) == css_var(page, "--ready")
     label = page.get_by_test_id("timeline-primary").get_attribute("aria-label") or ""
     assert "loading" in label and "ready" in label
+    # Hovering a second names its state.
+    box = page.get_by_test_id("timeline-primary").bounding_box()
+    assert box is not None
+    page.mouse.move(box["x"] + box["width"] * (loading + 0.5) / len(t), box["y"] + box["height"] / 2)
+    assert (page.get_by_test_id("timeline-primary").get_attribute("title") or "").endswith(s["state"][loading])
     # Every slot has its panel; an unused one is drawn too (all zeros, offline).
     for slot in ("embed", "stt", "tts"):
         assert page.get_by_test_id(f"activity-{slot}").count() == 1

@@ -732,12 +732,14 @@ const GROUP_COLOR = { loading: "--busy", ready: "--ready", serving: "--serving",
                       error: "--error", offline: "--offline-bg" };
 const fmtRate = (v) => (v === null || v === undefined ? "—" : v < 10 ? v.toFixed(1) : v.toFixed(0));
 const CHARTS = [
-  { key: "requests", title: "Requests/s", series: [["requests", "req/s", "--accent"]], fmt: fmtRate },
+  // Of each second's requests, those that waited for a cold load: they line up with "loading" on the timeline.
+  { key: "requests", title: "Requests/s", fmt: fmtRate,
+    series: [["requests", "req/s", "--accent"], ["waited", "waited for a load", "--busy"]] },
   // A second has a first-token time only if a stream started in it: sparse, so each one is drawn as a dot too.
   { key: "ttft", title: "Time to first token", fmt: fmtMs, dots: true,
     series: [["ttft_p50_ms", "p50", "--serving"], ["ttft_p95_ms", "p95", "--busy"]] },
   { key: "tokens", title: "Tokens/s", series: [["completion_tokens", "tok/s", "--ready"]], fmt: fmtRate },
-  { key: "memory", title: "Memory", fmt: fmtBytes, empty: 1 << 20,
+  { key: "memory", title: "Memory", fmt: fmtBytes, empty: 2 ** 30,
     series: [["memory_bytes", "measured", "--accent"], ["memory_estimate_bytes", "estimate", "--muted"]] },
 ];
 window.hal0Charts = {};
@@ -763,7 +765,8 @@ function chartOptions(spec, width) {
 }
 
 function activityPanel(slot) {
-  const timeline = h("canvas", { class: "timeline", "data-testid": `timeline-${slot}`, role: "img", height: "18" });
+  const timeline = h("canvas", { class: "timeline", "data-testid": `timeline-${slot}`, role: "img", height: "18",
+                                  onmousemove: timelineTip });
   const charts = {};
   const grid = h("div", { class: "chart-grid" }, ...CHARTS.map((spec) => {
     const target = h("div", { class: "chart", "data-testid": `chart-${slot}-${spec.key}`, "data-chart": spec.key });
@@ -775,7 +778,16 @@ function activityPanel(slot) {
   return { slot, root, charts, timeline };
 }
 
+function timelineTip(event) {
+  const canvas = event.currentTarget;
+  const { t, states } = canvas.timeline || {};
+  if (!t) return;
+  const i = Math.min(t.length - 1, Math.max(0, Math.floor((event.offsetX / canvas.clientWidth) * t.length)));
+  canvas.title = `${fmtTime(t[i])} ${states[i] || "no sample"}`;
+}
+
 function drawTimeline(canvas, t, states) {
+  canvas.timeline = { t, states };
   const ratio = window.devicePixelRatio || 1;
   const width = Math.max(100, canvas.clientWidth);
   canvas.width = Math.round(width * ratio);
@@ -785,13 +797,20 @@ function drawTimeline(canvas, t, states) {
   const colors = Object.fromEntries(Object.entries(GROUP_COLOR).map(([g, v]) => [g, cssVar(v)]));
   const step = canvas.width / t.length;
   const seen = {};
-  states.forEach((state, i) => {
-    if (!state) return;
-    const group = STATE_GROUP[state] || "offline";
-    seen[group] = (seen[group] || 0) + 1;
-    ctx.fillStyle = colors[group];
-    ctx.fillRect(Math.floor(i * step), 0, Math.ceil(step), canvas.height);
-  });
+  // A second is about a pixel wide: loads and errors are drawn again on top, at least 3 px, so a one-second
+  // load next to a request that waited for it never disappears under its neighbours.
+  for (const pass of [false, true]) {
+    states.forEach((state, i) => {
+      if (!state) return;
+      const group = STATE_GROUP[state] || "offline";
+      const salient = group === "loading" || group === "error";
+      if (pass && !salient) return;
+      if (!pass) seen[group] = (seen[group] || 0) + 1;
+      ctx.fillStyle = colors[group];
+      const wide = pass ? Math.max(Math.ceil(step), Math.round(3 * ratio)) : Math.ceil(step);
+      ctx.fillRect(Math.floor(i * step), 0, wide, canvas.height);
+    });
+  }
   canvas.setAttribute("aria-label", `States over the last ${Math.round(t.length / 60)} minutes: ` +
     (Object.entries(seen).map(([g, n]) => `${g} ${n} s`).join(", ") || "no samples yet"));
 }
