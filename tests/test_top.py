@@ -5,6 +5,7 @@ the numbers /api/stats holds, `q` quits with 0; `--once` prints one frame.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import pty
 import re
@@ -160,6 +161,13 @@ def test_top_once_prints_one_frame_and_exits(hal0_factory: Any) -> None:
     assert list(rows) == ["primary", "embed", "stt", "tts"]
     assert all(r[1] == "offline" and r[3] == "0.0" and r[4] == "—" for r in rows.values())
     assert "REQ/S" in done.stdout and "TTFT P50" in done.stdout
+    done = subprocess.run([sys.executable, "-m", "hal0.cli", "top", "--once", "--json", "--url", hal0.url],
+                          env=hal0.env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    machine = json.loads(done.stdout)
+    assert [r["slot"] for r in machine] == ["primary", "embed", "stt", "tts"]
+    assert machine[0] == {"slot": "primary", "state": "offline", "model": "—", "req_per_s": 0.0, "ttft_p50_ms": None,
+                          "tokens_per_s": 0.0, "in_flight": 0, "memory": "—"}
 
 
 def test_top_says_plainly_when_the_api_is_not_there(tmp_path: Path) -> None:

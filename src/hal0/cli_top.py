@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
+import json
 import os
 import select
 import sys
@@ -77,10 +79,12 @@ def rows(slots: list[dict[str, Any]], stats: dict[str, Any]) -> list[Row]:
     return out
 
 
+def current_rows(client: ApiClient) -> list[Row]:
+    return rows(client.get("/api/slots")["data"], client.get("/api/stats", params={"seconds": WINDOW_S}))
+
+
 def frame(client: ApiClient, now: float | None = None) -> str:
-    slots = client.get("/api/slots")["data"]
-    stats = client.get("/api/stats", params={"seconds": WINDOW_S})
-    table = [COLUMNS, *(r.cells() for r in rows(slots, stats))]
+    table = [COLUMNS, *(r.cells() for r in current_rows(client))]
     widths = [max(len(line[i]) for line in table) for i in range(len(COLUMNS))]
     stamp = time.strftime("%H:%M:%S", time.localtime(now))
     lines = [f"hal0 top  {client.base_url}  {stamp}  rates over the last {WINDOW_S} s  (q quits)", ""]
@@ -122,6 +126,9 @@ def _quit_pressed(fd: int | None, timeout: float) -> bool:
 def cmd_top(args: argparse.Namespace) -> int:
     client: ApiClient = args.client
     out = sys.stdout
+    if args.once and getattr(args, "json", False):
+        out.write(json.dumps([dataclasses.asdict(r) for r in current_rows(client)], indent=2) + "\n")
+        return 0
     if args.once:
         out.write(frame(client))
         return 0
@@ -144,6 +151,6 @@ def cmd_top(args: argparse.Namespace) -> int:
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p = sub.add_parser("top", help="a live view of the slots: state, req/s, TTFT, tokens/s, memory")
-    p.add_argument("--once", action="store_true", help="print one frame and exit")
+    p.add_argument("--once", action="store_true", help="print one frame and exit (with --json: the rows as JSON)")
     p.add_argument("-n", "--interval", type=float, default=1.0, help="seconds between frames (default 1)")
     p.set_defaults(func=cmd_top)
