@@ -256,6 +256,15 @@ def test_the_ring_forgets_what_is_older_than_its_window() -> None:
     ring.record_decision(late)  # a record for a second the ring no longer holds is dropped, not misfiled
     assert sum(ring.view(t0 + WINDOW_S, WINDOW_S)["slots"]["primary"]["requests"]) == 1
     assert len(ring.view(t0 + WINDOW_S, 10_000)["t"]) == WINDOW_S
+    # An answer that took longer than the window: its tokens land in the seconds the ring holds, and nothing
+    # it touches wipes the current second's count.
+    now = t0 + WINDOW_S
+    ring.record_decision(decision(slot="primary", time=now - 1000 + 0.5, duration_ms=1_000_000.0, ttft_ms=0.0,
+                                  status=200, outcome="ok", prompt_tokens=7, completion_tokens=2000))
+    s = ring.view(now, WINDOW_S)["slots"]["primary"]
+    assert s["requests"][-1] == 2
+    assert sum(s["prompt_tokens"]) == 0
+    assert sum(s["completion_tokens"]) == pytest.approx(2000 * (WINDOW_S - 0.5) / 1000, abs=0.1)
 
 
 # -- the routes of a real API --------------------------------------------------------------------------------------

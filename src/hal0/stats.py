@@ -126,8 +126,10 @@ class StatsRing:
                 self._slots.pop(slot, None)
                 self._memory.pop(slot, None)
             elif isinstance(data.get("to"), str):
-                when = data.get("time", event.time)
-                self._series(slot).mark_state(int(when), str(data.get("from") or data["to"]), data["to"])
+                sec = int(data.get("time", event.time))
+                self._newest = max(self._newest, sec)
+                if self._live(sec):
+                    self._series(slot).mark_state(sec, str(data.get("from") or data["to"]), data["to"])
 
     def record_decision(self, d: dict[str, Any]) -> None:
         slot = d.get("slot")
@@ -161,7 +163,9 @@ class StatsRing:
         # end of a cold wait), so a long stream shows as the rate it ran at, not one spike at its end.
         gen_from = began + (float(ttft) / 1000 if isinstance(ttft, (int, float))
                             else float(d.get("wait_ms") or 0.0) / 1000)
-        if isinstance(prompt, int) and prompt > 0:
+        # A cell is reused round the clock: a second older than the window must never be written (it would
+        # wipe the current second that shares its cell).
+        if isinstance(prompt, int) and prompt > 0 and self._live(int(min(gen_from, end))):
             series.prompt[series.cell(int(min(gen_from, end)))] += prompt
         if isinstance(completion, int) and completion > 0:
             self._spread(series, completion, min(gen_from, end), end)
