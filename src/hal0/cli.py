@@ -363,6 +363,9 @@ def build_parser() -> argparse.ArgumentParser:
         pass
     else:
         cli_models.register(sub)
+        from hal0 import cli_top
+
+        cli_top.register(sub)
     _accept_globals_anywhere(parser)
     return parser
 

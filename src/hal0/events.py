@@ -7,11 +7,14 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
+
+log = logging.getLogger("hal0.events")
 
 
 @dataclass(frozen=True, slots=True)
@@ -28,14 +31,25 @@ class EventBus:
         self._ring: deque[Event] = deque(maxlen=ring_size)
         self._subscribers: set[asyncio.Queue[Event | None]] = set()
         self._queue_size = queue_size
+        self._taps: list[Callable[[Event], None]] = []
 
     @property
     def last_id(self) -> int:
         return self._ring[-1].id if self._ring else 0
 
+    def tap(self, listener: Callable[[Event], None]) -> None:
+        """Call `listener` with every event as it is published, in the publisher's own call: for counters
+        (metrics) that must see each event exactly once and at once, without a queue that can fall behind."""
+        self._taps.append(listener)
+
     def publish(self, topic: str, data: dict[str, Any]) -> Event:
         event = Event(next(self._ids), topic, data, time.time())
         self._ring.append(event)
+        for listener in self._taps:
+            try:
+                listener(event)
+            except Exception:  # a counter's bug must never break the event it counts
+                log.exception("event listener failed on a %s event", topic)
         for queue in list(self._subscribers):
             try:
                 queue.put_nowait(event)

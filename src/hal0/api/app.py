@@ -4,6 +4,7 @@ the /v1 edge, the /api management routes and the dashboard.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hmac
 import json
@@ -16,13 +17,14 @@ import aiohttp
 from fastapi import FastAPI
 
 from hal0 import __version__
-from hal0.api import dashboard, errors, hardware, manage, models
+from hal0.api import dashboard, errors, hardware, manage, metrics, models
 from hal0.dispatch.backend_errors import anthropic_path
 from hal0.dispatch.decisions import DecisionLog
 from hal0.dispatch.proxy import Dispatcher, Receive, Scope, Send
 from hal0.errors import anthropic_error_body
 from hal0.events import EventBus
 from hal0.fsio import WriteFailures
+from hal0.metrics import Metrics
 from hal0.providers.base import Provider
 from hal0.providers.flm import FlmProvider
 from hal0.providers.kokoro import KokoroProvider
@@ -32,6 +34,8 @@ from hal0.registry import catalog
 from hal0.registry.pull import PullEvent, Registry
 from hal0.settings import Settings
 from hal0.slots.manager import SlotManager
+from hal0.slots.state import SlotState
+from hal0.stats import StatsRing
 from hal0.supervisors.base import Supervisor
 from hal0.supervisors.choose import choose_supervisor
 
@@ -139,8 +143,9 @@ async def _too_large(send: Send, limit: int) -> None:
 
 
 def _needs_key(path: str) -> bool:
-    # The dashboard's static page and the API's liveness check stay open; data and actions need a key.
-    return (path.startswith("/v1/") or path.startswith("/api/")) and path != "/api/health"
+    # The dashboard's static page and the API's liveness check stay open; data (metrics too) and actions need
+    # a key.
+    return (path.startswith("/v1/") or path.startswith("/api/") or path == "/metrics") and path != "/api/health"
 
 
 async def _unauthorized(send: Send, path: str) -> None:
@@ -174,10 +179,19 @@ def create_app(settings: Settings, options: AppOptions | None = None) -> Hal0App
         app.state.registry = registry
         app.state.manager = manager
         app.state.decisions = decisions
-        dispatcher = Dispatcher(settings, manager, session, decisions)
+        stats = StatsRing()
+        meters = Metrics([s.value for s in SlotState], lambda: metrics.slot_samples(manager, stats),
+                         lambda: dict(failures.counts))
+        bus.tap(meters.observe)
+        bus.tap(stats.observe)
+        app.state.stats = stats
+        app.state.metrics = meters
+        dispatcher = Dispatcher(settings, manager, session, decisions, meters)
         edge.dispatcher = dispatcher
+        sampler: asyncio.Task[None] | None = None
         try:
             await manager.start()
+            sampler = asyncio.create_task(metrics.sample_every_second(manager, stats), name="stats-sampler")
             if options.demo:
                 from hal0.demo import ensure_demo_model
 
@@ -186,6 +200,10 @@ def create_app(settings: Settings, options: AppOptions | None = None) -> Hal0App
                      manager.supervisor.kind)
             yield
         finally:
+            if sampler is not None:
+                sampler.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await sampler
             edge.dispatcher = None
             await dispatcher.close()
             await manager.close()
@@ -201,6 +219,7 @@ def create_app(settings: Settings, options: AppOptions | None = None) -> Hal0App
     app.include_router(manage.router)
     app.include_router(hardware.router)
     app.include_router(models.router)
+    app.include_router(metrics.router)
     app.include_router(dashboard.router)
     edge.fastapi = app
     return edge

@@ -32,6 +32,22 @@ def slot_measured(manager: SlotManager, slot: Slot) -> MeasuredMemory | None:
     return manager.memory.measured(slot)
 
 
+_estimates: dict[tuple[str, str, int | None, tuple[str, ...]], MemoryEstimate | None] = {}
+
+
+def memory_totals(manager: SlotManager, slot: Slot) -> tuple[int | None, int | None]:
+    """The slot's estimated and measured total bytes, for the once-a-second sample: the estimate (a GGUF header
+    read) is kept per model and settings, the measurement is /proc's and NVML's figure now."""
+    key = (slot.name, slot.config.model or "", slot.config.ctx_size, tuple(slot.config.args))
+    if key not in _estimates:
+        for old in [k for k in _estimates if k[0] == slot.name]:
+            del _estimates[old]
+        _estimates[key] = slot_estimate(manager, slot)
+    est = _estimates[key]
+    got = slot_measured(manager, slot)
+    return (est.total_bytes if est else None), (got.total_bytes if got else None)
+
+
 def memory_view(manager: SlotManager, slot: Slot) -> dict[str, Any]:
     """The `memory` field of a slot's JSON, read now."""
     return manager.memory.view(slot)

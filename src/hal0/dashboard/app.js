@@ -1,4 +1,5 @@
-// hal0 dashboard: one EventSource for slots, decisions and pulls; initial state from /api; no polling.
+// hal0 dashboard: one EventSource for slots, decisions and pulls; initial state from /api; no polling but the
+// per-second activity charts (/api/stats) while they are shown.
 // Plain DOM, no framework: every view keeps references to its elements and updates them in place.
 
 const $ = (id) => document.getElementById(id);
@@ -721,12 +722,176 @@ $("play-message").addEventListener("keydown", (e) => {
   if (e.key === "Enter" && (e.ctrlKey || e.metaKey)) $("play-form").requestSubmit();
 });
 
+// -- activity: per slot, the last 15 minutes per second from /api/stats, drawn with uPlot ---------------------------
+// The only polling on the page: per-second aggregates are not events. Every chart keeps the very arrays it was
+// given in window.hal0Charts[slot] (with the `start`/`end` of the /api/stats answer), so they can be checked.
+const STATS_POLL_MS = 2000;
+const STATE_GROUP = { pulling: "loading", starting: "loading", warming: "loading", unloading: "offline",
+                      ready: "ready", serving: "serving", idle: "idle", error: "error", offline: "offline" };
+const GROUP_COLOR = { loading: "--busy", ready: "--ready", serving: "--serving", idle: "--ready-bg",
+                      error: "--error", offline: "--offline-bg" };
+const fmtRate = (v) => (v === null || v === undefined ? "—" : v < 10 ? v.toFixed(1) : v.toFixed(0));
+const CHARTS = [
+  // Of each second's requests, those that waited for a cold load: they line up with "loading" on the timeline.
+  { key: "requests", title: "Requests/s", fmt: fmtRate,
+    series: [["requests", "req/s", "--accent"], ["waited", "waited for a load", "--busy"]] },
+  // A second has a first-token time only if a stream started in it: sparse, so each one is drawn as a dot too.
+  { key: "ttft", title: "Time to first token", fmt: fmtMs, dots: true,
+    series: [["ttft_p50_ms", "p50", "--serving"], ["ttft_p95_ms", "p95", "--busy"]] },
+  { key: "tokens", title: "Tokens/s", series: [["completion_tokens", "tok/s", "--ready"]], fmt: fmtRate },
+  { key: "memory", title: "Memory", fmt: fmtBytes, empty: 2 ** 30,
+    series: [["memory_bytes", "measured", "--accent"], ["memory_estimate_bytes", "estimate", "--muted"]] },
+];
+window.hal0Charts = {};
+const activity = { timer: null, panels: new Map() };  // element id -> { slot, root, charts, timeline }
+
+function cssVar(name) {
+  return getComputedStyle(document.documentElement).getPropertyValue(name).trim() || "#888";
+}
+
+function chartOptions(spec, width) {
+  const axis = { stroke: cssVar("--muted"), grid: { stroke: cssVar("--border"), width: 1 },
+                 ticks: { stroke: cssVar("--border"), width: 1 } };
+  return {
+    width, height: 130, legend: { show: true, live: true },
+    cursor: { drag: { x: false, y: false } },
+    scales: { x: { time: true }, y: { range: (u, lo, hi) => [0, hi > 0 ? hi * 1.1 : spec.empty || 1] } },
+    series: [{}, ...spec.series.map(([, label, color]) => ({
+      label, stroke: cssVar(color), width: 1.5, value: (u, v) => spec.fmt(v),
+      points: spec.dots ? { show: true, size: 4, fill: cssVar(color), stroke: cssVar(color) } : { show: false },
+    }))],
+    axes: [axis, { ...axis, size: 74, values: (u, values) => values.map((v) => spec.fmt(v)) }],
+  };
+}
+
+function activityPanel(slot) {
+  const timeline = h("canvas", { class: "timeline", "data-testid": `timeline-${slot}`, role: "img", height: "18",
+                                  onmousemove: timelineTip });
+  const charts = {};
+  const grid = h("div", { class: "chart-grid" }, ...CHARTS.map((spec) => {
+    const target = h("div", { class: "chart", "data-testid": `chart-${slot}-${spec.key}`, "data-chart": spec.key });
+    charts[spec.key] = { spec, target, plot: null };
+    return h("figure", { class: "chart-box" }, h("figcaption", {}, spec.title), target);
+  }));
+  const root = h("div", { class: "activity", "data-testid": `activity-${slot}`, "data-slot": slot },
+    h("div", { class: "timeline-row" }, h("span", { class: "muted small" }, "states"), timeline), grid);
+  return { slot, root, charts, timeline };
+}
+
+function timelineTip(event) {
+  const canvas = event.currentTarget;
+  const { t, states } = canvas.timeline || {};
+  if (!t) return;
+  const i = Math.min(t.length - 1, Math.max(0, Math.floor((event.offsetX / canvas.clientWidth) * t.length)));
+  canvas.title = `${fmtTime(t[i])} ${states[i] || "no sample"}`;
+}
+
+function drawTimeline(canvas, t, states) {
+  canvas.timeline = { t, states };
+  const ratio = window.devicePixelRatio || 1;
+  const width = Math.max(100, canvas.clientWidth);
+  canvas.width = Math.round(width * ratio);
+  canvas.height = Math.round(18 * ratio);
+  const ctx = canvas.getContext("2d");
+  ctx.clearRect(0, 0, canvas.width, canvas.height);
+  const colors = Object.fromEntries(Object.entries(GROUP_COLOR).map(([g, v]) => [g, cssVar(v)]));
+  const step = canvas.width / t.length;
+  const seen = {};
+  // A second is about a pixel wide: loads and errors are drawn again on top, at least 3 px, so a one-second
+  // load next to a request that waited for it never disappears under its neighbours.
+  for (const pass of [false, true]) {
+    states.forEach((state, i) => {
+      if (!state) return;
+      const group = STATE_GROUP[state] || "offline";
+      const salient = group === "loading" || group === "error";
+      if (pass && !salient) return;
+      if (!pass) seen[group] = (seen[group] || 0) + 1;
+      ctx.fillStyle = colors[group];
+      const wide = pass ? Math.max(Math.ceil(step), Math.round(3 * ratio)) : Math.ceil(step);
+      ctx.fillRect(Math.floor(i * step), 0, wide, canvas.height);
+    });
+  }
+  canvas.setAttribute("aria-label", `States over the last ${Math.round(t.length / 60)} minutes: ` +
+    (Object.entries(seen).map(([g, n]) => `${g} ${n} s`).join(", ") || "no samples yet"));
+}
+
+function drawPanel(panel, stats) {
+  const series = stats.slots[panel.slot];
+  if (!series) return;
+  const exposed = { start: stats.start, end: stats.end, t: stats.t, state: series.state };
+  for (const [key, chart] of Object.entries(panel.charts)) {
+    const data = [stats.t, ...chart.spec.series.map(([name]) => series[name])];
+    const width = Math.max(220, chart.target.clientWidth);
+    if (!chart.plot) chart.plot = new uPlot(chartOptions(chart.spec, width), data, chart.target);
+    else {
+      if (Math.abs(chart.plot.width - width) > 2) chart.plot.setSize({ width, height: 130 });
+      chart.plot.setData(data);
+    }
+    chart.target.dataset.drawnEnd = String(stats.end);
+    exposed[key] = chart.plot.data;
+  }
+  drawTimeline(panel.timeline, stats.t, series.state);
+  panel.root.dataset.end = String(stats.end);
+  window.hal0Charts[panel.slot] = exposed;
+}
+
+function activityTargets() {
+  if (current.view === "activity") return { container: $("activity-list"), slots: [...store.slots.keys()] };
+  if (current.view === "slot" && current.slot) return { container: $("detail-activity"), slots: [current.slot] };
+  return null;
+}
+
+async function refreshActivity() {
+  const where = activityTargets();
+  if (!where) return;
+  const query = where.slots.length === 1 ? `?slot=${encodeURIComponent(where.slots[0])}` : "";
+  let stats;
+  try {
+    stats = await api("GET", `/api/stats${query}`);
+  } catch (err) {
+    if (err.status) toast(`Activity: ${err.message}`, "error");
+    return;
+  }
+  if (activityTargets()?.container !== where.container) return;  // the view changed meanwhile
+  const wanted = where.slots.filter((s) => stats.slots[s]);
+  for (const slot of wanted) {
+    const id = `${where.container.id}:${slot}`;
+    if (!activity.panels.has(id)) {
+      const panel = activityPanel(slot);
+      activity.panels.set(id, panel);
+      if (where.container.id === "activity-list") {
+        panel.root.prepend(h("h2", { class: "activity-title" },
+          h("a", { href: `#/slots/${encodeURIComponent(slot)}` }, slot)));
+      }
+    }
+  }
+  const roots = wanted.map((slot) => activity.panels.get(`${where.container.id}:${slot}`).root);
+  if (roots.length !== where.container.children.length || roots.some((el, i) => where.container.children[i] !== el)) {
+    where.container.replaceChildren(...roots);
+  }
+  for (const slot of wanted) drawPanel(activity.panels.get(`${where.container.id}:${slot}`), stats);
+  where.container.dataset.end = String(stats.end);
+}
+
+function watchActivity() {
+  clearInterval(activity.timer);
+  activity.timer = null;
+  // A slot's detail starts with a fresh panel: its charts belong to one slot.
+  for (const id of [...activity.panels.keys()]) {
+    if (id.startsWith("detail-activity:") && id !== `detail-activity:${current.slot}`) activity.panels.delete(id);
+  }
+  if (current.slot === null) $("detail-activity").replaceChildren();
+  if (!activityTargets()) return;
+  refreshActivity();
+  activity.timer = setInterval(refreshActivity, STATS_POLL_MS);
+}
+
 // -- routing --------------------------------------------------------------------------------------------------------
 function route() {
   const hash = location.hash.replace(/^#\/?/, "");
   const [view, arg] = hash.split("/");
   const name = view === "slots" && arg ? decodeURIComponent(arg) : null;
-  const shown = name ? "slot" : ["logs", "models", "playground"].includes(view) ? view : "slots";
+  const shown = name ? "slot" : ["activity", "logs", "models", "playground"].includes(view) ? view : "slots";
   for (const section of document.querySelectorAll(".view")) section.hidden = section.id !== `view-${shown}`;
   for (const link of document.querySelectorAll(".tabs a")) {
     const active = link.dataset.view === (shown === "slot" ? "slots" : shown);
@@ -736,6 +901,7 @@ function route() {
   else current = { view: shown, slot: null };
   if (shown === "logs") renderDecisions();
   if (shown === "models") { loadModels(); loadLoadouts(); }
+  watchActivity();
 }
 window.addEventListener("hashchange", () => { route(); $("main").focus({ preventScroll: true }); });
 

@@ -35,6 +35,11 @@ class Decision:
     duration_ms: float = 0.0
     outcome: str = ""
     error: dict[str, Any] | None = None
+    #: Streamed answers: from the request's arrival to the first event relayed to the client.
+    ttft_ms: float | None = None
+    #: As the backend's answer reported them (`usage`, else llama-server's `timings`); None where it did not.
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
     #: What a record that is not a request carries (an eviction: for which slot, the bytes it needed and freed).
     detail: dict[str, Any] | None = None
 

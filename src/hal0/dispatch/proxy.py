@@ -25,8 +25,10 @@ from hal0.dispatch.backend_errors import backend_error_bytes, error_headers
 from hal0.dispatch.coalesce import BufferedResponse, Coalescer
 from hal0.dispatch.decisions import Decision, DecisionLog
 from hal0.dispatch.resolve import find_model, resolve
+from hal0.dispatch.usage import AnswerMeter, Usage, usage_from_body
 from hal0.errors import Hal0Error, InvalidRequest, UpstreamError, anthropic_error_body, openai_error_body
 from hal0.kinds import ENDPOINT_TYPES
+from hal0.metrics import Metrics
 from hal0.settings import Settings
 from hal0.slots.lease import Lease
 from hal0.slots.manager import SlotManager
@@ -68,11 +70,12 @@ SSE_DONE = b"data: [DONE]\n\n"
 
 class Dispatcher:
     def __init__(self, settings: Settings, manager: SlotManager, session: aiohttp.ClientSession,
-                 decisions: DecisionLog) -> None:
+                 decisions: DecisionLog, metrics: Metrics | None = None) -> None:
         self.settings = settings
         self.manager = manager
         self.session = session
         self.decisions = decisions
+        self.metrics = metrics or Metrics()
         self.coalescer = Coalescer()
         # sock_read bounds each wait for the next byte, not the whole answer: a long stream is fine, a hung
         # (e.g. SIGSTOPped) backend is not.
@@ -161,7 +164,8 @@ class Dispatcher:
         if coalesced:
             if cold:
                 started = time.perf_counter()
-                await slot.ensure_loaded(grace)
+                with self.metrics.hold(slot.name):
+                    await slot.ensure_loaded(grace)
                 decision.wait_ms = round((time.perf_counter() - started) * 1000, 3)
             # The key is the request's meaning, not its bytes: key order and spacing do not matter.
             canonical = body if payload is None else json.dumps(payload, sort_keys=True,
@@ -171,6 +175,8 @@ class Dispatcher:
                 key, lambda: self._fetch(slot, scope["method"], target, body, upstream_headers))
             if joined:
                 decision.reason += ",coalesced"
+            else:  # the backend did the work once, for the first of the requests that share it
+                _count_tokens(decision, usage_from_body(buffered.body))
             decision.status = buffered.status
             decision.outcome = "ok" if buffered.status < 400 else "upstream_error"
             out, out_headers = buffered.body, list(buffered.headers)
@@ -208,10 +214,13 @@ class Dispatcher:
         assert handler is not None
         gone = asyncio.Event()
         watcher = asyncio.ensure_future(_cancel_on_disconnect(receive, handler, gone))
+        held = self.metrics.hold(slot.name) if slot.state not in LOADED else None
         try:
             async with slot.lease(self._timeout, grace_s=self.settings.cold_boot_grace_s,
                                   early=True) as backend:
                 resp = await backend.open(scope["method"], target, body, headers)
+                if held is not None:
+                    held.release()
                 if backend.cold is not None:
                     decision.wait_ms = backend.cold.waited_ms()
                 if backend.sent_early:
@@ -223,6 +232,8 @@ class Dispatcher:
             handler.uncancel()
             decision.outcome = "client_disconnected"
         finally:
+            if held is not None:
+                held.release()
             if not watcher.done():
                 watcher.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
@@ -234,7 +245,9 @@ class Dispatcher:
         did not end well is what tells the backend to stop generating."""
         slot = backend.slot
         decision.status = resp.status
-        is_sse = resp.headers.get("content-type", "").startswith("text/event-stream")
+        content_type = resp.headers.get("content-type", "")
+        is_sse = content_type.startswith("text/event-stream")
+        meter = AnswerMeter(content_type)
         out_headers = _response_headers(resp)
         if is_sse:
             out_headers = [(k, v) for k, v in out_headers if k != b"content-length"]
@@ -266,6 +279,7 @@ class Dispatcher:
                 async for chunk in resp.content.iter_any():
                     flowing = chunks > 0 and loop.time() - waited_from < batch
                     chunks += 1
+                    meter.feed(chunk)
                     await send({"type": "http.response.body", "body": chunk, "more_body": True})
                     if flowing and not chunk.endswith(SSE_DONE) and not resp.content.is_eof():
                         await _gather_upstream(resp, batch)
@@ -288,6 +302,10 @@ class Dispatcher:
                 failure = await pump()
             decision.outcome = "backend_failed" if failure is not None else (
                 "ok" if resp.status < 400 else "upstream_error")
+            # Read after the client has the whole answer, so it never waits for this.
+            if is_sse and meter.first_at is not None:
+                decision.ttft_ms = round((meter.first_at - decision.time) * 1000, 3)
+            _count_tokens(decision, meter.usage())
         finally:
             if decision.outcome == "ok":
                 resp.release()
@@ -337,6 +355,11 @@ class Dispatcher:
                         "headers": [*_JSON, (b"x-request-id", rid)]})
             await send({"type": "http.response.body",
                         "body": error_bytes(status, code, message, detail, anthropic)})
+
+
+def _count_tokens(decision: Decision, usage: Usage | None) -> None:
+    if usage is not None:
+        decision.prompt_tokens, decision.completion_tokens = usage.prompt_tokens, usage.completion_tokens
 
 
 def _model_entry(slot: Slot) -> dict[str, Any]:

@@ -91,7 +91,7 @@ class SlotMemory:
             # Loaded means the report is already written (llama-server prints it before it listens), so an empty
             # answer (another provider, a lower -lv) is kept too: read once per backend, never per request.
             buffers = parse_buffer_report(read_log_tail(self._log_path(slot.name)))
-            for old in [k for k in self._reports if k[0] == slot.name]:
+            for old in [k for k in list(self._reports) if k[0] == slot.name]:  # list(): threads read it too
                 del self._reports[old]
             self._reports[key] = buffers
         live = measure(pid, None)

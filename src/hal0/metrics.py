@@ -1,0 +1,207 @@
+"""hal0's Prometheus metrics: one registry per app, counters and histograms fed by the event bus as events are
+published (decision records, slot transitions, pulls), gauges read from live state at scrape time.
+
+Label values are bounded: slot names, the fixed set of /v1 endpoints, status codes, outcomes, state names.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from types import TracebackType
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from hal0.events import Event
+from hal0.stats import SlotSample
+
+REQUEST_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
+TTFT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+LOAD_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
+#: A state a load starts from, passes through, and the state it succeeds in.
+_COLD = frozenset({"offline", "error"})
+_LOADING = frozenset({"pulling", "starting", "warming"})
+#: Eviction reasons are the memory admission's words; cut so a long one cannot blow up a label.
+REASON_MAX = 80
+
+
+class Hold:
+    """One request held for a cold load (`hal0_requests_held`), from creation until `release` (idempotent)."""
+
+    __slots__ = ("_counts", "_done", "_slot")
+
+    def __init__(self, counts: dict[str, int], slot: str) -> None:
+        self._counts = counts
+        self._slot = slot
+        self._done = False
+        counts[slot] = counts.get(slot, 0) + 1
+
+    def release(self) -> None:
+        if not self._done:
+            self._done = True
+            self._counts[self._slot] -= 1
+
+    def __enter__(self) -> Hold:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.release()
+
+
+class Metrics:
+    """The metric objects of one hal0 app. `slots` and `write_failures` are read at scrape time (the app passes
+    them in, so this module reads no slot internals); `states` are the names `hal0_slot_state` reports."""
+
+    def __init__(self, states: Sequence[str] = (), slots: Callable[[], Iterable[SlotSample]] | None = None,
+                 write_failures: Callable[[], Mapping[str, int]] | None = None) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Counter("hal0_requests", "Requests routed through /v1, by slot, endpoint and HTTP status "
+                                "(slot is empty when none was found)", ["slot", "endpoint", "status"], registry=r)
+        self.duration = Histogram("hal0_request_duration_seconds", "From a request's arrival to the last byte of "
+                                  "its answer (a cold load's wait included)", ["slot", "endpoint"],
+                                  buckets=REQUEST_BUCKETS, registry=r)
+        self.ttft = Histogram("hal0_time_to_first_token_seconds", "Streamed answers: from the request's arrival "
+                              "to its first event relayed", ["slot", "endpoint"], buckets=TTFT_BUCKETS, registry=r)
+        self.prompt_tokens = Counter("hal0_prompt_tokens", "Prompt tokens, as the backend's answers reported them",
+                                     ["slot"], registry=r)
+        self.completion_tokens = Counter("hal0_completion_tokens", "Generated tokens, as the backend's answers "
+                                         "reported them", ["slot"], registry=r)
+        self.loads = Counter("hal0_loads", "Slot loads by outcome (ok, error, cancelled)", ["slot", "outcome"],
+                             registry=r)
+        self.load_duration = Histogram("hal0_load_duration_seconds", "From a load's start (pull included) to its "
+                                       "slot passing the readiness probe", ["slot"], buckets=LOAD_BUCKETS,
+                                       registry=r)
+        self.evictions = Counter("hal0_evictions", "Slots unloaded to make room, by reason", ["slot", "reason"],
+                                 registry=r)
+        self.decisions = Counter("hal0_decisions", "Decision records by outcome", ["outcome"], registry=r)
+        self.pull_bytes = Counter("hal0_pull_bytes", "Bytes downloaded by model pulls", registry=r)
+        self._held: dict[str, int] = {}
+        self._states = tuple(states)
+        self._slots = slots or (lambda: ())
+        self._write_failures = write_failures or (lambda: {})
+        self._load_began: dict[str, float | None] = {}
+        self._pulled: dict[tuple[str, str], int] = {}
+        # labels() takes a lock and builds a key on every call; the children, once made, are kept.
+        self._children: dict[tuple[Any, ...], Any] = {}
+        r.register(_LiveCollector(self))
+
+    def hold(self, slot: str) -> Hold:
+        return Hold(self._held, slot)
+
+    def held(self, slot: str) -> int:
+        return self._held.get(slot, 0)
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)
+
+    def _child(self, metric: Any, *labels: str) -> Any:
+        key = (id(metric), *labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*labels)
+        return child
+
+    # -- the bus tap ------------------------------------------------------------------------------------------
+    def observe(self, event: Event) -> None:
+        if event.topic == "decision":
+            self._decision(event.data)
+        elif event.topic == "slot":
+            self._slot_event(event.data, event.time)
+        elif event.topic == "pull":
+            self._pull(event.data)
+
+    def _decision(self, d: dict[str, Any]) -> None:
+        outcome = str(d.get("outcome") or "")
+        self._child(self.decisions, outcome).inc()
+        slot = d.get("slot") or ""
+        if outcome == "evicted":
+            self._child(self.evictions, slot, str(d.get("reason") or "")[:REASON_MAX]).inc()
+            return
+        endpoint = str(d.get("endpoint") or "")
+        status = d.get("status")
+        self._child(self.requests, slot, endpoint, str(status) if status is not None else "none").inc()
+        self._child(self.duration, slot, endpoint).observe(float(d.get("duration_ms") or 0.0) / 1000)
+        ttft = d.get("ttft_ms")
+        if isinstance(ttft, (int, float)):
+            self._child(self.ttft, slot, endpoint).observe(ttft / 1000)
+        prompt, completion = d.get("prompt_tokens"), d.get("completion_tokens")
+        if isinstance(prompt, int) and prompt > 0:
+            self._child(self.prompt_tokens, slot).inc(prompt)
+        if isinstance(completion, int) and completion > 0:
+            self._child(self.completion_tokens, slot).inc(completion)
+
+    def _slot_event(self, data: dict[str, Any], published: float) -> None:
+        slot, src, dst = data.get("slot"), data.get("from"), data.get("to")
+        if not isinstance(slot, str) or not isinstance(dst, str) or src == dst:
+            return
+        when = float(data.get("time") or published)
+        if src in _COLD and dst in _LOADING:
+            self._load_began[slot] = when
+        elif src in _LOADING and dst in _LOADING:
+            # An adopted half-done load (an API restart) has no start this process saw: counted, not timed.
+            self._load_began.setdefault(slot, None)
+        elif src in _LOADING:
+            began = self._load_began.pop(slot, None)
+            outcome = "ok" if dst == "ready" else "error" if dst == "error" else "cancelled"
+            self._child(self.loads, slot, outcome).inc()
+            if outcome == "ok" and began is not None:
+                self._child(self.load_duration, slot).observe(max(0.0, when - began))
+
+    def _pull(self, data: dict[str, Any]) -> None:
+        ref, kind = str(data.get("ref") or ""), data.get("kind")
+        if kind in ("done", "error"):
+            for key in [k for k in self._pulled if k[0] == ref]:
+                del self._pulled[key]
+            return
+        if kind != "progress":
+            return
+        done = data.get("bytes_done")
+        if not isinstance(done, int):
+            return
+        key = (ref, str(data.get("file") or ""))
+        # A file's first report is where it starts (a resumed download's bytes came in an earlier pull).
+        last = self._pulled.get(key)
+        self._pulled[key] = done
+        if last is not None and done > last:
+            self.pull_bytes.inc(done - last)
+
+    # -- scrape time --------------------------------------------------------------------------------------------
+    def live(self) -> Iterator[Metric]:
+        state = GaugeMetricFamily("hal0_slot_state", "1 for the state each slot is in now, 0 for the others",
+                                  labels=["slot", "state"])
+        in_flight = GaugeMetricFamily("hal0_requests_in_flight", "Requests the slot's backend is serving now",
+                                      labels=["slot"])
+        held = GaugeMetricFamily("hal0_requests_held", "Requests waiting for the slot's cold load now",
+                                 labels=["slot"])
+        memory = GaugeMetricFamily("hal0_slot_memory_bytes", "Memory of the slot's model: the estimate before a "
+                                   "load, the backend's measured total while loaded", labels=["slot", "source"])
+        for s in self._slots():
+            for name in self._states or (s.state,):
+                state.add_metric([s.name, name], 1.0 if name == s.state else 0.0)
+            in_flight.add_metric([s.name], s.in_flight)
+            held.add_metric([s.name], self._held.get(s.name, 0))
+            if s.memory_estimate_bytes is not None:
+                memory.add_metric([s.name, "estimate"], s.memory_estimate_bytes)
+            if s.memory_measured_bytes is not None:
+                memory.add_metric([s.name, "measured"], s.memory_measured_bytes)
+        failures = CounterMetricFamily("hal0_write_failures", "State and decision writes that failed (a full "
+                                       "disk)", labels=["channel"])
+        counts = {"state": 0, "decisions": 0, **self._write_failures()}
+        for channel, count in sorted(counts.items()):
+            failures.add_metric([channel], count)
+        yield from (state, in_flight, held, memory, failures)
+
+
+class _LiveCollector(Collector):
+    def __init__(self, metrics: Metrics) -> None:
+        self._metrics = metrics
+
+    def collect(self) -> Iterable[Metric]:
+        return self._metrics.live()
+
+    def describe(self) -> Iterable[Metric]:
+        return ()
