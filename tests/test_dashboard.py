@@ -390,3 +390,37 @@ def test_the_page_reads_well_on_a_phone_and_in_dark_mode(
     page = dark.open()
     expect(page.get_by_test_id("slot-state-embed")).to_have_attribute("data-state", "error")
     dark.shot("dark-slots")
+
+
+def test_the_memory_view_draws_each_device_budget_with_every_slot_share_from_the_api(
+        hal0: Hal0, model_files: dict[str, Path], dashboard: Any) -> None:
+    hal0.add_model("tiny", model_files["tiny"])
+    hal0.write_slot_config("pin", 'type = "chat"\nmodel = "tiny"\npinned = true\n')
+    hal0.start(env={"HAL0_MEMORY_BUDGET_MB": "400"})
+    assign(hal0, "primary", "tiny")
+    for slot in ("primary", "pin"):
+        assert hal0.client.post(f"/api/slots/{slot}/load").status_code == 200
+    board = dashboard(hal0)
+    page = board.open("#/slots")
+    # Each card shows what its backend holds (measured once it runs) beside its estimate.
+    expect(page.get_by_test_id("slot-memory-primary")).to_contain_text("measured", timeout=UI_TIMEOUT_MS)
+    expect(page.get_by_test_id("slot-memory-primary")).to_contain_text("estimated")
+    page = board.open("#/memory")
+    host = page.get_by_test_id("mem-device-host")
+    expect(host).to_be_visible(timeout=UI_TIMEOUT_MS)
+    hw = hal0.client.get("/api/hardware").json()
+    assert host.get_attribute("data-budget") == str(400 << 20) == str(hw["budgets"]["host"]["budget_bytes"])
+    assert host.get_attribute("data-total") == str(hw["budgets"]["host"]["total_bytes"])
+    held = {h["slot"]: h for h in hw["holdings"]}
+    assert set(held) == {"primary", "pin"}
+    for slot, holding in held.items():
+        seg = page.get_by_test_id(f"mem-seg-host-{slot}")
+        expect(seg).to_be_visible()
+        # The bar is the API's numbers (RSS moves a little between the page's read and the test's).
+        shown = int(seg.get_attribute("data-bytes") or 0)
+        assert abs(shown - holding["bytes"]["host"]) <= holding["bytes"]["host"] * 0.05, (slot, shown, holding)
+        assert seg.get_attribute("data-measured") == "true"
+        width = seg.evaluate("el => el.getBoundingClientRect().width / el.parentElement.getBoundingClientRect().width")
+        assert abs(width - shown / hw["budgets"]["host"]["total_bytes"]) < 0.01
+    expect(host).to_contain_text("pinned")
+    board.shot("memory")

@@ -223,7 +223,8 @@ function buildCard(name) {
       refs.type, refs.badge),
     h("dl", { class: "kv compact" },
       field("Model", "model"), field("Provider", "provider"), field("Port", "port"),
-      field("Process", "process"), field("Uptime", "uptime"), field("In flight", "in_flight")),
+      field("Process", "process"), field("Uptime", "uptime"), field("In flight", "in_flight"),
+      field("Memory", "memory")),
     refs.reason, refs.error,
     h("div", { class: "card-actions" }, refs.buttons.load, refs.buttons.unload, refs.buttons.restart));
   return { root, refs };
@@ -249,6 +250,8 @@ function renderCard(name) {
   r.process.textContent = rec.unit ? `unit ${rec.unit}` : rec.pid ? `pid ${rec.pid}` : "—";
   r.in_flight.textContent = `${rec.in_flight ?? 0}` + (rec.requests_total ? ` · ${rec.requests_total} total` : "");
   r.in_flight.dataset.testid = `slot-inflight-${name}`;
+  r.memory.textContent = memoryText(rec);
+  r.memory.dataset.testid = `slot-memory-${name}`;
   r.reason.textContent = rec.state === "error" ? "" : rec.reason || "";
   showError(r.error, rec.error, `slot-error-${name}`);
   syncButtons(r.buttons, rec);
@@ -886,12 +889,78 @@ function watchActivity() {
   activity.timer = setInterval(refreshActivity, STATS_POLL_MS);
 }
 
+// -- memory ------------------------------------------------------------------------------------------------------
+function memoryText(rec) {
+  const est = rec.memory?.estimate?.total_bytes, got = rec.memory?.measured?.total_bytes;
+  const where = rec.device && rec.state !== "offline" ? ` on ${rec.device}` : "";
+  if (got != null) return `${fmtBytes(got)} measured${where}` + (est != null ? ` · ${fmtBytes(est)} estimated` : "");
+  return est != null ? `${fmtBytes(est)} estimated${where}` : "—";
+}
+
+const MEMORY_POLL_MS = 2000;
+let memoryTimer = null;
+
+// Sizes go through the CSSOM: the page's CSP allows no inline style attributes.
+function sized(el, props) {
+  Object.assign(el.style, props);
+  return el;
+}
+
+function deviceBar(budget, holdings) {
+  const total = budget.total_bytes || 1;
+  const pct = (n) => `${Math.max(0, Math.min(100, (100 * n) / total)).toFixed(3)}%`;
+  const held = holdings.filter((one) => (one.bytes[budget.device] || 0) > 0);
+  const used = held.reduce((sum, one) => sum + one.bytes[budget.device], 0);
+  const segments = held.map((one, i) => {
+    const n = one.bytes[budget.device];
+    return sized(h("div", { class: `mem-seg${one.measured ? "" : " estimated"}`,
+                      "data-testid": `mem-seg-${budget.device}-${one.slot}`, "data-slot": one.slot,
+                      "data-bytes": String(n), "data-measured": String(one.measured),
+                      title: `${one.slot}: ${fmtBytes(n)} ${one.measured ? "measured" : "estimated"}`,
+                      "data-color": String(i % 6) }, n / total > 0.06 ? one.slot : ""), { width: pct(n) });
+  });
+  const reserve = sized(h("div", { class: "mem-reserve", title: `reserve ${fmtBytes(budget.reserve_bytes)}` }),
+                        { left: pct(budget.budget_bytes), width: pct(total - budget.budget_bytes) });
+  const mark = sized(h("div", { class: "mem-budget", title: `budget ${fmtBytes(budget.budget_bytes)}` }),
+                     { left: pct(budget.budget_bytes) });
+  return h("article", { class: "card mem-device", "data-testid": `mem-device-${budget.device}`, "data-device": budget.device,
+                        "data-budget": String(budget.budget_bytes), "data-total": String(budget.total_bytes),
+                        "data-held": String(used) },
+    h("header", { class: "card-head" }, h("h2", {}, budget.device),
+      h("span", { class: "muted small" },
+        `${fmtBytes(used)} held by slots · budget ${fmtBytes(budget.budget_bytes)} of ${fmtBytes(total)} · ` +
+        `${fmtBytes(budget.free_bytes)} free now`)),
+    h("div", { class: "mem-bar", role: "img",
+               "aria-label": `${budget.device}: ${fmtBytes(used)} of a ${fmtBytes(budget.budget_bytes)} budget held by ${held.length} slots` },
+      ...segments, reserve, mark),
+    h("ul", { class: "mem-legend" }, held.map((hh) =>
+      h("li", {}, `${hh.slot}: ${fmtBytes(hh.bytes[budget.device])} ${hh.measured ? "measured" : "estimated"} (${hh.state})` +
+        (hh.pinned ? " · pinned" : "")))));
+}
+
+async function loadMemory() {
+  try {
+    const hw = await api("GET", "/api/hardware");
+    const devices = Object.values(hw.budgets || {});
+    $("memory-devices").replaceChildren(...devices.map((b) => deviceBar(b, hw.holdings || [])));
+  } catch (err) {
+    toast(`Could not read memory: ${err.message}`, "error");
+  }
+}
+
+function watchMemory(shown) {
+  if (memoryTimer) { clearInterval(memoryTimer); memoryTimer = null; }
+  if (shown !== "memory") return;
+  loadMemory();
+  memoryTimer = setInterval(loadMemory, MEMORY_POLL_MS);
+}
+
 // -- routing --------------------------------------------------------------------------------------------------------
 function route() {
   const hash = location.hash.replace(/^#\/?/, "");
   const [view, arg] = hash.split("/");
   const name = view === "slots" && arg ? decodeURIComponent(arg) : null;
-  const shown = name ? "slot" : ["activity", "logs", "models", "playground"].includes(view) ? view : "slots";
+  const shown = name ? "slot" : ["activity", "logs", "memory", "models", "playground"].includes(view) ? view : "slots";
   for (const section of document.querySelectorAll(".view")) section.hidden = section.id !== `view-${shown}`;
   for (const link of document.querySelectorAll(".tabs a")) {
     const active = link.dataset.view === (shown === "slot" ? "slots" : shown);
@@ -901,6 +970,7 @@ function route() {
   else current = { view: shown, slot: null };
   if (shown === "logs") renderDecisions();
   if (shown === "models") { loadModels(); loadLoadouts(); }
+  watchMemory(shown);
   watchActivity();
 }
 window.addEventListener("hashchange", () => { route(); $("main").focus({ preventScroll: true }); });
