@@ -241,6 +241,14 @@ def hardware_rows(hw: dict[str, Any]) -> list[dict[str, Any]]:
             rows.append({"device": f"gpu{g['index']}", "name": "GTT (system memory the GPU maps)",
                          "total": _gib(g["gtt_total_bytes"]),
                          "free": _gib(g["gtt_total_bytes"] - (g.get("gtt_used_bytes") or 0)), "note": "GTT"})
+    # hal0's budget on each pool it admits loads to, and what its slots hold there.
+    budgets = hw.get("budgets", {})
+    for row in rows:
+        key = "host" if row["device"] == "host" else f"gpu:{row['device'].removeprefix('gpu')}"
+        b = budgets.get(key) if row["note"] != "GTT" else None
+        held = sum(h["bytes"].get(key, 0) for h in hw.get("holdings", []))
+        row["budget"] = _gib(b["budget_bytes"]) if b else ""
+        row["slots"] = _gib(held) if b else ""
     rows += [{"device": "npu", "name": n, "total": "", "free": "", "note": "present"} for n in hw.get("npus", [])]
     rows += [{"device": "-", "name": f"{k} skipped", "total": "", "free": "", "note": v}
              for k, v in hw.get("skipped", {}).items()]
@@ -252,7 +260,7 @@ def cmd_hardware(args: argparse.Namespace) -> int:
     if args.json:
         _print_json(hw)
     else:
-        print_table(hardware_rows(hw), ["device", "name", "total", "free", "note"])
+        print_table(hardware_rows(hw), ["device", "name", "total", "free", "budget", "slots", "note"])
     return 0
 
 

@@ -48,7 +48,7 @@ def test_hal0_hardware_prints_every_memory_pool(hal0: Hal0) -> None:
     hal0.start()
     out = subprocess.run([sys.executable, "-m", "hal0.cli", "--url", hal0.url, "hardware"], env=hal0.env,
                          capture_output=True, text=True, timeout=60, check=True).stdout
-    assert out.splitlines()[0].split() == ["DEVICE", "NAME", "TOTAL", "FREE", "NOTE"]
+    assert out.splitlines()[0].split() == ["DEVICE", "NAME", "TOTAL", "FREE", "BUDGET", "SLOTS", "NOTE"]
     assert out.splitlines()[1].startswith("host")
 
 
@@ -60,3 +60,7 @@ def test_an_apu_shows_its_vram_and_its_gtt_pool() -> None:
                                     "memory_used_bytes": 0, "gtt_total_bytes": 96 << 30, "gtt_used_bytes": 0}]})
     assert [r["note"] for r in rows] == ["", "VRAM", "GTT"]
     assert rows[2]["total"] == "96.0 GiB"
+    rows = hardware_rows({"memory": {"total_bytes": 64 << 30, "available_bytes": 60 << 30}, "cpu": {"cores": 16},
+                          "budgets": {"host": {"budget_bytes": 60 << 30}},
+                          "holdings": [{"slot": "a", "bytes": {"host": 3 << 30}}]})
+    assert (rows[0]["budget"], rows[0]["slots"]) == ("60.0 GiB", "3.0 GiB")
