@@ -16,13 +16,14 @@ import aiohttp
 from fastapi import FastAPI
 
 from hal0 import __version__
-from hal0.api import dashboard, errors, hardware, manage, models
+from hal0.api import dashboard, errors, hardware, manage, models, peers
 from hal0.dispatch.backend_errors import anthropic_path
 from hal0.dispatch.decisions import DecisionLog
 from hal0.dispatch.proxy import Dispatcher, Receive, Scope, Send
 from hal0.errors import anthropic_error_body
 from hal0.events import EventBus
 from hal0.fsio import WriteFailures
+from hal0.peers import Peers
 from hal0.providers.base import Provider
 from hal0.providers.flm import FlmProvider
 from hal0.providers.kokoro import KokoroProvider
@@ -174,10 +175,14 @@ def create_app(settings: Settings, options: AppOptions | None = None) -> Hal0App
         decisions = DecisionLog(settings.log_dir / "decisions.jsonl", bus, settings.decision_log_max_bytes,
                                 failures=failures)
         app.state.decisions = decisions
-        dispatcher = Dispatcher(settings, manager, session, decisions)
+        followed = Peers(settings.peers, session, bus)
+        app.state.peers = followed
+        dispatcher = Dispatcher(settings, manager, session, decisions, followed)
         edge.dispatcher = dispatcher
         try:
             await manager.start()
+            # Peers are followed from here to shutdown: their tasks are cancelled and awaited in `finally`.
+            followed.start()
             if options.demo:
                 from hal0.demo import ensure_demo_model
 
@@ -187,6 +192,7 @@ def create_app(settings: Settings, options: AppOptions | None = None) -> Hal0App
             yield
         finally:
             edge.dispatcher = None
+            await followed.aclose()
             await dispatcher.close()
             await manager.close()
             decisions.close()
@@ -201,6 +207,7 @@ def create_app(settings: Settings, options: AppOptions | None = None) -> Hal0App
     app.include_router(manage.router)
     app.include_router(hardware.router)
     app.include_router(models.router)
+    app.include_router(peers.router)
     app.include_router(dashboard.router)
     edge.fastapi = app
     return edge
