@@ -86,7 +86,7 @@ def test_a_ready_peer_comes_before_a_cold_one_then_the_configured_order() -> Non
              remote("http://e", "y", "qwen", "offline")]
     picks = resolve_remote(slots, "qwen", "/v1/chat/completions")
     assert [p.slot.node for p in picks] == ["http://b", "http://c", "http://a", "http://e", "http://d"]
-    assert picks[0].why == "ready on peer http://b, matched by ref"
+    assert picks[0].why == "peer http://b has it ready (slot primary, by ref)"
     assert picks[0].to_dict()["node"] == "http://b"
 
 
@@ -160,6 +160,15 @@ async def test_a_peer_is_followed_live_and_marked_down_when_its_api_dies(hal0_fa
         peer.start()
         await wait_for(lambda: view.up and view.connects > first, "the peer to be followed again")
         assert "extra" in view.slots
+
+
+async def test_a_peer_that_refuses_the_key_is_down_with_the_reason(hal0_factory: Any) -> None:
+    peer: Hal0 = hal0_factory().start(env={"HAL0_API_KEYS": "right"})
+    async with aiohttp.ClientSession() as session, \
+            Peers((PeerConfig(peer.url, "wrong"),), session, EventBus()) as peers:
+        view = peers.views[peer.url]
+        await wait_for(lambda: view.status is PeerStatus.DOWN, "the peer to be marked down")
+        assert "HTTP 401" in view.reason and "invalid_api_key" in view.reason
 
 
 def test_a_forwarded_request_is_never_forwarded_again(hal0_factory: Any, model_files: dict[str, Path]) -> None:

@@ -29,6 +29,7 @@ from hal0.providers.flm import FlmProvider
 from hal0.providers.kokoro import KokoroProvider
 from hal0.providers.llamacpp import LlamaCppProvider
 from hal0.providers.moonshine import MoonshineProvider
+from hal0.providers.rpc import RpcProvider
 from hal0.registry import catalog
 from hal0.registry.pull import PullEvent, Registry
 from hal0.settings import Settings
@@ -47,7 +48,7 @@ class AppOptions:
 
 def build_providers(settings: Settings) -> dict[str, Provider]:
     return {"llama.cpp": LlamaCppProvider(settings.llama_server), "moonshine": MoonshineProvider(),
-            "kokoro": KokoroProvider(), "flm": FlmProvider()}
+            "kokoro": KokoroProvider(), "flm": FlmProvider(), "rpc": RpcProvider(settings.llama_server)}
 
 
 def build_supervisor(settings: Settings) -> Supervisor:

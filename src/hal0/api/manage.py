@@ -34,6 +34,9 @@ class SlotFields(BaseModel):
     idle_timeout_s: float | None = None
     ttl_s: float | None = None
     warmup_budget_s: float | None = None
+    host: str | None = Field(None, description="rpc slots: the address the worker listens on")
+    insecure_bind: bool | None = Field(None, description="rpc slots: allow 0.0.0.0 / :: (no authentication!)")
+    rpc: list[str] | None = Field(None, description="llama.cpp slots: RPC workers (host:port) to spread over")
 
 
 class SlotCreate(SlotFields):

@@ -254,7 +254,7 @@ class Dispatcher:
                     continue
                 decision.peer = pick.slot.node
                 decision.slot = pick.slot.name
-                decision.reason = f"forwarded: no local slot ({why.code}); peer {pick.why}" + (
+                decision.reason = f"forwarded: no local slot ({why.code}); {pick.why}" + (
                     f"; after {', '.join(r['peer'] for r in refused)} refused the connection" if refused else "")
                 await self._relay(backend, resp, send, decision, rid)
                 return

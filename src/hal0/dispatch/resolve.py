@@ -113,7 +113,7 @@ class RemoteCandidate:
     @property
     def why(self) -> str:
         """Why it was ranked where it is, in the words of the decision record."""
-        return f"{self.slot.state} on peer {self.slot.node}, matched by {self.matched_by}"
+        return f"peer {self.slot.node} has it {self.slot.state} (slot {self.slot.name}, by {self.matched_by})"
 
     def to_dict(self) -> dict[str, Any]:
         return {"node": self.slot.node, "slot": self.slot.name, "ref": self.slot.model, "state": self.slot.state,

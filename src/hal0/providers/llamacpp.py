@@ -85,6 +85,8 @@ class LlamaCppProvider:
         ]
         if spec.ctx_size:
             argv += ["-c", str(spec.ctx_size)]
+        if spec.rpc:
+            argv += ["--rpc", ",".join(spec.rpc)]
         if spec.slot_type == "embed":
             argv.append("--embedding")
         elif spec.slot_type == "rerank":
