@@ -112,7 +112,8 @@ def test_requests_route_across_nodes_and_fail_over_when_a_peer_dies(nodes: Calla
     pieces = a.ns.call(stream)
     assert len([p for p in pieces if p]) > 1
 
-    # A long stream through a; b's API is killed after the first chunk: the client gets a clean error.
+    # A long stream and a long non-streamed completion through a; b's API is killed while both are in flight:
+    # each client gets a clean, OpenAI-shaped error.
     started = threading.Event()
 
     def long_stream() -> tuple[int, Exception | None]:
@@ -127,8 +128,19 @@ def test_requests_route_across_nodes_and_fail_over_when_a_peer_dies(nodes: Calla
             return count, exc
         return count, None
 
+    def long_plain() -> Exception | None:
+        try:
+            with client(a) as cl:
+                cl.completions.create(model="tiny-shared", prompt="hello", max_tokens=8000, temperature=0,
+                                      extra_body={"ignore_eos": True})
+        except openai.APIError as exc:
+            return exc
+        return None
+
     future = a.ns.submit(long_stream)
     assert started.wait(60)
+    plain = a.ns.submit(long_plain)
+    wait_until(lambda: b.get("/api/slots/primary").json()["in_flight"] >= 2, 30, "both requests in flight on b")
     b.kill()
     killed = time.monotonic()
     wait_until(lambda: a.peers()[b.url]["status"] == "down", 10, "a to mark b down")
@@ -136,16 +148,21 @@ def test_requests_route_across_nodes_and_fail_over_when_a_peer_dies(nodes: Calla
     count, error = future.result(60)
     assert isinstance(error, openai.APIError), (count, error)
     assert f"peer {b.url} (slot primary) failed mid-stream" in str(error)
+    plain_error = plain.result(60)
+    assert isinstance(plain_error, openai.APIStatusError), plain_error
+    assert plain_error.status_code == 502 and plain_error.code == "peer_failed"
+    assert f"peer {b.url} (slot primary) failed before it answered" in plain_error.message
     print(f"b marked down {noticed * 1000:.0f} ms after its API was killed; the stream ended after {count} chunks")
     assert a.peers()[b.url]["slots"] == [] and a.peers()[b.url]["reason"]
-    record = forwarded(a, "tiny-shared", 4)[0]
-    assert record["outcome"] == "backend_failed" and record["peer"] == b.url
+    broken = forwarded(a, "tiny-shared", 5)[:2]
+    assert {d["outcome"] for d in broken} == {"backend_failed", "rejected:peer_failed"}
+    assert {d["peer"] for d in broken} == {b.url}
 
     # b's model is no longer offered by b; c serves the same ref, so requests fail over to it.
     listed = a.ns.call(lambda: [m.to_dict() for m in client(a).models.list()])
     assert [(m["id"], m["node"]) for m in listed if m["id"] == "tiny-shared"] == [("tiny-shared", c.url)]
     assert chat(a, "tiny-shared") == first
-    assert forwarded(a, "tiny-shared", 5)[0]["peer"] == c.url
+    assert forwarded(a, "tiny-shared", 6)[0]["peer"] == c.url
 
     # With every peer down, the model is simply not found.
     c.kill()

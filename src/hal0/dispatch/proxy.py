@@ -247,17 +247,18 @@ class Dispatcher:
             for pick in picks:
                 backend = PeerBackend(self.session, self.peers.views[pick.slot.node].config, pick.slot,
                                       self._timeout)
+                decision.peer = pick.slot.node
+                decision.slot = pick.slot.name
+                decision.reason = f"forwarded: no local slot ({why.code}); {pick.why}" + (
+                    f"; after {', '.join(r['peer'] for r in refused)} refused the connection" if refused else "")
                 try:
                     resp = await backend.open(scope["method"], target, body, headers)
                 except PeerUnreachable as exc:
                     refused.append({"peer": pick.slot.node, "error": exc.message})
                     continue
-                decision.peer = pick.slot.node
-                decision.slot = pick.slot.name
-                decision.reason = f"forwarded: no local slot ({why.code}); {pick.why}" + (
-                    f"; after {', '.join(r['peer'] for r in refused)} refused the connection" if refused else "")
                 await self._relay(backend, resp, send, decision, rid)
                 return
+            decision.peer = decision.slot = None
             raise PeerUnreachable(
                 f"model {model[:200]!r} is served by peer(s) {', '.join(sorted({p.slot.node for p in picks}))}, "
                 "and none of them took the connection", detail={"refused": refused})

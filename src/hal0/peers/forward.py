@@ -15,6 +15,9 @@ from hal0.settings import PeerConfig
 #: Marks a request one node forwarded to another. A node never forwards a marked request again: a model it
 #: does not serve itself is `model_not_found`, so two nodes that list each other cannot bounce a request.
 HOP_HEADER = "X-Hal0-Hop"
+#: A peer that takes this long to accept a connection is treated as refusing it: the request has not left, so
+#: the next peer that serves the model gets it. (A peer on a LAN accepts in well under a millisecond.)
+CONNECT_S = 2.0
 
 
 class PeerBackend:
@@ -25,7 +28,8 @@ class PeerBackend:
         self.peer = peer
         self.remote = remote
         self._session = session
-        self._timeout = timeout
+        self._timeout = aiohttp.ClientTimeout(total=timeout.total, sock_connect=CONNECT_S,
+                                              sock_read=timeout.sock_read)
 
     @property
     def label(self) -> str:
@@ -43,8 +47,8 @@ class PeerBackend:
         try:
             return await self._session.request(method, self.peer.url + target, data=body, headers=out,
                                                timeout=self._timeout, skip_auto_headers=("User-Agent",))
-        except aiohttp.ClientConnectorError as exc:
-            raise PeerUnreachable(f"{self.label} refused the connection: {exc}",
+        except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:
+            raise PeerUnreachable(f"{self.label} did not take the connection: {type(exc).__name__}: {exc}",
                                   detail={"peer": self.peer.url, "slot": self.remote.name}) from exc
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
             raise UpstreamError(f"{self.label} failed before it answered: {type(exc).__name__}: {exc}",
