@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -184,6 +186,13 @@ def test_two_nodes_that_list_each_other_route_without_a_loop(nodes: Callable[[st
     b.start(peers=[a])
     wait_until(lambda: a.peers()[b.url]["status"] == "up" and b.peers()[a.url]["status"] == "up", 30,
                "both nodes to follow each other")
+    # `hal0 peers` shows them, through the same API.
+    shown = subprocess.run(["ip", "netns", "exec", a.ns.name, sys.executable, "-m", "hal0.cli", "peers",
+                            "--url", a.url], capture_output=True, text=True, timeout=60,
+                           env={**os.environ, "HAL0_HOME": str(a.home), "HAL0_API_KEYS": a.key})
+    assert shown.returncode == 0, shown.stderr
+    row = next(line for line in shown.stdout.splitlines() if line.startswith(b.url))
+    assert row.split()[1] == "up" and "tiny-b" in row
     assert chat(a, "tiny-b") == chat(b, "tiny-b")
     assert chat(b, "tiny-a") == chat(a, "tiny-a")
     # Newest first: the request through the other node is the oldest record of each.

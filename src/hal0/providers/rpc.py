@@ -36,6 +36,10 @@ _CONNECT_S = 1.0
 #: connection is taken by the kernel but not answered. A worker that accepts and stays silent this long is
 #: busy, not dead.
 _BUSY_S = 1.5
+#: For telling a gone worker from a live one only a refusal counts, and a refusal (an RST) comes back within one
+#: round trip. A busy worker's full accept queue drops the connect instead (no answer at all), so waiting long
+#: would only hold up the slot's watch loop once a second.
+_GONE_S = 0.3
 
 
 def unspecified(host: str) -> bool:
@@ -119,7 +123,7 @@ async def worker_gone(endpoint: str) -> str | None:
     connection counts: a silent one is a worker busy with its llama-server (or a network too slow to say)."""
     host, port = split_endpoint(endpoint)
     try:
-        async with asyncio.timeout(_CONNECT_S):
+        async with asyncio.timeout(_GONE_S):
             _, writer = await asyncio.open_connection(host, port)
     except ConnectionRefusedError:
         return "connection refused"

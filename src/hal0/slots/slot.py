@@ -639,8 +639,8 @@ class Slot:
     async def _lost_worker(self) -> bool:
         """A loaded slot whose rpc worker went away: llama-server would abort on its next request (or already
         did). Stop it and say which worker it was. True when that happened."""
-        for endpoint in self.config.rpc:
-            why = await worker_gone(endpoint)
+        gone = await asyncio.gather(*(worker_gone(endpoint) for endpoint in self.config.rpc))
+        for endpoint, why in zip(self.config.rpc, gone, strict=True):
             if why is None:
                 continue
             if self.state not in LOADED or self._op_lock.locked():
