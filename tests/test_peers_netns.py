@@ -246,6 +246,13 @@ def test_one_model_split_over_two_nodes_answers_like_one_node(nodes: Callable[[s
     assert f"RPC0[{endpoint}] model buffer size" in placed and "offloading 1 repeating layers" in placed
     assert main.get("/api/slots/primary").json()["state"] in ("ready", "serving")
 
+    # A worker serves one llama-server at a time: a second slot that names it does not start while it is held.
+    made = main.post("/api/slots", json={"name": "second", "type": "chat", "model": "tiny", "rpc": [endpoint]})
+    assert made.status_code == 201, made.text
+    busy = main.post("/v1/chat/completions", json={"model": "second", "messages": PROMPT, "max_tokens": 4})
+    assert busy.status_code == 503 and busy.json()["error"]["code"] == "rpc_worker_unreachable"
+    assert endpoint in busy.json()["error"]["message"] and "busy" in busy.json()["error"]["message"]
+
     # The worker dies: the main slot goes to error, and the reason names the worker.
     os.kill(worker.get("/api/slots/worker").json()["pid"], signal.SIGKILL)
     state = wait_until(lambda: (s := main.get("/api/slots/primary").json())["state"] == "error" and s, 30,

@@ -85,7 +85,10 @@ async def hello(host: str, port: int, *, busy_ok: bool = True) -> WorkerCheck:
             reader, writer = await asyncio.open_connection(host, port)
     except ConnectionRefusedError as exc:
         return WorkerCheck(endpoint, False, True, f"connection refused ({exc.strerror or exc})")
-    except (OSError, TimeoutError) as exc:
+    except TimeoutError:
+        return WorkerCheck(endpoint, False, False, f"no answer to a connect within {_CONNECT_S:g}s (unreachable, "
+                           "or busy with a client and its queue of waiting connections full)")
+    except OSError as exc:
         return WorkerCheck(endpoint, False, False, f"cannot connect: {type(exc).__name__}: {exc}")
     try:
         writer.write(_HELLO_REQUEST)
@@ -180,8 +183,9 @@ class RpcProvider:
         return ProbeResult(True, "hello", None, check.message)
 
     async def alive(self, session: aiohttp.ClientSession, base_url: str) -> bool:
-        parts = urlsplit(base_url)
-        return await worker_gone(f"{parts.hostname}:{parts.port}") is None
+        """A loaded worker is live while its process runs (the slot's watch checks that): it answers nothing while
+        it serves its llama-server, and every connection sent to it meanwhile waits in its one-deep accept queue."""
+        return True
 
     def explain_failure(self, exit_code: int | None, log_tail: list[str]) -> str:
         return explain(BINARY, exit_code, log_tail)

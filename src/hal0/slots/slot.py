@@ -626,14 +626,16 @@ class Slot:
             return False
 
     async def _check_workers(self) -> None:
-        """Before a llama-server with `rpc` workers starts: every worker answers the RPC HELLO (or is busy with a
-        client), else the load fails naming the ones that do not."""
-        bad = [c for c in await check_workers(self.config.rpc) if not c.ok]
+        """Before a llama-server with `rpc` workers starts: every worker answers the RPC HELLO, else the load fails
+        naming the ones that do not. A worker busy with a client is one too: it serves one llama-server at a time,
+        and ours would hang on it until the other one lets go."""
+        bad = [c for c in await check_workers(self.config.rpc, busy_ok=False) if not c.ok]
         if bad:
             raise BackendError(
                 f"rpc worker(s) of slot {self.name} do not answer: "
                 + "; ".join(f"{c.endpoint}: {c.message}" for c in bad)
-                + " (load the rpc slot on the worker's node first)", code="rpc_worker_unreachable",
+                + " (load the rpc slot on the worker's node first; a worker serves one llama-server at a time)",
+                code="rpc_worker_unreachable",
                 detail={"workers": [{"endpoint": c.endpoint, "message": c.message} for c in bad]})
 
     async def _lost_worker(self) -> bool:
