@@ -74,6 +74,11 @@ class Namespace:
     def submit(self, fn: Callable[..., T], *args: Any) -> Future[T]:
         return self.pool.submit(fn, *args)
 
+    def cut_route(self, address: str) -> None:
+        """From this namespace, `address` becomes unreachable for new connections (an `unreachable` route: a
+        connect fails at once); a connection already open keeps receiving, as when a link half fails."""
+        _ip("-n", self.name, "route", "add", "unreachable", f"{address}/32")
+
 
 class Lab:
     """Namespaces made for one test, all deleted in `close` (their veths go with them)."""

@@ -11,7 +11,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import pytest
 
 from hal0.dispatch.resolve import resolve_remote
@@ -139,7 +138,7 @@ async def test_a_peer_is_followed_live_and_marked_down_when_its_api_dies(hal0_fa
     peer: Hal0 = hal0_factory().start()
     bus = EventBus()
     events = bus.subscription(["peer"])
-    async with aiohttp.ClientSession() as session, Peers(parse_peers(peer.url), session, bus) as peers:
+    async with Peers(parse_peers(peer.url), bus) as peers:
         view = peers.views[peer.url]
         await wait_for(lambda: view.up, "the peer to be up")
         assert {s.name for s in peers.remote_slots()} == {"primary", "embed", "stt", "tts"}
@@ -164,8 +163,7 @@ async def test_a_peer_is_followed_live_and_marked_down_when_its_api_dies(hal0_fa
 
 async def test_a_peer_that_refuses_the_key_is_down_with_the_reason(hal0_factory: Any) -> None:
     peer: Hal0 = hal0_factory().start(env={"HAL0_API_KEYS": "right"})
-    async with aiohttp.ClientSession() as session, \
-            Peers((PeerConfig(peer.url, "wrong"),), session, EventBus()) as peers:
+    async with Peers((PeerConfig(peer.url, "wrong"),), EventBus()) as peers:
         view = peers.views[peer.url]
         await wait_for(lambda: view.status is PeerStatus.DOWN, "the peer to be marked down")
         assert "HTTP 401" in view.reason and "invalid_api_key" in view.reason

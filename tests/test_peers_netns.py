@@ -174,6 +174,25 @@ def test_requests_route_across_nodes_and_fail_over_when_a_peer_dies(nodes: Calla
     assert refused.value.code == "model_not_found"
 
 
+def test_a_peer_whose_new_connections_fail_is_passed_over_for_the_next(nodes: Callable[[str], Node],
+                                                                         model_files: dict[str, Path]) -> None:
+    """b's event stream is open, so b looks up, but a new connection to b fails (its route is gone): the request
+    goes to c, which serves the same ref, before anything was sent to b."""
+    a, b, c = nodes("key-a"), nodes("key-b"), nodes("key-c")
+    for peer in (b, c):
+        peer.add_model("tiny-shared", model_files["tiny"])
+        peer.write_slot("primary", 'model = "tiny-shared"\n')
+        peer.start()
+    a.start(peers=[b, c])
+    wait_until(lambda: [p["status"] for p in a.peers().values()] == ["up", "up"], 30, "a to follow b and c")
+    a.ns.cut_route(b.ns.address)
+    assert chat(a, "tiny-shared")
+    record = forwarded(a, "tiny-shared", 1)[0]
+    assert record["peer"] == c.url and record["outcome"] == "ok"
+    assert f"after {b.url} did not take the connection" in record["reason"]
+    assert a.peers()[b.url]["status"] == "up"  # only new connections fail: its stream is fine
+
+
 def test_two_nodes_that_list_each_other_route_without_a_loop(nodes: Callable[[str], Node],
                                                              model_files: dict[str, Path]) -> None:
     a, b = nodes("key-a"), nodes("key-b")

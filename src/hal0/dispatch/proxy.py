@@ -250,7 +250,7 @@ class Dispatcher:
                 decision.peer = pick.slot.node
                 decision.slot = pick.slot.name
                 decision.reason = f"forwarded: no local slot ({why.code}); {pick.why}" + (
-                    f"; after {', '.join(r['peer'] for r in refused)} refused the connection" if refused else "")
+                    f"; after {', '.join(r['peer'] for r in refused)} did not take the connection" if refused else "")
                 try:
                     resp = await backend.open(scope["method"], target, body, headers)
                 except PeerUnreachable as exc:

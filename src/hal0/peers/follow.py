@@ -82,17 +82,23 @@ def auth_headers(peer: PeerConfig) -> dict[str, str]:
 
 
 class Peers:
-    """Every configured peer's view, kept current by one follower task each."""
+    """Every configured peer's view, kept current by one follower task each.
 
-    def __init__(self, peers: tuple[PeerConfig, ...], session: aiohttp.ClientSession, bus: EventBus) -> None:
+    The followers have a connection pool of their own: a forwarded request never rides a connection opened for a
+    snapshot, so whether a peer takes new connections is seen by the request itself (see `PeerBackend.open`)."""
+
+    def __init__(self, peers: tuple[PeerConfig, ...], bus: EventBus) -> None:
         self.views: dict[str, PeerView] = {p.url: PeerView(p) for p in peers}
-        self._session = session
         self._bus = bus
+        self._session: aiohttp.ClientSession | None = None
         self._tasks: list[asyncio.Task[None]] = []
 
     def start(self) -> None:
         """One follower task per peer, until `aclose` cancels and awaits them."""
-        self._tasks = [asyncio.create_task(self._follow(view), name=f"peer:{view.url}")
+        if not self.views:
+            return
+        self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=30))
+        self._tasks = [asyncio.create_task(self._follow(view, self._session), name=f"peer:{view.url}")
                        for view in self.views.values()]
 
     async def __aenter__(self) -> Peers:
@@ -110,6 +116,9 @@ class Peers:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self._tasks = []
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
 
     def remote_slots(self) -> list[RemoteSlot]:
         """The slots of the peers that are up, in the order the peers are configured."""
@@ -120,12 +129,12 @@ class Peers:
         return [view.to_dict() for view in self.views.values()]
 
     # -- following ----------------------------------------------------------------------------------------
-    async def _follow(self, view: PeerView) -> None:
+    async def _follow(self, view: PeerView, session: aiohttp.ClientSession) -> None:
         backoff = BACKOFF_FIRST_S
         while True:
             connects = view.connects
             try:
-                await self._stream(view)
+                await self._stream(view, session)
                 reason = "its event stream ended"
             except (aiohttp.ClientError, TimeoutError, OSError, ValueError, StreamRefused) as exc:
                 reason = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
@@ -137,28 +146,29 @@ class Peers:
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, BACKOFF_MAX_S)
 
-    async def _stream(self, view: PeerView) -> None:
+    async def _stream(self, view: PeerView, session: aiohttp.ClientSession) -> None:
         peer = view.config
         headers = {**auth_headers(peer), "Accept": "text/event-stream"}
         if view.last_event_id is not None:
             headers["Last-Event-ID"] = str(view.last_event_id)
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=_CONNECT_S, sock_read=STREAM_SILENCE_S)
-        async with self._session.get(f"{peer.url}/api/events", params={"topics": "slot"}, headers=headers,
+        async with session.get(f"{peer.url}/api/events", params={"topics": "slot"}, headers=headers,
                                      timeout=timeout) as resp:
             if resp.status != 200:
                 raise StreamRefused(f"{peer.url}/api/events answered HTTP {resp.status}: "
                                     f"{(await resp.text())[:300]}")
             # The stream subscribes before its headers go out, so the snapshot read now misses no change:
             # whatever happens meanwhile is in the stream as well, ordered by each slot's seq.
-            view.apply_snapshot(await self._snapshot(peer))
+            view.apply_snapshot(await self._snapshot(peer, session))
             log.info("peer %s is up with %d slot(s)", peer.url, len(view.slots))
             self._publish(view)
             async for event in read_sse(resp.content):
                 if event.topic == "slot" and view.apply_event({**event.data, "id": event.id}):
                     self._publish(view)
 
-    async def _snapshot(self, peer: PeerConfig) -> list[dict[str, Any]]:
-        async with self._session.get(f"{peer.url}/api/slots", headers=auth_headers(peer),
+    @staticmethod
+    async def _snapshot(peer: PeerConfig, session: aiohttp.ClientSession) -> list[dict[str, Any]]:
+        async with session.get(f"{peer.url}/api/slots", headers=auth_headers(peer),
                                      timeout=_SNAPSHOT_TIMEOUT) as resp:
             if resp.status != 200:
                 raise StreamRefused(f"{peer.url}/api/slots answered HTTP {resp.status}: "
