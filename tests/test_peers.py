@@ -98,6 +98,17 @@ def test_peer_slots_of_the_wrong_type_or_without_a_model_are_no_candidates() -> 
     assert resolve_remote(slots, "nothing", "/v1/chat/completions") == []
 
 
+def test_a_peer_that_could_not_be_reached_just_now_is_tried_last() -> None:
+    slots = [remote("http://a", "primary", "qwen", "ready"), remote("http://b", "primary", "qwen", "offline")]
+    picks = resolve_remote(slots, "qwen", "/v1/chat/completions", avoid=frozenset({"http://a"}))
+    assert [p.slot.node for p in picks] == ["http://b", "http://a"]
+    view = PeerView(PeerConfig("http://a"))
+    view.note_unreachable()
+    assert view.avoided and view.to_dict()["avoided"]
+    view.note_reachable()
+    assert not view.avoided
+
+
 # -- a peer's view ----------------------------------------------------------------------------------------
 def record(name: str, state: str, seq: int, model: str | None = "m") -> dict[str, Any]:
     return {"name": name, "state": state, "seq": seq, "type": "chat",

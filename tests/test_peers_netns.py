@@ -191,6 +191,11 @@ def test_a_peer_whose_new_connections_fail_is_passed_over_for_the_next(nodes: Ca
     assert record["peer"] == c.url and record["outcome"] == "ok"
     assert f"after {b.url} did not take the connection" in record["reason"]
     assert a.peers()[b.url]["status"] == "up"  # only new connections fail: its stream is fine
+    # For a while b is tried last: the next request goes straight to c.
+    assert a.peers()[b.url]["avoided"]
+    assert chat(a, "tiny-shared")
+    record = forwarded(a, "tiny-shared", 2)[0]
+    assert record["peer"] == c.url and "did not take the connection" not in record["reason"]
 
 
 def test_two_nodes_that_list_each_other_route_without_a_loop(nodes: Callable[[str], Node],

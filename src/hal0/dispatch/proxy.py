@@ -231,7 +231,7 @@ class Dispatcher:
         path: str = scope["path"]
         if self.peers is None or _header(scope, _HOP):
             raise why
-        picks = resolve_remote(self.peers.remote_slots(), model, path)
+        picks = resolve_remote(self.peers.remote_slots(), model, path, self.peers.avoided())
         decision.candidates += [c.to_dict() for c in picks]
         if not picks:
             raise why
@@ -245,8 +245,8 @@ class Dispatcher:
         watcher = asyncio.ensure_future(_cancel_on_disconnect(receive, handler, gone))
         try:
             for pick in picks:
-                backend = PeerBackend(self.session, self.peers.views[pick.slot.node].config, pick.slot,
-                                      self._timeout)
+                view = self.peers.views[pick.slot.node]
+                backend = PeerBackend(self.session, view.config, pick.slot, self._timeout)
                 decision.peer = pick.slot.node
                 decision.slot = pick.slot.name
                 decision.reason = f"forwarded: no local slot ({why.code}); {pick.why}" + (
@@ -255,7 +255,9 @@ class Dispatcher:
                     resp = await backend.open(scope["method"], target, body, headers)
                 except PeerUnreachable as exc:
                     refused.append({"peer": pick.slot.node, "error": exc.message})
+                    view.note_unreachable()
                     continue
+                view.note_reachable()
                 await self._relay(backend, resp, send, decision, rid)
                 return
             decision.peer = decision.slot = None

@@ -132,13 +132,16 @@ def _remote_matches(slot: RemoteSlot, model: str) -> str | None:
     return None
 
 
-def resolve_remote(slots: Iterable[RemoteSlot], model: str, endpoint: str) -> list[RemoteCandidate]:
+def resolve_remote(slots: Iterable[RemoteSlot], model: str, endpoint: str,
+                   avoid: frozenset[str] = frozenset()) -> list[RemoteCandidate]:
     """The peers' slots that can answer `model` on `endpoint`, best first: a ready one before a busy, loading or
     cold one, a ref or alias match before a slot name (every node has a `primary`), then in the order the peers
-    are configured. Slots without a model, or of a type that cannot answer the endpoint, are left out."""
+    are configured; the peers in `avoid` (a request could not connect to them just now) after all others. Slots
+    without a model, or of a type that cannot answer the endpoint, are left out."""
     fitting_types = ENDPOINT_TYPES[endpoint]
     rank = {"ref": 0, "alias": 1, "slot-name": 2}
     found = [(i, RemoteCandidate(s, how)) for i, s in enumerate(slots) if s.type in fitting_types
              for how in [_remote_matches(s, model)] if how is not None]
-    found.sort(key=lambda pair: (_REMOTE_STATE_RANK.get(pair[1].slot.state, 4), rank[pair[1].matched_by], pair[0]))
+    found.sort(key=lambda pair: (pair[1].slot.node in avoid, _REMOTE_STATE_RANK.get(pair[1].slot.state, 4),
+                                 rank[pair[1].matched_by], pair[0]))
     return [c for _, c in found]

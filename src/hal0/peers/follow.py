@@ -125,6 +125,10 @@ class Peers:
         return [slot for view in self.views.values() if view.up
                 for slot in sorted(view.slots.values(), key=lambda s: s.name)]
 
+    def avoided(self) -> frozenset[str]:
+        """Peers to try last: a request could not connect to them a moment ago."""
+        return frozenset(url for url, view in self.views.items() if view.avoided)
+
     def to_list(self) -> list[dict[str, Any]]:
         return [view.to_dict() for view in self.views.values()]
 

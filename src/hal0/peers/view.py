@@ -13,6 +13,9 @@ from typing import Any
 
 from hal0.settings import PeerConfig
 
+#: How long a peer that a forwarded request could not connect to is tried after the others.
+UNREACHABLE_S = 10.0
+
 
 class PeerStatus(StrEnum):
     CONNECTING = "connecting"
@@ -65,6 +68,9 @@ class PeerView:
     last_event_id: int | None = None
     #: How many times the follower connected (the first one included).
     connects: int = 0
+    #: Until then (time.monotonic) the peer is tried last: a forwarded request could not connect to it, though
+    #: its event stream is open (a half-broken link, a firewall). Reset by a request that connects.
+    unreachable_until: float = 0.0
 
     @property
     def url(self) -> str:
@@ -110,6 +116,16 @@ class PeerView:
         self.slots[name] = slot
         return known != slot
 
+    def note_unreachable(self, for_s: float = UNREACHABLE_S) -> None:
+        self.unreachable_until = time.monotonic() + for_s
+
+    def note_reachable(self) -> None:
+        self.unreachable_until = 0.0
+
+    @property
+    def avoided(self) -> bool:
+        return self.unreachable_until > time.monotonic()
+
     def mark_down(self, reason: str) -> bool:
         """The stream broke or could not be opened: nothing of this peer is offered until it is back.
         True when this changed the status."""
@@ -126,5 +142,5 @@ class PeerView:
 
     def to_dict(self) -> dict[str, Any]:
         return {"url": self.url, "status": self.status.value, "since": self.since, "reason": self.reason,
-                "connects": self.connects, "last_event_id": self.last_event_id,
+                "connects": self.connects, "last_event_id": self.last_event_id, "avoided": self.avoided,
                 "slots": [s.to_dict() for s in sorted(self.slots.values(), key=lambda s: s.name)]}
