@@ -142,6 +142,10 @@ class Peers:
                 reason = "its event stream ended"
             except (aiohttp.ClientError, TimeoutError, OSError, ValueError, StreamRefused) as exc:
                 reason = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+            except Exception as exc:
+                # A bug here must not freeze the peer as `up` with what it last said: log it, drop, reconnect.
+                log.exception("following peer %s failed", view.url)
+                reason = f"internal error ({type(exc).__name__}); see hal0's log"
             if view.mark_down(reason):
                 log.warning("peer %s is down: %s", view.url, reason)
                 self._publish(view)
