@@ -199,6 +199,10 @@ class Node:
                 pass
 
     def close(self) -> None:
-        self.kill(signal.SIGTERM)
-        self.kill_backends()
+        try:
+            self.kill(signal.SIGTERM)
+        except subprocess.TimeoutExpired:
+            self.kill(signal.SIGKILL)
+        finally:
+            self.kill_backends()
 

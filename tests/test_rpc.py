@@ -87,3 +87,18 @@ async def test_the_hello_probe_tells_a_worker_from_a_closed_port(rpc_server: int
     finally:
         writer.close()
         await writer.wait_closed()
+
+
+def test_a_llama_cpp_abort_is_the_reason_not_the_backtrace_after_it() -> None:
+    # What llama-server printed when its RPC worker went away mid-request (seen in this suite's runs).
+    tail = [
+        "0.00.260.547 I srv    operator(): operator(): cleaning up before exit...",
+        "/build/llama.cpp/ggml/src/ggml-rpc/ggml-rpc.cpp:566: Remote RPC server crashed or returned malformed response",
+        "0.00.264.283 E send failed (bytes_sent=0, size_to_send=8)",
+        "[Thread debugging using libthread_db enabled]",
+        "#0  syscall () at ../sysdeps/unix/sysv/linux/x86_64/syscall.S:38",
+        "38\t../sysdeps/unix/sysv/linux/x86_64/syscall.S: No such file or directory.",
+        "[Inferior 1 (process 26680) detached]",
+    ]
+    assert LlamaCppProvider().explain_failure(None, tail) == (
+        "llama.cpp aborted: Remote RPC server crashed or returned malformed response")
