@@ -12,12 +12,14 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import openai
 import pytest
 
+from hal0.registry.generate import TINY, generate_gguf
 from tests.conftest import wait_until
 from tests.netns import Lab, Node, netns_unavailable
 
@@ -77,11 +79,15 @@ def forwarded(node: Node, model: str, count: int = 0) -> list[dict[str, Any]]:
 
 
 def test_requests_route_across_nodes_and_fail_over_when_a_peer_dies(nodes: Callable[[str], Node],
-                                                                     model_files: dict[str, Path]) -> None:
+                                                                     tmp_path: Path) -> None:
     a, b, c = nodes("key-a"), nodes("key-b"), nodes("key-c")
+    # The tiny model with a long context: two answers in flight at once must outlast the kill below, and
+    # llama-server caps an answer at the context the model was trained for (the tiny one's 2048 tokens go by
+    # in well under a second).
+    long = generate_gguf(tmp_path / "long.gguf", replace(TINY, context=131072, name="hal0-tiny-long"))
     for peer in (b, c):
-        peer.add_model("tiny-shared", model_files["tiny"])
-        peer.write_slot("primary", 'model = "tiny-shared"\nctx_size = 8192\n')
+        peer.add_model("tiny-shared", long)
+        peer.write_slot("primary", 'model = "tiny-shared"\nctx_size = 131072\n')
         peer.start()
     a.start(peers=[b, c])
     wait_until(lambda: [p["status"] for p in a.peers().values()] == ["up", "up"], 30, "a to follow b and c")
@@ -122,7 +128,7 @@ def test_requests_route_across_nodes_and_fail_over_when_a_peer_dies(nodes: Calla
         count = 0
         try:
             with client(a) as cl:
-                for _ in cl.chat.completions.create(model="tiny-shared", messages=PROMPT, max_tokens=8000,
+                for _ in cl.chat.completions.create(model="tiny-shared", messages=PROMPT, max_tokens=60000,
                                                     temperature=0, stream=True, extra_body={"ignore_eos": True}):
                     count += 1
                     started.set()
@@ -133,7 +139,7 @@ def test_requests_route_across_nodes_and_fail_over_when_a_peer_dies(nodes: Calla
     def long_plain() -> Exception | None:
         try:
             with client(a) as cl:
-                cl.completions.create(model="tiny-shared", prompt="hello", max_tokens=8000, temperature=0,
+                cl.completions.create(model="tiny-shared", prompt="hello", max_tokens=60000, temperature=0,
                                       extra_body={"ignore_eos": True})
         except openai.APIError as exc:
             return exc
