@@ -7,6 +7,7 @@ import asyncio
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -15,7 +16,7 @@ from hal0.providers.base import LaunchSpec
 from hal0.providers.llamacpp import LlamaCppProvider
 from hal0.providers.rpc import RpcProvider, check_workers, find_rpc_server, hello, worker_gone
 from hal0.slots.config import SlotConfig
-from tests.conftest import free_port, wait_until
+from tests.conftest import Hal0, free_port, wait_until
 
 
 @pytest.mark.parametrize("fields, code", [
@@ -102,3 +103,15 @@ def test_a_llama_cpp_abort_is_the_reason_not_the_backtrace_after_it() -> None:
     ]
     assert LlamaCppProvider().explain_failure(None, tail) == (
         "llama.cpp aborted: Remote RPC server crashed or returned malformed response")
+
+
+def test_the_api_refuses_an_open_worker_with_an_openai_shaped_error(hal0_factory: Any) -> None:
+    h: Hal0 = hal0_factory().start()
+    resp = h.client.post("/api/slots", json={"name": "w", "type": "rpc", "host": "0.0.0.0", "port": 50052})
+    assert resp.status_code == 400
+    err = resp.json()["error"]
+    assert err["code"] == "insecure_bind" and "no authentication" in err["message"] and err["type"]
+    made = h.client.post("/api/slots", json={"name": "w", "type": "rpc", "host": "127.0.0.1", "port": 50052})
+    assert made.status_code == 201, made.text
+    assert made.json()["config"]["host"] == "127.0.0.1" and made.json()["reason"] != "no model assigned"
+    assert "w" not in {m["slot"] for m in h.client.get("/v1/models").json()["data"]}
