@@ -264,6 +264,18 @@ def cmd_hardware(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_peers(args: argparse.Namespace) -> int:
+    peers = args.client.get("/api/peers")["data"]
+    if args.json:
+        _print_json(peers)
+        return 0
+    rows = [{"peer": p["url"], "status": p["status"], "since": _age(p.get("since")),
+             "models": ", ".join(sorted({s["model"] for s in p["slots"] if s.get("model")})),
+             "note": p.get("reason") or ""} for p in peers]
+    print_table(rows, ["peer", "status", "since", "models", "note"])
+    return 0
+
+
 def cmd_doctor(args: argparse.Namespace) -> int:
     from hal0.setup_systemd import doctor_checks
 
@@ -352,6 +364,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("hardware", help="CPU, host memory, GPUs (VRAM, GTT) and NPUs this machine has")
     p.set_defaults(func=cmd_hardware)
 
+    p = sub.add_parser("peers", help="the other hal0 nodes this one follows: up or down, and their models")
+    p.set_defaults(func=cmd_peers)
+
     p = sub.add_parser("doctor", help="check the installation: supervisor, llama-server, ports, disk, hardware")
     p.set_defaults(func=cmd_doctor, local=True)
 
@@ -362,7 +377,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_setup, local=True)
 
     p = sub.add_parser("events", help="follow slot transitions and other events live")
-    p.add_argument("--topic", action="append", help="slot, decision or pull (repeatable)")
+    p.add_argument("--topic", action="append", help="slot, decision, pull or peer (repeatable)")
     p.set_defaults(func=cmd_events)
 
     try:

@@ -127,6 +127,12 @@ class UpstreamError(Hal0Error):
     status = 502
 
 
+class PeerUnreachable(UpstreamError):
+    """No peer that serves the model took the request (each refused the connection or is down)."""
+
+    code = "peer_unreachable"
+
+
 class RegistryError(Hal0Error):
     code = "registry_error"
     status = 400

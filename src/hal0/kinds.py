@@ -5,12 +5,20 @@ One owner for these facts: config validation, resolution, the catalog and the CL
 
 from __future__ import annotations
 
-#: Every slot type, in display order.
-SLOT_TYPES: tuple[str, ...] = ("chat", "embed", "rerank", "stt", "tts")
+#: Every slot type, in display order. `rpc` is a worker of llama.cpp's RPC backend: it serves no endpoint itself
+#: but lends its devices to a llama-server slot (on this node or another) whose `rpc` setting names it.
+SLOT_TYPES: tuple[str, ...] = ("chat", "embed", "rerank", "stt", "tts", "rpc")
 
 #: The provider a slot of each type gets unless its config names another.
 DEFAULT_PROVIDER: dict[str, str] = {"chat": "llama.cpp", "embed": "llama.cpp", "rerank": "llama.cpp",
-                                    "stt": "moonshine", "tts": "kokoro"}
+                                    "stt": "moonshine", "tts": "kokoro", "rpc": "rpc"}
+
+#: Slot types whose backend loads no model file: an rpc worker gets its tensors from the main llama-server.
+MODEL_LESS_TYPES: frozenset[str] = frozenset({"rpc"})
+
+#: Slot types that may bind a non-loopback host (the `host` setting): a worker must be reachable by the main
+#: node. Everything else listens on 127.0.0.1 only, behind hal0's API.
+NETWORK_TYPES: frozenset[str] = frozenset({"rpc"})
 
 #: The slots that always exist, with their type (and display order).
 BUILTIN_SLOTS: dict[str, str] = {"primary": "chat", "embed": "embed", "stt": "stt", "tts": "tts"}

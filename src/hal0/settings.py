@@ -6,12 +6,14 @@ no other module reads the environment.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import platformdirs
 
@@ -35,6 +37,31 @@ def _default_dirs(home: Path | None) -> tuple[Path, Path, Path]:
         Path(platformdirs.user_data_dir(_APP)),
         Path(platformdirs.user_log_dir(_APP)),
     )
+
+
+@dataclass(frozen=True, slots=True)
+class PeerConfig:
+    """Another hal0 node this one follows and forwards to: its base URL and the API key it wants."""
+
+    url: str
+    api_key: str = field(default="", repr=False)
+
+    @property
+    def host(self) -> str:
+        return urlsplit(self.url).hostname or ""
+
+    @property
+    def loopback(self) -> bool:
+        return is_loopback(self.host)
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,6 +111,8 @@ class Settings:
     #: Rotation size of the decision log.
     decision_log_max_bytes: int = 10 * 1024 * 1024
     api_keys: tuple[str, ...] = field(default_factory=tuple)
+    #: Other hal0 nodes: their slots are followed live, and a model no local slot serves goes to one of them.
+    peers: tuple[PeerConfig, ...] = field(default_factory=tuple)
     hf_endpoint: str = "https://huggingface.co"
     hf_token: str = ""
 
@@ -134,9 +163,52 @@ def _gpu_budgets(value: Any) -> tuple[tuple[int, int], ...]:
     if any(k < 0 or v < 0 for k, v in out):
         raise ConfigError(f"setting gpu_memory_budget_mb takes no negative numbers, got {value!r}")
     return out
+def _peer(url: str, api_key: str) -> PeerConfig:
+    parts = urlsplit(url.strip())
+    if parts.scheme not in ("http", "https") or not parts.hostname or parts.path not in ("", "/") \
+            or parts.query or parts.username or parts.password:
+        raise ConfigError(f"peer {url[:200]!r} must be a base URL like http://10.0.0.2:8080 (no path, no "
+                          "user; the key goes in api_key)")
+    try:
+        port = parts.port
+    except ValueError as exc:
+        raise ConfigError(f"peer {url[:200]!r}: {exc}") from None
+    host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
+    base = f"{parts.scheme}://{host}" + (f":{port}" if port else "")
+    return PeerConfig(base, api_key.strip())
+
+
+def parse_peers(value: Any) -> tuple[PeerConfig, ...]:
+    """Peers from hal0.toml (`peers = ["URL", ...]` or `[[peers]]` tables with `url` and `api_key`) or from
+    HAL0_PEERS (comma-separated `URL` or `URL#KEY`)."""
+    if isinstance(value, str):
+        items: list[Any] = [item for item in value.split(",") if item.strip()]
+    elif isinstance(value, list | tuple):
+        items = list(value)
+    else:
+        raise ConfigError(f"setting peers must be a list of URLs or tables, got {value!r}")
+    peers: list[PeerConfig] = []
+    for item in items:
+        if isinstance(item, PeerConfig):
+            peer = item
+        elif isinstance(item, str):
+            url, _, key = item.strip().partition("#")
+            peer = _peer(url, key)
+        elif isinstance(item, dict) and isinstance(item.get("url"), str) \
+                and isinstance(item.get("api_key", ""), str) and set(item) <= {"url", "api_key"}:
+            peer = _peer(item["url"], item.get("api_key", ""))
+        else:
+            raise ConfigError("a peer is a URL or a table with only `url` and `api_key` (strings), not a "
+                              f"{type(item).__name__}")
+        if any(p.url == peer.url for p in peers):
+            raise ConfigError(f"peer {peer.url} is listed twice")
+        peers.append(peer)
+    return tuple(peers)
 
 
 def _coerce(name: str, value: Any) -> Any:
+    if name == "peers":
+        return parse_peers(value)
     if name == "api_keys":
         if isinstance(value, str):
             return tuple(k.strip() for k in value.split(",") if k.strip())
@@ -204,4 +276,10 @@ def load_settings(
             raise ConfigError(f"{name} must be 0 or more, not {value!r}")
     if settings.supervisor not in ("auto", "embedded", "systemd"):
         raise ConfigError(f"supervisor must be auto, embedded or systemd, not {settings.supervisor!r}")
+    for peer in settings.peers:
+        # A forwarded request carries the peer's key; a peer on another host without one would take (and
+        # give) requests from anyone on the network.
+        if not peer.loopback and not peer.api_key:
+            raise ConfigError(f"peer {peer.url} is not on this machine and has no API key: give it one "
+                              "(`[[peers]] url = ..., api_key = ...` in hal0.toml, or URL#KEY in HAL0_PEERS)")
     return settings

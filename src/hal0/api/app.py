@@ -17,7 +17,7 @@ import aiohttp
 from fastapi import FastAPI
 
 from hal0 import __version__
-from hal0.api import dashboard, errors, hardware, manage, metrics, models
+from hal0.api import dashboard, errors, hardware, manage, metrics, models, peers
 from hal0.dispatch.backend_errors import anthropic_path
 from hal0.dispatch.decisions import DecisionLog
 from hal0.dispatch.proxy import Dispatcher, Receive, Scope, Send
@@ -25,11 +25,13 @@ from hal0.errors import anthropic_error_body
 from hal0.events import EventBus
 from hal0.fsio import WriteFailures
 from hal0.metrics import Metrics
+from hal0.peers import Peers
 from hal0.providers.base import Provider
 from hal0.providers.flm import FlmProvider
 from hal0.providers.kokoro import KokoroProvider
 from hal0.providers.llamacpp import LlamaCppProvider
 from hal0.providers.moonshine import MoonshineProvider
+from hal0.providers.rpc import RpcProvider
 from hal0.registry import catalog
 from hal0.registry.pull import PullEvent, Registry
 from hal0.settings import Settings
@@ -50,7 +52,7 @@ class AppOptions:
 
 def build_providers(settings: Settings) -> dict[str, Provider]:
     return {"llama.cpp": LlamaCppProvider(settings.llama_server), "moonshine": MoonshineProvider(),
-            "kokoro": KokoroProvider(), "flm": FlmProvider()}
+            "kokoro": KokoroProvider(), "flm": FlmProvider(), "rpc": RpcProvider(settings.llama_server)}
 
 
 def build_supervisor(settings: Settings) -> Supervisor:
@@ -186,12 +188,16 @@ def create_app(settings: Settings, options: AppOptions | None = None) -> Hal0App
         bus.tap(stats.observe)
         app.state.stats = stats
         app.state.metrics = meters
-        dispatcher = Dispatcher(settings, manager, session, decisions, meters)
+        followed = Peers(settings.peers, bus)
+        app.state.peers = followed
+        dispatcher = Dispatcher(settings, manager, session, decisions, meters, followed)
         edge.dispatcher = dispatcher
         sampler: asyncio.Task[None] | None = None
         try:
             await manager.start()
             sampler = asyncio.create_task(metrics.sample_every_second(manager, stats), name="stats-sampler")
+            # Peers are followed from here to shutdown: their tasks are cancelled and awaited in `finally`.
+            followed.start()
             if options.demo:
                 from hal0.demo import ensure_demo_model
 
@@ -205,6 +211,7 @@ def create_app(settings: Settings, options: AppOptions | None = None) -> Hal0App
                 with contextlib.suppress(asyncio.CancelledError):
                     await sampler
             edge.dispatcher = None
+            await followed.aclose()
             await dispatcher.close()
             await manager.close()
             decisions.close()
@@ -220,6 +227,7 @@ def create_app(settings: Settings, options: AppOptions | None = None) -> Hal0App
     app.include_router(hardware.router)
     app.include_router(models.router)
     app.include_router(metrics.router)
+    app.include_router(peers.router)
     app.include_router(dashboard.router)
     edge.fastapi = app
     return edge

@@ -38,6 +38,9 @@ class SlotFields(BaseModel):
     gpu_layers: int | None = Field(None, description="layers offloaded on a GPU placement; absent: all")
     pinned: bool | None = Field(None, description="never unloaded to make room or under memory pressure")
     group: str | None = Field(None, description="exclusive group: loading one member unloads the others")
+    host: str | None = Field(None, description="rpc slots: the address the worker listens on")
+    insecure_bind: bool | None = Field(None, description="rpc slots: allow 0.0.0.0 / :: (no authentication!)")
+    rpc: list[str] | None = Field(None, description="llama.cpp slots: RPC workers (host:port) to spread over")
 
 
 class SlotCreate(SlotFields):

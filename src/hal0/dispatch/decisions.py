@@ -29,6 +29,8 @@ class Decision:
     time: float = field(default_factory=time.time)
     candidates: list[dict[str, Any]] = field(default_factory=list)
     slot: str | None = None
+    #: The peer (its URL) the request was forwarded to; None when a local slot answered.
+    peer: str | None = None
     reason: str = ""
     wait_ms: float = 0.0
     status: int | None = None

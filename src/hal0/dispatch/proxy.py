@@ -1,4 +1,5 @@
-"""The /v1 edge as a plain ASGI app: resolve `model`, hold through a cold boot, proxy bytes through.
+"""The /v1 edge as a plain ASGI app: resolve `model`, hold through a cold boot, proxy bytes through; a model
+no local slot serves goes to a peer that does.
 
 Responses stream chunk by chunk; a client that goes away closes the upstream connection; every request
 leaves one decision record.
@@ -13,7 +14,7 @@ import re
 import time
 import uuid
 from collections.abc import Awaitable, Callable, MutableMapping
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import parse_qs
 
 import aiohttp
@@ -24,13 +25,22 @@ from hal0.dispatch.backend_errors import anthropic_path as _anthropic
 from hal0.dispatch.backend_errors import backend_error_bytes, error_headers
 from hal0.dispatch.coalesce import BufferedResponse, Coalescer
 from hal0.dispatch.decisions import Decision, DecisionLog
-from hal0.dispatch.resolve import find_model, resolve
+from hal0.dispatch.resolve import find_model, resolve, resolve_remote
 from hal0.dispatch.usage import AnswerMeter, Usage, usage_from_body
-from hal0.errors import Hal0Error, InvalidRequest, UpstreamError, anthropic_error_body, openai_error_body
+from hal0.errors import (
+    Hal0Error,
+    InsufficientMemory,
+    InvalidRequest,
+    ModelNotFound,
+    PeerUnreachable,
+    UpstreamError,
+    anthropic_error_body,
+    openai_error_body,
+)
 from hal0.kinds import ENDPOINT_TYPES
 from hal0.metrics import Metrics
+from hal0.peers import HOP_HEADER, PeerBackend, Peers, RemoteSlot
 from hal0.settings import Settings
-from hal0.slots.lease import Lease
 from hal0.slots.manager import SlotManager
 from hal0.slots.slot import Slot
 from hal0.slots.state import LOADED
@@ -47,7 +57,7 @@ COALESCED_ENDPOINTS = frozenset({"/v1/embeddings", "/v1/rerank", "/v1/reranking"
 _HOP_BY_HOP = frozenset({
     b"connection", b"keep-alive", b"proxy-authenticate", b"proxy-authorization", b"te", b"trailer",
     b"trailers", b"transfer-encoding", b"upgrade", b"host", b"content-length", b"authorization",
-    PREFETCH_HEADER, b"x-request-id", b"expect", b"x-api-key",
+    PREFETCH_HEADER, b"x-request-id", b"expect", b"x-api-key", HOP_HEADER.lower().encode(),
 })
 _RESPONSE_DROP = frozenset({
     b"connection", b"keep-alive", b"proxy-authenticate", b"transfer-encoding", b"upgrade", b"trailer",
@@ -66,13 +76,24 @@ def error_bytes(status: int, code: str, message: str, detail: dict[str, Any] | N
 
 #: How an OpenAI-style event stream ends: nothing follows, so the end is not held back.
 SSE_DONE = b"data: [DONE]\n\n"
+_HOP = HOP_HEADER.lower().encode()
+
+
+class Upstream(Protocol):
+    """What the relay needs of where an answer comes from: a local slot's lease or a peer."""
+
+    @property
+    def label(self) -> str: ...
+
+    def failed(self) -> None: ...
 
 
 class Dispatcher:
     def __init__(self, settings: Settings, manager: SlotManager, session: aiohttp.ClientSession,
-                 decisions: DecisionLog, metrics: Metrics | None = None) -> None:
+                 decisions: DecisionLog, metrics: Metrics | None = None, peers: Peers | None = None) -> None:
         self.settings = settings
         self.manager = manager
+        self.peers = peers
         self.session = session
         self.decisions = decisions
         self.metrics = metrics or Metrics()
@@ -102,12 +123,19 @@ class Dispatcher:
             await self._send_json(send, 200, self.models_listing(), rid)
             return
         if path.startswith("/v1/models/") and method in ("GET", "HEAD"):
+            wanted = path[len("/v1/models/"):]
             try:
-                slot = find_model(self.manager.slots.values(), path[len("/v1/models/"):])
+                entry = _model_entry(find_model(self.manager.slots.values(), wanted))
+            except ModelNotFound as exc:
+                remote = next((s for s in self._remote_listed() if wanted in (s.model, s.name, *s.aliases)), None)
+                if remote is None:
+                    await self._send_error(send, exc.status, exc.code, exc.message, rid, exc.detail or None)
+                    return
+                entry = _remote_entry(remote)
             except Hal0Error as exc:
                 await self._send_error(send, exc.status, exc.code, exc.message, rid, exc.detail or None)
                 return
-            await self._send_json(send, 200, _model_entry(slot), rid)
+            await self._send_json(send, 200, entry, rid)
             return
         if path not in ENDPOINT_TYPES:
             await self._send_error(send, 404, "unknown_endpoint", f"no endpoint {method} {path[:200]}", rid)
@@ -144,7 +172,11 @@ class Dispatcher:
         else:
             model, payload = _json_model(body)
         decision.model = model
-        res = resolve(self.manager.slots.values(), model, path)
+        try:
+            res = resolve(self.manager.slots.values(), model, path)
+        except ModelNotFound as exc:
+            await self._forward(scope, receive, send, body, model, decision, rid, exc)
+            return
         slot = res.slot
         decision.candidates = [c.to_dict() for c in res.candidates]
         decision.slot = slot.name
@@ -164,8 +196,12 @@ class Dispatcher:
         if coalesced:
             if cold:
                 started = time.perf_counter()
-                with self.metrics.hold(slot.name):
-                    await slot.ensure_loaded(grace)
+                try:
+                    with self.metrics.hold(slot.name):
+                        await slot.ensure_loaded(grace)
+                except InsufficientMemory as exc:
+                    await self._forward(scope, receive, send, body, model, decision, rid, exc)
+                    return
                 decision.wait_ms = round((time.perf_counter() - started) * 1000, 3)
             # The key is the request's meaning, not its bytes: key order and spacing do not matter.
             canonical = body if payload is None else json.dumps(payload, sort_keys=True,
@@ -187,7 +223,63 @@ class Dispatcher:
                         "headers": [*out_headers, (b"x-request-id", rid)]})
             await send({"type": "http.response.body", "body": out})
             return
-        await self._proxy(slot, scope, receive, send, target, body, upstream_headers, decision, rid)
+        try:
+            await self._proxy(slot, scope, receive, send, target, body, upstream_headers, decision, rid)
+        except InsufficientMemory as exc:
+            await self._forward(scope, receive, send, body, model, decision, rid, exc)
+
+    async def _forward(self, scope: Scope, receive: Receive, send: Send, body: bytes, model: str,
+                       decision: Decision, rid: bytes, why: Hal0Error) -> None:
+        """No local slot can take the request (`why`: none serves the model, or, once memory admission refuses
+        a load with `insufficient_memory`, none can fit it): send it to a peer that serves the model, the best
+        one first (see `resolve_remote`), the next one when a peer refuses the connection. A request that was
+        forwarded to this node is never forwarded again: `why` is its answer."""
+        path: str = scope["path"]
+        if self.peers is None or _header(scope, _HOP):
+            raise why
+        picks = resolve_remote(self.peers.remote_slots(), model, path, self.peers.avoided())
+        decision.candidates += [c.to_dict() for c in picks]
+        if not picks:
+            raise why
+        query = scope.get("query_string", b"")
+        target = path + (f"?{query.decode('latin-1')}" if query else "")
+        headers = _forward_headers(scope, rid)
+        refused: list[dict[str, str]] = []
+        handler = asyncio.current_task()
+        assert handler is not None
+        gone = asyncio.Event()
+        watcher = asyncio.ensure_future(_cancel_on_disconnect(receive, handler, gone))
+        try:
+            for pick in picks:
+                view = self.peers.views[pick.slot.node]
+                backend = PeerBackend(self.session, view.config, pick.slot, self._timeout)
+                decision.peer = pick.slot.node
+                decision.slot = pick.slot.name
+                decision.reason = f"forwarded: no local slot ({why.code}); {pick.why}" + (
+                    f"; after {', '.join(r['peer'] for r in refused)} did not take the connection" if refused else "")
+                try:
+                    resp = await backend.open(scope["method"], target, body, headers)
+                except PeerUnreachable as exc:
+                    refused.append({"peer": pick.slot.node, "error": exc.message})
+                    view.note_unreachable()
+                    continue
+                view.note_reachable()
+                await self._relay(backend, resp, send, decision, rid)
+                return
+            decision.peer = decision.slot = None
+            raise PeerUnreachable(
+                f"model {model[:200]!r} is served by peer(s) {', '.join(sorted({p.slot.node for p in picks}))}, "
+                "and none of them took the connection", detail={"refused": refused})
+        except asyncio.CancelledError:
+            if not gone.is_set():
+                raise
+            handler.uncancel()
+            decision.outcome = "client_disconnected"
+        finally:
+            if not watcher.done():
+                watcher.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await watcher
 
     # -- upstream ---------------------------------------------------------------------------------------
     async def _fetch(self, slot: Slot, method: str, target: str, body: bytes,
@@ -239,11 +331,10 @@ class Dispatcher:
                 with contextlib.suppress(asyncio.CancelledError):
                     await watcher
 
-    async def _relay(self, backend: Lease, resp: aiohttp.ClientResponse, send: Send, decision: Decision,
+    async def _relay(self, backend: Upstream, resp: aiohttp.ClientResponse, send: Send, decision: Decision,
                      rid: bytes) -> None:
         """Forward an upstream answer to the client. Closing (not releasing) the connection of an answer that
         did not end well is what tells the backend to stop generating."""
-        slot = backend.slot
         decision.status = resp.status
         content_type = resp.headers.get("content-type", "")
         is_sse = content_type.startswith("text/event-stream")
@@ -262,7 +353,7 @@ class Dispatcher:
                 data = await resp.read()  # an error answer: one small JSON body
             except (TimeoutError, aiohttp.ClientError) as exc:
                 backend.failed()
-                raise UpstreamError(f"backend of slot {slot.name} failed mid-response: {exc}",
+                raise UpstreamError(f"{backend.label} failed mid-response: {exc}",
                                     code="backend_failed") from exc
             body = backend_error_bytes(resp.status, data, _anthropic(decision.endpoint))
             await send({"type": "http.response.start", "status": resp.status,
@@ -290,7 +381,7 @@ class Dispatcher:
             tail = b""
             if failure is not None and is_sse:
                 tail = b"data: " + error_bytes(
-                    502, "backend_failed", f"backend of slot {slot.name} failed mid-stream: "
+                    502, "backend_failed", f"{backend.label} failed mid-stream: "
                     f"{type(failure).__name__}: {failure}") + b"\n\n"
             await send({"type": "http.response.body", "body": tail, "more_body": False})
             return failure
@@ -340,7 +431,23 @@ class Dispatcher:
                 return b"".join(chunks)
 
     def models_listing(self) -> dict[str, Any]:
-        return {"object": "list", "data": [_model_entry(s) for s in self.manager.ordered() if s.config.model]}
+        local = [_model_entry(s) for s in self.manager.ordered() if s.config.model]
+        return {"object": "list", "data": local + [_remote_entry(s) for s in self._remote_listed()]}
+
+    def _remote_listed(self) -> list[RemoteSlot]:
+        """The peers' models this node offers: one entry per model and peer, none that a local slot serves
+        (a request for it stays here)."""
+        if self.peers is None:
+            return []
+        local = {s.config.model for s in self.manager.slots.values() if s.config.model}
+        seen: set[tuple[str, str]] = set()
+        out: list[RemoteSlot] = []
+        for remote in self.peers.remote_slots():
+            if remote.model is None or remote.model in local or (remote.node, remote.model) in seen:
+                continue
+            seen.add((remote.node, remote.model))
+            out.append(remote)
+        return out
 
     async def _send_json(self, send: Send, status: int, data: Any, rid: bytes) -> None:
         body = json.dumps(data).encode()
@@ -367,6 +474,13 @@ def _model_entry(slot: Slot) -> dict[str, Any]:
     return {"id": slot.config.model, "object": "model", "created": int(slot.record.since), "owned_by": "hal0",
             "slot": slot.name, "type": slot.config.type, "state": slot.state.value,
             "aliases": [slot.name, *slot.config.aliases]}
+
+
+def _remote_entry(remote: RemoteSlot) -> dict[str, Any]:
+    """A peer's model in the listing: `owned_by` and `node` name the peer that serves it."""
+    return {"id": remote.model, "object": "model", "created": 0, "owned_by": remote.node, "node": remote.node,
+            "slot": remote.name, "type": remote.type, "state": remote.state,
+            "aliases": [remote.name, *remote.aliases]}
 
 
 def _header(scope: Scope, name: bytes) -> bytes:

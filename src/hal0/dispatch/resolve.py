@@ -1,4 +1,5 @@
-"""Resolve a request's `model` to the slot that owns it: slot name, model ref, or alias.
+"""Resolve a request's `model` to the slot that owns it: slot name, model ref, or alias; and, when no local
+slot serves it, to the peers' slots that do.
 
 The slot's type must fit the endpoint; every slot looked at is kept as a candidate for the decision log.
 """
@@ -11,6 +12,7 @@ from typing import Any
 
 from hal0.errors import InvalidRequest, ModelNotFound
 from hal0.kinds import ENDPOINT_TYPES
+from hal0.peers.view import RemoteSlot
 from hal0.slots.slot import Slot
 from hal0.slots.state import LOADED
 
@@ -95,3 +97,51 @@ def _not_found(all_slots: list[Slot], model: str) -> ModelNotFound:
         f"model {model[:200]!r} is not served by any slot; available: {', '.join(available) or 'none'}",
         detail={"available": available},
     )
+
+
+#: How eagerly a peer's slot is picked, by its state: loaded and free first, loaded and busy next, then one that is
+#: loading, then a cold one (the peer loads it), and a failed or unloading one last (the peer retries the load).
+_REMOTE_STATE_RANK = {"ready": 0, "idle": 0, "serving": 1, "warming": 2, "starting": 2, "pulling": 3,
+                      "offline": 3, "error": 4, "unloading": 4}
+
+
+@dataclass(frozen=True, slots=True)
+class RemoteCandidate:
+    slot: RemoteSlot
+    matched_by: str
+
+    @property
+    def why(self) -> str:
+        """Why it was ranked where it is, in the words of the decision record."""
+        return f"peer {self.slot.node} has it {self.slot.state} (slot {self.slot.name}, by {self.matched_by})"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"node": self.slot.node, "slot": self.slot.name, "ref": self.slot.model, "state": self.slot.state,
+                "type": self.slot.type, "matched_by": self.matched_by, "fits": True}
+
+
+def _remote_matches(slot: RemoteSlot, model: str) -> str | None:
+    if slot.model is None:
+        return None
+    if slot.model == model:
+        return "ref"
+    if model in slot.aliases:
+        return "alias"
+    if slot.name == model:
+        return "slot-name"
+    return None
+
+
+def resolve_remote(slots: Iterable[RemoteSlot], model: str, endpoint: str,
+                   avoid: frozenset[str] = frozenset()) -> list[RemoteCandidate]:
+    """The peers' slots that can answer `model` on `endpoint`, best first: a ready one before a busy, loading or
+    cold one, a ref or alias match before a slot name (every node has a `primary`), then in the order the peers
+    are configured; the peers in `avoid` (a request could not connect to them just now) after all others. Slots
+    without a model, or of a type that cannot answer the endpoint, are left out."""
+    fitting_types = ENDPOINT_TYPES[endpoint]
+    rank = {"ref": 0, "alias": 1, "slot-name": 2}
+    found = [(i, RemoteCandidate(s, how)) for i, s in enumerate(slots) if s.type in fitting_types
+             for how in [_remote_matches(s, model)] if how is not None]
+    found.sort(key=lambda pair: (pair[1].slot.node in avoid, _REMOTE_STATE_RANK.get(pair[1].slot.state, 4),
+                                 rank[pair[1].matched_by], pair[0]))
+    return [c for _, c in found]

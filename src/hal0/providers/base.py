@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 import aiohttp
 
@@ -29,6 +29,8 @@ class LaunchSpec:
     env: dict[str, str] = field(default_factory=dict)
     #: Where admission placed the backend; the provider turns it into its own arguments and variables.
     placement: Placement = field(default_factory=Placement)
+    #: llama.cpp RPC workers (`host:port`) the backend spreads the model over.
+    rpc: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,3 +74,10 @@ class Provider(Protocol):
     def explain_failure(self, exit_code: int | None, log_tail: list[str]) -> str:
         """A one-line human reason from the backend's own output."""
         ...
+
+
+@runtime_checkable
+class Liveness(Protocol):
+    """A provider whose backend is not checked with HTTP `/health` while loaded (an rpc worker speaks raw TCP)."""
+
+    async def alive(self, session: aiohttp.ClientSession, base_url: str) -> bool: ...

@@ -35,6 +35,9 @@ _REASON = re.compile(
 
 _PREFIX = re.compile(r"^\d+\.\d+\.\d+\.\d+ [A-Z] ")
 _ERROR_LEVEL = re.compile(r"^\d+\.\d+\.\d+\.\d+ E ")
+# GGML_ABORT and GGML_ASSERT print `path/file.cpp:LINE: message`, then a debugger backtrace whose lines
+# ("syscall.S: No such file or directory") would otherwise pass for the reason.
+_ABORT = re.compile(r"^\S+\.(?:c|cc|cpp|h):\d+: (.+)$")
 
 
 def find_llama_server(configured: str = "") -> Path:
@@ -108,6 +111,8 @@ class LlamaCppProvider:
         ]
         if spec.ctx_size:
             argv += ["-c", str(spec.ctx_size)]
+        if spec.rpc:
+            argv += ["--rpc", ",".join(spec.rpc)]
         if spec.slot_type == "embed":
             argv.append("--embedding")
         elif spec.slot_type == "rerank":
@@ -151,6 +156,9 @@ class LlamaCppProvider:
             return ProbeResult(False, "connect", None, f"{type(exc).__name__}: {exc}")
 
     def explain_failure(self, exit_code: int | None, log_tail: list[str]) -> str:
+        aborts = [m.group(1).strip() for line in log_tail if (m := _ABORT.match(line.strip()))]
+        if aborts:
+            return f"llama.cpp aborted: {aborts[-1]}"
         # llama.cpp prefixes log lines with a timestamp, a level letter and a module: keep the message.
         lines = [_PREFIX.sub("", line).strip() for line in log_tail]
         errors = [line for line in log_tail if _ERROR_LEVEL.match(line)]

@@ -16,13 +16,16 @@ import tomli_w
 from hal0.errors import ConfigError, InvalidRequest
 from hal0.fsio import atomic_write_text
 from hal0.hardware.placement import validate_device
-from hal0.kinds import BUILTIN_ALIASES, BUILTIN_SLOTS, DEFAULT_PROVIDER, SLOT_TYPES
+from hal0.kinds import BUILTIN_ALIASES, BUILTIN_SLOTS, DEFAULT_PROVIDER, MODEL_LESS_TYPES, NETWORK_TYPES, SLOT_TYPES
 from hal0.registry.store import validate_ref
 
 _NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 _ALIAS = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/@-]{0,127}$")
 _ARG = re.compile(r"^[^\x00-\x1f\x7f]{1,512}$")
 _ENV_KEY = re.compile(r"^[A-Z_][A-Z0-9_]{0,63}$")
+_HOST = re.compile(r"^(\[[0-9A-Fa-f:.]{2,45}\]|[0-9A-Fa-f:.]{2,45}|[A-Za-z0-9]([A-Za-z0-9.-]{0,252}))$")
+_ENDPOINT = re.compile(r"^(\[[0-9A-Fa-f:.]{2,45}\]|[A-Za-z0-9][A-Za-z0-9.-]{0,252}):([0-9]{1,5})$")
+_UNSPECIFIED = frozenset({"0.0.0.0", "::", "[::]"})
 
 
 def validate_slot_name(name: str) -> str:
@@ -60,6 +63,12 @@ class SlotConfig:
     pinned: bool = False
     #: Slots of one exclusive group are never loaded together: loading one unloads the others.
     group: str | None = None
+    #: The address an rpc worker listens on (other slot types always listen on 127.0.0.1).
+    host: str | None = None
+    #: Let an rpc worker listen on every interface (0.0.0.0 / ::): it has no authentication.
+    insecure_bind: bool = False
+    #: llama.cpp RPC workers (`host:port`) a llama-server slot spreads its model over (`--rpc`).
+    rpc: tuple[str, ...] = ()
     builtin: bool = False
 
     def __post_init__(self) -> None:
@@ -92,21 +101,50 @@ class SlotConfig:
         if self.group is not None and (not isinstance(self.group, str) or not _NAME.match(self.group)):
             raise InvalidRequest("group names are 1-63 characters of lowercase letters, digits, '-' and '_'; "
                                  f"got {str(self.group)[:80]!r}", code="invalid_value")
+        self._check_network()
         for name in ("ctx_size", "idle_timeout_s", "ttl_s", "warmup_budget_s"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int | float) or value <= 0):
                 raise InvalidRequest(f"{name} must be a positive number; got {value!r}", code="invalid_value")
 
+    def _check_network(self) -> None:
+        if self.type in MODEL_LESS_TYPES and self.model is not None:
+            raise InvalidRequest(f"{self.type} slots load no model (the main llama-server sends the tensors); "
+                                 "drop `model`", code="invalid_field")
+        if self.host is not None:
+            if self.type not in NETWORK_TYPES:
+                raise InvalidRequest(f"only {' and '.join(sorted(NETWORK_TYPES))} slots take `host`; a {self.type} "
+                                     "slot listens on 127.0.0.1 behind hal0's API", code="invalid_field")
+            if not isinstance(self.host, str) or not _HOST.match(self.host):
+                raise InvalidRequest(f"invalid host {str(self.host)[:80]!r}", code="invalid_host")
+            if self.host in _UNSPECIFIED and self.insecure_bind is not True:
+                raise InvalidRequest(
+                    f"slot {self.name} would listen on every interface ({self.host}), and an rpc worker has no "
+                    "authentication: name one address, or set `insecure_bind = true` if you really mean it",
+                    code="insecure_bind")
+        if not isinstance(self.insecure_bind, bool):
+            raise InvalidRequest("insecure_bind must be true or false", code="invalid_field")
+        if self.rpc:
+            if self.provider != "llama.cpp":
+                raise InvalidRequest(f"`rpc` workers need a llama.cpp slot, not {self.provider}",
+                                     code="invalid_field")
+            for endpoint in self.rpc:
+                match = _ENDPOINT.match(endpoint) if isinstance(endpoint, str) else None
+                if match is None or not 0 < int(match.group(2)) < 65536:
+                    raise InvalidRequest(f"rpc worker {str(endpoint)[:80]!r} must be host:port",
+                                         code="invalid_rpc")
+
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
         out["aliases"] = list(self.aliases)
         out["args"] = list(self.args)
+        out["rpc"] = list(self.rpc)
         return out
 
     def to_toml(self) -> str:
-        defaults = {"device": "auto", "pinned": False}
+        defaults = {"device": "auto", "pinned": False, "insecure_bind": False, "rpc": ()}
         data = {k: v for k, v in self.to_dict().items()
-                if v is not None and k != "builtin" and not (k in defaults and v == defaults[k])}
+                if v is not None and k != "builtin" and not (k in defaults and v in (defaults[k], []))}
         return tomli_w.dumps(data)
 
     @classmethod
@@ -116,7 +154,7 @@ class SlotConfig:
         if unknown:
             raise InvalidRequest(f"unknown slot field(s): {', '.join(sorted(unknown))}", code="invalid_field")
         values = dict(data)
-        for key in ("aliases", "args"):
+        for key in ("aliases", "args", "rpc"):
             if key in values:
                 if not isinstance(values[key], list | tuple):
                     raise InvalidRequest(f"{key} must be a list of strings", code="invalid_field")

@@ -74,6 +74,11 @@ class Lease:
     def base_url(self) -> str:
         return self.slot.base_url
 
+    @property
+    def label(self) -> str:
+        """Who answers, in error messages."""
+        return f"backend of slot {self.slot.name}"
+
     async def __aenter__(self) -> Lease:
         slot = self.slot
         # Counted from the first moment: a slot whose load just finished is not evictable while its waiters are

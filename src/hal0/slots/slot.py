@@ -20,7 +20,9 @@ import aiohttp
 from hal0.errors import BackendError, Conflict, DiskFull, Hal0Error, ModelNotFound
 from hal0.events import EventBus
 from hal0.hardware.placement import Placement
-from hal0.providers.base import LaunchSpec, ProbeResult, Provider
+from hal0.kinds import MODEL_LESS_TYPES
+from hal0.providers.base import LaunchSpec, Liveness, ProbeResult, Provider
+from hal0.providers.rpc import check_workers, unspecified, worker_gone
 from hal0.redact import redact_argv, redact_env
 from hal0.settings import Settings
 from hal0.slots.config import SlotConfig
@@ -162,7 +164,10 @@ class Slot:
 
     @property
     def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.record.port}"
+        host = self.config.host or "127.0.0.1"
+        if unspecified(host):
+            host = "127.0.0.1"
+        return f"http://{f'[{host}]' if ':' in host and not host.startswith('[') else host}:{self.record.port}"
 
     def snapshot(self) -> dict[str, Any]:
         rec = self.record.to_dict()
@@ -175,7 +180,7 @@ class Slot:
         rec["memory"] = self.memory
         rec["uptime_s"] = (time.time() - self.record.loaded_at) if (
             self.record.loaded_at and self.state in LOADED) else None
-        if self.state is S.OFFLINE and not self.config.model:
+        if self.state is S.OFFLINE and not self.config.model and self.config.type not in MODEL_LESS_TYPES:
             rec["reason"] = rec["reason"] or "no model assigned"
         return rec
 
@@ -228,12 +233,12 @@ class Slot:
         """Start a load, or join the one under way: N callers, one backend process."""
         if self._load_task is None or self._load_task.done():
             ref = self.config.model
-            if not ref:
+            if not ref and self.config.type not in MODEL_LESS_TYPES:
                 raise Conflict(
                     f"slot {self.name} has no model assigned; assign one with "
                     f"`hal0 slot assign {self.name} REF`", code="no_model",
                 )
-            if self._ctx.models.path(ref) is None and not self._ctx.models.pullable(ref):
+            if ref and self._ctx.models.path(ref) is None and not self._ctx.models.pullable(ref):
                 raise ModelNotFound(
                     f"model {ref!r} of slot {self.name} is not installed and not in the catalog; "
                     f"`hal0 model pull {ref} --source ...` or `hal0 model import {ref} FILE`",
@@ -314,9 +319,10 @@ class Slot:
 
     async def _start_and_warm(self) -> None:
         cfg = self.config
-        assert cfg.model is not None
-        model_path = self._ctx.models.path(cfg.model)
+        # A slot without a model is an rpc worker (MODEL_LESS_TYPES): the main llama-server sends it the tensors.
+        model_path = self._ctx.models.path(cfg.model) if cfg.model else Path(os.devnull)
         if model_path is None:
+            assert cfg.model is not None
             self._transition(S.PULLING, f"pulling model {cfg.model}", model=cfg.model, provider=cfg.provider,
                              pid=None)
             try:
@@ -332,7 +338,8 @@ class Slot:
                 self._fail(exc.code, f"pull of {cfg.model} failed: {exc.message}", extra=exc.detail)
                 return
         try:
-            self._ctx.models.check(cfg.model)
+            if cfg.model:
+                self._ctx.models.check(cfg.model)
         except Hal0Error as exc:
             self._transition(S.STARTING, "load requested", model=cfg.model, provider=cfg.provider, pid=None,
                              supervisor=self._ctx.supervisor.kind)
@@ -361,8 +368,11 @@ class Slot:
             self.record.port = port
             command = provider.command(LaunchSpec(
                 slot=self.name, slot_type=cfg.type, model_path=model_path, port=port,
-                ctx_size=cfg.ctx_size, extra_args=cfg.args, env=dict(cfg.env), placement=placement,
+                host=cfg.host or "127.0.0.1", ctx_size=cfg.ctx_size, extra_args=cfg.args, env=dict(cfg.env),
+                rpc=cfg.rpc, placement=placement,
             ))
+            if cfg.rpc:
+                await self._check_workers()
             handle = await self._ctx.supervisor.start(self.name, command)
         except Hal0Error as exc:
             self._fail(exc.code, exc.message, extra=exc.detail)
@@ -599,13 +609,16 @@ class Slot:
                     continue
                 status = self._ctx.supervisor.status(self.name, Handle(self.record.pid, self.record.unit))
                 if not status.alive:
-                    self._died(status, self._ctx.providers[self.config.provider])
+                    if not await self._lost_worker():
+                        self._died(status, self._ctx.providers[self.config.provider])
                     return
                 if time.monotonic() >= next_liveness:
                     self._ctx.supervisor.trim_log(self.name)
                     if self._ctx.memory is not None:
                         # /proc and NVML in a thread: NVML's init alone can take milliseconds.
                         self.memory = await asyncio.to_thread(self._ctx.memory.view, self)
+                    if await self._lost_worker():
+                        return
                     answered = await self._alive()
                     next_liveness = time.monotonic() + LIVENESS_INTERVAL_S
                     misses = 0 if answered else misses + 1
@@ -631,12 +644,44 @@ class Slot:
     async def _alive(self) -> bool:
         """A cheap liveness probe off the request path: any HTTP answer from the backend counts (llama-server
         answers /health from its HTTP threads even while every slot decodes); silence past the timeout does not."""
+        provider = self._ctx.providers.get(self.config.provider)
+        if isinstance(provider, Liveness):
+            return await provider.alive(self._ctx.session, self.base_url)
         try:
             async with self._ctx.session.get(f"{self.base_url}/health", timeout=_LIVENESS_TIMEOUT) as resp:
                 await resp.read()
                 return True
         except (aiohttp.ClientError, TimeoutError, OSError):
             return False
+
+    async def _check_workers(self) -> None:
+        """Before a llama-server with `rpc` workers starts: every worker answers the RPC HELLO, else the load fails
+        naming the ones that do not. A worker busy with a client is one too: it serves one llama-server at a time,
+        and ours would hang on it until the other one lets go."""
+        bad = [c for c in await check_workers(self.config.rpc, busy_ok=False) if not c.ok]
+        if bad:
+            raise BackendError(
+                f"rpc worker(s) of slot {self.name} do not answer: "
+                + "; ".join(f"{c.endpoint}: {c.message}" for c in bad)
+                + " (load the rpc slot on the worker's node first; a worker serves one llama-server at a time)",
+                code="rpc_worker_unreachable",
+                detail={"workers": [{"endpoint": c.endpoint, "message": c.message} for c in bad]})
+
+    async def _lost_worker(self) -> bool:
+        """A loaded slot whose rpc worker went away: llama-server would abort on its next request (or already
+        did). Stop it and say which worker it was. True when that happened."""
+        gone = await asyncio.gather(*(worker_gone(endpoint) for endpoint in self.config.rpc))
+        for endpoint, why in zip(self.config.rpc, gone, strict=True):
+            if why is None:
+                continue
+            if self.state not in LOADED or self._op_lock.locked():
+                return False
+            await self._stop_process()
+            self._fail("rpc_worker_gone", f"rpc worker {endpoint} of slot {self.name} is gone ({why}); the "
+                       "backend was stopped, and the next request loads it again once the worker is back",
+                       extra={"worker": endpoint})
+            return True
+        return False
 
     async def _unresponsive(self, misses: int) -> None:
         handle = Handle(self.record.pid, self.record.unit)
