@@ -392,8 +392,9 @@ def test_streamed_tokens_are_batched_into_fewer_writes_and_none_is_lost(hal0: Ha
                                                                         model_files: dict[str, Path]) -> None:
     hal0.add_model("tiny", model_files["tiny"])
     hal0.write_slot_config("primary", 'type = "chat"\nmodel = "tiny"\n')
-    # A window far longer than the tiny model's ~1 ms per token, so batching is certain on any machine.
-    hal0.start(env={"HAL0_STREAM_BATCH_MS": "200"})
+    # A window far longer than the tiny model's ~1 ms per token, so batching is certain on any machine; the longest
+    # one allowed, so a client descheduled for a while under load still reads the first event before the rest.
+    hal0.start(env={"HAL0_STREAM_BATCH_MS": "1000"})
     body = {"model": "primary", "messages": PROMPT, "max_tokens": 48, "temperature": 0, "ignore_eos": True}
     whole = hal0.client.post("/v1/chat/completions", json=body)
     assert whole.status_code == 200, whole.text
