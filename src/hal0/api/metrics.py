@@ -43,18 +43,21 @@ MEASURE_EVERY_S = 5.0
 
 class _MemorySampler:
     """Each slot's (estimate, measured) bytes; measured again after MEASURE_EVERY_S, or at once when its backend
-    was loaded, unloaded or replaced (not on every ready/serving flip), the last figures kept in between."""
+    was loaded, unloaded or replaced or its model changed (not on every ready/serving flip), the last figures kept
+    in between."""
 
     def __init__(self, manager: SlotManager) -> None:
         self._manager = manager
-        self._last: dict[str, tuple[tuple[bool, int | None], float, tuple[int | None, int | None]]] = {}
+        self._last: dict[str, tuple[tuple[bool, int | None, str | None], float, tuple[int | None, int | None]]] = {}
 
     def read(self, slots: list[Slot], now: float) -> list[tuple[int | None, int | None]]:
         out = []
         for slot in slots:
-            key = (slot.state in LOADED, slot.record.pid)
+            loaded = slot.state in LOADED
+            key = (loaded, slot.record.pid, slot.config.model)
             last = self._last.get(slot.name)
-            if last is None or last[0] != key or now - last[1] >= MEASURE_EVERY_S:
+            if (last is None or last[0] != key or now - last[1] >= MEASURE_EVERY_S
+                    or (loaded and last[2][1] is None)):  # loaded but not measured yet (a race with the load)
                 last = (key, now, memory_totals(self._manager, slot))
                 self._last[slot.name] = last
             out.append(last[2])
