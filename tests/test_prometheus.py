@@ -177,7 +177,9 @@ def test_prometheus_sees_exactly_the_traffic_that_was_sent(scraped: tuple[Hal0, 
     assert prom.scalar('hal0_requests_held{slot="primary"}') == 0
     estimate = hal0.slot("primary")["memory"]["estimate"]["total_bytes"]
     assert prom.scalar('hal0_slot_memory_bytes{slot="primary",source="estimate"}') == estimate
-    assert (prom.scalar('hal0_slot_memory_bytes{slot="primary",source="measured"}') or 0) > 0
+    # Memory is sampled once a second: the first sample after the load may come after the scrape above.
+    wait_until(lambda: (prom.scalar('hal0_slot_memory_bytes{slot="primary",source="measured"}') or 0) > 0, 30,
+               "the measured memory in prometheus")
     assert prom.values("hal0_write_failures_total", "channel") == {"state": 0, "decisions": 0}
 
     # The quantile Prometheus computes is the one hal0's own buckets give.

@@ -7,6 +7,7 @@ Label values are bounded: slot names, the fixed set of /v1 endpoints, status cod
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
 
@@ -51,6 +52,17 @@ class Hold:
         self.release()
 
 
+@dataclass(frozen=True, slots=True)
+class _Route:
+    """The metric children one slot, endpoint and status update on every request."""
+
+    requests: Any
+    duration: Any
+    ttft: Any
+    prompt_tokens: Any
+    completion_tokens: Any
+
+
 class Metrics:
     """The metric objects of one hal0 app. `slots` and `write_failures` are read at scrape time (the app passes
     them in, so this module reads no slot internals); `states` are the names `hal0_slot_state` reports."""
@@ -87,6 +99,7 @@ class Metrics:
         self._pulled: dict[tuple[str, str], int] = {}
         # labels() takes a lock and builds a key on every call; the children, once made, are kept.
         self._children: dict[tuple[Any, ...], Any] = {}
+        self._routes: dict[tuple[str, str, Any], _Route] = {}
         r.register(_LiveCollector(self))
 
     def hold(self, slot: str) -> Hold:
@@ -121,18 +134,24 @@ class Metrics:
         if outcome == "evicted":
             self._child(self.evictions, slot, str(d.get("reason") or "")[:REASON_MAX]).inc()
             return
-        endpoint = str(d.get("endpoint") or "")
-        status = d.get("status")
-        self._child(self.requests, slot, endpoint, str(status) if status is not None else "none").inc()
-        self._child(self.duration, slot, endpoint).observe(float(d.get("duration_ms") or 0.0) / 1000)
+        key = (slot, d.get("endpoint") or "", d.get("status"))
+        route = self._routes.get(key)
+        if route is None:  # once per slot, endpoint and status: then a request costs one lookup here
+            endpoint, status = str(key[1]), key[2]
+            route = self._routes[key] = _Route(
+                self.requests.labels(slot, endpoint, str(status) if status is not None else "none"),
+                self.duration.labels(slot, endpoint), self.ttft.labels(slot, endpoint),
+                self.prompt_tokens.labels(slot), self.completion_tokens.labels(slot))
+        route.requests.inc()
+        route.duration.observe(float(d.get("duration_ms") or 0.0) / 1000)
         ttft = d.get("ttft_ms")
         if isinstance(ttft, (int, float)):
-            self._child(self.ttft, slot, endpoint).observe(ttft / 1000)
+            route.ttft.observe(ttft / 1000)
         prompt, completion = d.get("prompt_tokens"), d.get("completion_tokens")
         if isinstance(prompt, int) and prompt > 0:
-            self._child(self.prompt_tokens, slot).inc(prompt)
+            route.prompt_tokens.inc(prompt)
         if isinstance(completion, int) and completion > 0:
-            self._child(self.completion_tokens, slot).inc(completion)
+            route.completion_tokens.inc(completion)
 
     def _slot_event(self, data: dict[str, Any], published: float) -> None:
         slot, src, dst = data.get("slot"), data.get("from"), data.get("to")

@@ -86,6 +86,8 @@ def usage_from_body(body: bytes) -> Usage | None:
     the bytes is a key."""
     counts = _Counts()
     for key, add in ((b'"usage"', counts.add_usage), (b'"timings"', counts.add_timings)):
+        if key == b'"timings"' and counts.usage[1] is not None:
+            break  # usage said it all; timings only stand in for it
         at = body.rfind(key)
         if at < 0:
             continue
