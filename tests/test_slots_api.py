@@ -215,6 +215,55 @@ def test_an_api_crash_during_warm_up_is_resumed_by_adoption(hal0: Hal0, model_fi
     assert len(hal0.start_lines("primary")) == 1
 
 
+def event_at(hal0: Hal0, slot: str, seq: int) -> dict[str, Any]:
+    """The slot event that published record `seq` (replayed from the ring: Last-Event-ID 0)."""
+    with event_stream(hal0, last_event_id=0) as events:
+        seen = read_until(events, lambda e: e.get("slot") == slot and e.get("seq", -1) >= seq)
+    at = [e for e in seen if e.get("slot") == slot and e.get("seq") == seq]
+    assert at, f"no event carries record seq {seq}: {[(e.get('seq'), e.get('to'), e.get('event')) for e in seen]}"
+    return at[-1]
+
+
+def fields(record: dict[str, Any]) -> tuple[Any, ...]:
+    return record["state"], record["pid"], record["port"], record["unit"], record["seq"]
+
+
+@pytest.mark.llama
+@pytest.mark.slow
+def test_state_json_and_the_event_stream_agree_on_pid_and_port_after_spawn_and_adoption(
+        hal0: Hal0, model_files: dict[str, Path]) -> None:
+    hal0.add_model("tiny", model_files["tiny"])
+    hal0.start()
+    assign(hal0, "primary", "tiny")
+    assert hal0.client.post("/api/slots/primary/load", params={"wait": "false"}).status_code == 200
+    loading = wait_until(lambda: (s := hal0.state("primary"))["pid"] and s["state"] in ("starting", "warming")
+                         and s, 30, "primary to have a backend pid while loading")
+    pid = loading["pid"]
+    # Frozen right after its spawn, the backend holds the slot where the pid was just recorded.
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        on_disk = hal0.state("primary")
+        assert on_disk["pid"] == pid and on_disk["port"], on_disk
+        assert fields(event_at(hal0, "primary", on_disk["seq"])["record"]) == fields(on_disk)
+
+        # An API that died between the spawn and writing the pid: the next one finds the backend by its
+        # pidfile, and says so in state.json and on the event stream alike.
+        hal0.kill()
+        crashed = hal0.state("primary")
+        crashed["pid"] = None
+        (hal0.home / "state" / "slots" / "primary" / "state.json").write_text(json.dumps(crashed))
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    hal0.start()
+    ready = wait_until(lambda: (s := hal0.state("primary"))["state"] == "ready" and s, 60, "adoption to end ready")
+    assert (ready["pid"], ready["port"]) == (pid, crashed["port"])
+    found = event_at(hal0, "primary", crashed["seq"] + 1)
+    assert (found.get("event"), found.get("changed"), found["record"]["pid"]) == ("changed", ["pid"], pid), found
+    assert fields(event_at(hal0, "primary", ready["seq"])["record"]) == fields(ready)
+    assert fields(hal0.slot("primary")) == fields(ready)
+    assert backend_pids(hal0.home) == [pid]
+
+
 # -- failures are explained ------------------------------------------------------------------------------------
 @pytest.mark.llama
 def test_a_corrupt_gguf_puts_the_slot_in_error_with_llama_cpps_own_message(hal0: Hal0,

@@ -16,6 +16,7 @@ from importlib import resources
 from pathlib import Path
 
 from hal0.errors import ConfigError, Hal0Error
+from hal0.fsio import atomic_write_text
 from hal0.providers.llamacpp import find_llama_server
 from hal0.settings import Settings
 from hal0.supervisors.choose import choose_supervisor
@@ -131,11 +132,7 @@ def install_units(settings: Settings, *, root: Path = Path("/"), dry_run: bool =
               settings.config_dir):
         _under(root, d).mkdir(parents=True, exist_ok=True)
     for name, path in zip(UNITS, paths, strict=True):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{name}.tmp")
-        tmp.write_text(rendered[name])
-        tmp.chmod(0o644)
-        tmp.replace(path)
+        atomic_write_text(path, rendered[name], mode=0o644)
     if root == Path("/"):
         _run(["systemctl", "daemon-reload"])
         _run(["systemctl", "enable", API_UNIT])
