@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -348,3 +349,66 @@ def test_a_model_file_changed_after_import_is_refused_at_load_and_verify_says_so
     assert good.returncode == 0 and "intact" in good.stdout, good.stdout + good.stderr
     resp = hal0.client.post("/api/slots/primary/load")
     assert resp.status_code == 200 and resp.json()["state"] == "ready", resp.text
+
+
+# -- a large pull never stalls the API ---------------------------------------------------------------------------
+#: Big enough that writing, hashing and fsyncing it takes a while: 512 MiB of one random 1 MiB block repeated.
+BIG_BLOCK = 1 << 20
+BIG_BLOCKS = 512
+
+
+@pytest.fixture
+def big_file_server() -> Iterator[tuple[str, str]]:
+    """A loopback server of one large file, as fast as loopback goes; yields (url, sha256)."""
+    block = os.urandom(BIG_BLOCK)
+    digest = hashlib.sha256()
+    for _ in range(BIG_BLOCKS):
+        digest.update(block)
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.send_header("Content-Length", str(BIG_BLOCK * BIG_BLOCKS))
+            self.end_headers()
+            try:
+                for _ in range(BIG_BLOCKS):
+                    self.wfile.write(block)
+            except (BrokenPipeError, ConnectionResetError):
+                pass
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/big.gguf", digest.hexdigest()
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.mark.slow
+def test_the_api_answers_at_once_while_a_large_pull_writes_hashes_and_fsyncs(
+        hal0_factory: Any, big_file_server: tuple[str, str]) -> None:
+    url, digest = big_file_server
+    h: Hal0 = hal0_factory(None).start()
+    resp = h.client.post("/api/models/pull", json={"ref": "big-pull", "source": url, "sha256": digest})
+    assert resp.status_code == 202, resp.text
+    # Every health request gets its answer (a stalled loop would hold one for as long as it stalls), many
+    # of them while the pull is still writing, hashing or syncing the file.
+    answered_while_pulling = 0
+    slowest = 0.0
+    with httpx.Client(base_url=h.url, timeout=5) as client:
+        while True:
+            started = time.monotonic()
+            health = client.get("/api/health")
+            slowest = max(slowest, time.monotonic() - started)
+            assert health.status_code == 200
+            if "big-pull" not in client.get("/api/models").json()["pulling"]:
+                break
+            answered_while_pulling += 1
+    assert answered_while_pulling >= 5, answered_while_pulling
+    manifest = h.client.get("/api/models/big-pull").json()
+    assert manifest["files"][0]["sha256"] == digest and manifest["size"] == BIG_BLOCK * BIG_BLOCKS, manifest
+    print(f"\n{answered_while_pulling} health answers during a {BIG_BLOCKS} MiB pull, slowest {slowest * 1000:.0f} ms")

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -197,3 +199,35 @@ def test_source_parsing() -> None:
                 "https://example.com/", "https://example.com/..%2f"):
         with pytest.raises(InvalidRequest):
             parse_source(bad)
+
+
+_OPENED: list[tuple[str, int]] = []
+_WATCHED: list[Path] = []
+
+
+def _record_opens(event: str, args: tuple[object, ...]) -> None:
+    # An audit hook stays for the life of the process: it records only while a test names a folder to watch.
+    if event == "open" and _WATCHED and isinstance(args[0], str | Path) and str(args[0]).startswith(
+            str(_WATCHED[0])):
+        _OPENED.append((str(args[0]), threading.get_ident()))
+
+
+async def test_a_pull_does_its_file_io_off_the_event_loop(registry: Registry, file_server: FileServer) -> None:
+    """Writes, hashing and fsyncs of the download, the model's header read and the manifest all happen in worker
+    threads: the loop's thread opens no file of the model (a large file's fsync alone takes seconds on a slow
+    disk, and every request of the API would wait for it)."""
+    data = file_server.add("io.gguf", 9 * (1 << 20) + 123)  # several write batches and a remainder
+    if not _WATCHED:
+        sys.addaudithook(_record_opens)
+    _WATCHED[:] = [registry.store.model_dir("io")]
+    _OPENED.clear()
+    try:
+        manifest = await registry.pull("io", f"{file_server.url}/files/io.gguf", sha256=sha256(data))
+    finally:
+        _WATCHED.clear()
+    assert manifest.files[0].sha256 == sha256(data) and registry.model_path("io").read_bytes() == data
+    names = {Path(path).name for path, _ in _OPENED}
+    assert "io.gguf.partial" in names and any("manifest.json" in n for n in names), names
+    loop_thread = threading.get_ident()
+    on_loop = sorted({path for path, thread in _OPENED if thread == loop_thread})
+    assert on_loop == [], on_loop
