@@ -208,6 +208,15 @@ def test_a_state_json_that_is_a_directory_is_quarantined_at_start_and_at_load(ha
 
 
 # -- E: a full disk never drops decisions ------------------------------------------------------------------------
+def doctor_api_check(h: Hal0) -> dict[str, Any]:
+    """The `api` check of `hal0 doctor --json` against this API."""
+    doctor = subprocess.run([sys.executable, "-m", "hal0.cli", "--url", h.url, "--json", "doctor"], env=h.env,
+                            capture_output=True, text=True, timeout=120, check=False)
+    checks = {c["name"]: c for c in json.loads(doctor.stdout)}
+    check: dict[str, Any] = checks["api"]
+    return check
+
+
 @pytest.mark.slow
 def test_a_full_disk_keeps_decisions_in_memory_and_counts_the_failed_writes(hal0: Hal0,
                                                                            model_files: dict[str, Path],
@@ -231,6 +240,10 @@ def test_a_full_disk_keeps_decisions_in_memory_and_counts_the_failed_writes(hal0
         wait_until(all_seen, 10, "every decision record in memory")
         health = hal0.client.get("/api/health").json()
         assert health["write_failures"]["decisions"] >= 1, health
+        # `hal0 doctor` asks the running API and reports the failing writes.
+        api = doctor_api_check(hal0)
+        assert not api["ok"] and "writes failing now: decisions" in api["detail"], api
+        assert "cannot write the decision log" in api["detail"], api
         log = hal0.log.read_text()
         assert log.count("Traceback") == 0, log[-3000:]
         assert log.count("cannot write the decision log") == 1, log[-3000:]
@@ -247,6 +260,8 @@ def test_a_full_disk_keeps_decisions_in_memory_and_counts_the_failed_writes(hal0
         wait_until(lambda: "after" in on_disk(), 10, "the held decisions to be written")
         written = on_disk()
         assert [r for r in written if r in ids] == ids and written.index("after") > written.index(ids[-1])
+        api = doctor_api_check(hal0)
+        assert api["ok"] and "writes failed earlier" in api["detail"] and "decisions" in api["detail"], api
         hal0.stop()
 
 

@@ -193,14 +193,22 @@ def _free_port_pair() -> tuple[int, int]:
     raise RuntimeError("no two free ports")
 
 
+def _nobody_listens() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+    return port
+
+
 def test_doctor_reports_each_check_and_a_foreign_port(tmp_path: Path) -> None:
     lo, hi = _free_port_pair()
-    settings = _settings(tmp_path, port_min=lo, port_max=hi)
+    settings = _settings(tmp_path, port_min=lo, port_max=hi, port=_nobody_listens())
     with socket.socket() as squatter:
         squatter.bind(("127.0.0.1", hi))
         squatter.listen()
         checks = {c.name: c for c in doctor_checks(settings)}
-    assert list(checks) == ["supervisor", "llama-server", "ports", "state dir", "disk", "hardware"]
+    assert list(checks) == ["supervisor", "llama-server", "ports", "state dir", "disk", "hardware", "api"]
+    assert checks["api"].ok and checks["api"].detail.startswith("not running at"), checks["api"]
     assert checks["supervisor"].detail.startswith(("embedded: ", "systemd: "))
     assert not checks["ports"].ok and str(hi) in checks["ports"].detail
     assert checks["state dir"].ok, checks["state dir"].detail
@@ -208,7 +216,7 @@ def test_doctor_reports_each_check_and_a_foreign_port(tmp_path: Path) -> None:
 
 def test_doctor_names_hal0s_own_ports(tmp_path: Path) -> None:
     lo, hi = _free_port_pair()
-    settings = _settings(tmp_path, port_min=lo, port_max=hi)
+    settings = _settings(tmp_path, port_min=lo, port_max=hi, port=_nobody_listens())
     state = settings.slots_state_dir / "primary" / "state.json"
     state.parent.mkdir(parents=True)
     state.write_text(json.dumps({"name": "primary", "state": "ready", "port": lo}))

@@ -259,7 +259,7 @@ def cmd_hardware(args: argparse.Namespace) -> int:
 def cmd_doctor(args: argparse.Namespace) -> int:
     from hal0.setup_systemd import doctor_checks
 
-    checks = doctor_checks(load_settings())
+    checks = doctor_checks(load_settings(), api_url=args.url)
     if args.json:
         _print_json([{"name": c.name, "ok": c.ok, "detail": c.detail} for c in checks])
     else:
@@ -344,7 +344,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("hardware", help="CPU, host memory, GPUs (VRAM, GTT) and NPUs this machine has")
     p.set_defaults(func=cmd_hardware)
 
-    p = sub.add_parser("doctor", help="check the installation: supervisor, llama-server, ports, disk, hardware")
+    p = sub.add_parser("doctor", help="check the installation: supervisor, llama-server, ports, disk, hardware, "
+                                   "the API's failed writes")
     p.set_defaults(func=cmd_doctor, local=True)
 
     p = sub.add_parser("setup", help="install hal0 as a system service")
