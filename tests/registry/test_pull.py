@@ -231,3 +231,19 @@ async def test_a_pull_does_its_file_io_off_the_event_loop(registry: Registry, fi
     loop_thread = threading.get_ident()
     on_loop = sorted({path for path, thread in _OPENED if thread == loop_thread})
     assert on_loop == [], on_loop
+
+
+async def test_a_pull_right_after_a_cancelled_one_starts_again_instead_of_sharing_its_cancel(
+        registry: Registry, file_server: FileServer) -> None:
+    """An unload stops a slot's pull and the next load pulls at once: it must not join the stopped download
+    (still writing what it received) and fail with its cancellation, but resume after it."""
+    data = file_server.add("c.bin", 32 << 20)
+    url = f"{file_server.url}/files/c.bin"
+    flowing = asyncio.Event()
+    registry.start_pull("c", url, on_event=lambda e: e.bytes_done > 0 and flowing.set())
+    await asyncio.wait_for(flowing.wait(), 30)
+    assert registry.cancel("c")
+    manifest = await asyncio.wait_for(registry.pull("c", url), 60)
+    assert manifest.files[0].sha256 == sha256(data)
+    assert registry.model_path("c").read_bytes() == data
+    assert _leftovers(registry, "c") == ["c.bin", "manifest.json"]

@@ -464,6 +464,12 @@ class Registry:
         """Pull `ref` (or return it if installed). A cancelled caller does not cancel a shared download."""
         task = self.start_pull(ref, source, sha256=sha256, slot_type=slot_type, provider=provider,
                                on_event=on_event)
+        while task.cancelling() and not task.done():
+            # A download that was just stopped (an unload) is still writing what it received: let it end, then
+            # start again from there, instead of joining it and sharing its cancellation.
+            await asyncio.wait([task])
+            task = self.start_pull(ref, source, sha256=sha256, slot_type=slot_type, provider=provider,
+                                   on_event=on_event)
         return await asyncio.shield(task)
 
     async def watch(self, ref: str) -> AsyncGenerator[PullEvent, None]:
