@@ -11,6 +11,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -512,3 +513,31 @@ def test_cli_slot_list_and_its_json_agree_with_the_api(ready_primary: Hal0) -> N
     assert "tiny" in primary
     assert str(hal0.state("primary")["pid"]) in primary
     assert str(hal0.state("primary")["port"]) in primary
+
+
+@pytest.mark.llama
+def test_cli_events_show_transitions_and_field_changes_as_lines(ready_primary: Hal0) -> None:
+    hal0 = ready_primary
+    assert hal0.client.post("/api/slots/primary/unload").status_code == 200
+    events = subprocess.Popen([sys.executable, "-m", "hal0.cli", "--url", hal0.url, "events", "--topic", "slot"],
+                              env=hal0.env, stdout=subprocess.PIPE, text=True)
+    lines: list[str] = []
+    assert events.stdout is not None
+    reader = threading.Thread(target=lambda: lines.extend(line.rstrip("\n") for line in events.stdout or ()),
+                              daemon=True)
+    reader.start()
+    try:
+        # The stream is live once it shows an event: re-assigning `embed` to nothing publishes one.
+        def live() -> bool:
+            assert hal0.client.put("/api/slots/embed/model", json={"model": None}).status_code == 200
+            return bool(lines)
+        wait_until(live, 30, "`hal0 events` to show an event")
+        assert load(hal0, "primary").json()["state"] == "ready"
+        wait_until(lambda: any("-> ready" in line for line in lines), 30, "the load's lines")
+    finally:
+        events.kill()
+        events.wait(10)
+    pid = hal0.state("primary")["pid"]
+    assert any("offline -> starting" in line for line in lines), lines
+    changed = [line for line in lines if " changed " in line]
+    assert changed and f"pid={pid}" in changed[0] and "backend started" in changed[0], lines

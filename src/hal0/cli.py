@@ -193,6 +193,11 @@ def cmd_events(args: argparse.Namespace) -> int:
         elif event.get("topic") == "slot" and "to" in event:
             print(f"{time.strftime('%H:%M:%S', time.localtime(event['time']))}  {event['slot']:<12} "
                   f"{event['from']:>9} -> {event['to']:<9} {event.get('reason', '')}", flush=True)
+        elif event.get("topic") == "slot" and event.get("event") == "changed":
+            record = event.get("record") or {}
+            changed = ", ".join(f"{k}={record.get(k)}" for k in event.get("changed", []))
+            print(f"{time.strftime('%H:%M:%S', time.localtime(event['time']))}  {event['slot']:<12} "
+                  f"{'changed':>9}    {changed}: {event.get('reason', '')}", flush=True)
         else:
             print(json.dumps(event), flush=True)
     return 0
