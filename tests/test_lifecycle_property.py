@@ -195,11 +195,14 @@ class LifecycleMachine(RuleBasedStateMachine):
         served = self.hub.served
 
         async def go() -> None:
-            if self.registry.exists(PULL_REF):
-                await self.manager.assign("primary", None)
-                self.registry.remove(PULL_REF, self.manager.slots_using)
-            await self.manager.assign("primary", PULL_REF)
-            load = self.slot.start_load()
+            try:
+                if self.registry.exists(PULL_REF):
+                    await self.manager.assign("primary", None)
+                    self.registry.remove(PULL_REF, self.manager.slots_using)
+                await self.manager.assign("primary", PULL_REF)
+                load = self.slot.start_load()
+            except Hal0Error:
+                return  # e.g. the model is still being pulled by a second pull: refused, a legal outcome
             while not load.done() and not (self.slot.state is SlotState.PULLING and self.hub.served > served):
                 await asyncio.sleep(0.01)
 
