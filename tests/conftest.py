@@ -1,9 +1,10 @@
 """Shared fixtures: a temp HAL0_HOME, free loopback ports, generated models, a real llama-server,
-and the real hal0 API running as its own process.
+the real hal0 API running as its own process, and a slow loopback stand-in for Hugging Face.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -11,8 +12,11 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -281,3 +285,60 @@ def hal0_factory(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Any
 def hal0(hal0_factory: Any, llama_server: str) -> Hal0:
     h: Hal0 = hal0_factory(llama_server)
     return h
+
+
+# -- a slow model source --------------------------------------------------------------------------------------
+@dataclass
+class SlowHub:
+    """A loopback stand-in for Hugging Face that serves a file at `rate` bytes per second, honouring Range."""
+
+    url: str
+    data: bytes
+    rate: float
+    ranges: list[str | None] = field(default_factory=list)
+    served: int = 0
+
+
+@pytest.fixture
+def slow_hub(model_files: dict[str, Path]) -> Iterator[SlowHub]:
+    data = model_files["tiny"].read_bytes()
+    digest = hashlib.sha256(data).hexdigest()
+    hub = SlowHub("", data, rate=20_000)
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            if "/resolve/" not in self.path:
+                self.send_error(404)
+                return
+            rng = self.headers.get("Range")
+            hub.ranges.append(rng)
+            start = int(rng.removeprefix("bytes=").split("-")[0]) if rng else 0
+            self.send_response(206 if rng else 200)
+            self.send_header("Content-Length", str(len(data) - start))
+            if rng:
+                self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
+            self.send_header("X-Linked-ETag", f'"{digest}"')
+            self.end_headers()
+            pos = start
+            try:
+                while pos < len(data):
+                    step = max(1, int(hub.rate / 20))
+                    self.wfile.write(data[pos:pos + step])
+                    self.wfile.flush()
+                    pos += step
+                    hub.served += step
+                    time.sleep(0.05)
+            except (BrokenPipeError, ConnectionResetError):
+                pass
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.daemon_threads = True
+    hub.url = f"http://127.0.0.1:{server.server_address[1]}"
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield hub
+    server.shutdown()
+    server.server_close()

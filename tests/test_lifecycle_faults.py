@@ -7,13 +7,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import socket
 import subprocess
 import sys
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -21,67 +21,11 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import Hal0, backend_pids, free_port, wait_until
+from tests.conftest import Hal0, SlowHub, backend_pids, free_port, wait_until
 from tests.test_faults import chat, fill, ready_primary, small_disk
 
 #: A catalog ref: a slot assigned to it pulls it on load.
 REF = "qwen2.5-0.5b-instruct-q4_k_m"
-
-
-@dataclass
-class SlowHub:
-    """A loopback stand-in for Hugging Face that serves a file at `rate` bytes per second, honouring Range."""
-
-    url: str
-    data: bytes
-    rate: float
-    ranges: list[str | None] = field(default_factory=list)
-    served: int = 0
-
-
-@pytest.fixture
-def slow_hub(model_files: dict[str, Path]) -> Iterator[SlowHub]:
-    data = model_files["tiny"].read_bytes()
-    digest = hashlib.sha256(data).hexdigest()
-    hub = SlowHub("", data, rate=20_000)
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:
-            if "/resolve/" not in self.path:
-                self.send_error(404)
-                return
-            rng = self.headers.get("Range")
-            hub.ranges.append(rng)
-            start = int(rng.removeprefix("bytes=").split("-")[0]) if rng else 0
-            self.send_response(206 if rng else 200)
-            self.send_header("Content-Length", str(len(data) - start))
-            if rng:
-                self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
-            self.send_header("X-Linked-ETag", f'"{digest}"')
-            self.end_headers()
-            pos = start
-            try:
-                while pos < len(data):
-                    step = max(1, int(hub.rate / 20))
-                    self.wfile.write(data[pos:pos + step])
-                    self.wfile.flush()
-                    pos += step
-                    hub.served += step
-                    time.sleep(0.05)
-            except (BrokenPipeError, ConnectionResetError):
-                pass
-
-        def log_message(self, *args: Any) -> None:
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    server.daemon_threads = True
-    hub.url = f"http://127.0.0.1:{server.server_address[1]}"
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield hub
-    server.shutdown()
-    server.server_close()
 
 
 def partials(h: Hal0) -> list[Path]:
@@ -207,6 +151,15 @@ def test_a_state_json_that_is_a_directory_is_quarantined_at_start_and_at_load(ha
 
 
 # -- E: a full disk never drops decisions ------------------------------------------------------------------------
+def doctor_api_check(h: Hal0) -> dict[str, Any]:
+    """The `api` check of `hal0 doctor --json` against this API."""
+    doctor = subprocess.run([sys.executable, "-m", "hal0.cli", "--url", h.url, "--json", "doctor"], env=h.env,
+                            capture_output=True, text=True, timeout=120, check=False)
+    checks = {c["name"]: c for c in json.loads(doctor.stdout)}
+    check: dict[str, Any] = checks["api"]
+    return check
+
+
 @pytest.mark.slow
 def test_a_full_disk_keeps_decisions_in_memory_and_counts_the_failed_writes(hal0: Hal0,
                                                                            model_files: dict[str, Path],
@@ -230,6 +183,10 @@ def test_a_full_disk_keeps_decisions_in_memory_and_counts_the_failed_writes(hal0
         wait_until(all_seen, 10, "every decision record in memory")
         health = hal0.client.get("/api/health").json()
         assert health["write_failures"]["decisions"] >= 1, health
+        # `hal0 doctor` asks the running API and reports the failing writes.
+        api = doctor_api_check(hal0)
+        assert not api["ok"] and "writes failing now: decisions" in api["detail"], api
+        assert "cannot write the decision log" in api["detail"], api
         log = hal0.log.read_text()
         assert log.count("Traceback") == 0, log[-3000:]
         assert log.count("cannot write the decision log") == 1, log[-3000:]
@@ -246,6 +203,8 @@ def test_a_full_disk_keeps_decisions_in_memory_and_counts_the_failed_writes(hal0
         wait_until(lambda: "after" in on_disk(), 10, "the held decisions to be written")
         written = on_disk()
         assert [r for r in written if r in ids] == ids and written.index("after") > written.index(ids[-1])
+        api = doctor_api_check(hal0)
+        assert api["ok"] and "writes failed earlier" in api["detail"] and "decisions" in api["detail"], api
         hal0.stop()
 
 
@@ -267,8 +226,10 @@ def test_a_client_that_leaves_a_non_streamed_request_cancels_it(hal0: Hal0, larg
     # its result queue stays quiet for a second, and every /slots call wakes that queue.
     log = hal0.home / "logs" / "slots" / "primary.log"
     wait_until(lambda: "cancel task" in log.read_text(), 10, "llama-server to cancel the generation")
-    slots = httpx.get(f"http://127.0.0.1:{port}/slots", timeout=5).json()
-    assert not any(s["is_processing"] for s in slots)
+    # The log line comes as the cancel starts; the slot is free a moment later (seen busy once under load).
+    wait_until(lambda: not any(s["is_processing"] for s in httpx.get(f"http://127.0.0.1:{port}/slots",
+                                                                      timeout=5).json()),
+               5, "llama-server's slot to be free")
     view = wait_until(lambda: (v := hal0.slot("primary"))["in_flight"] == 0 and v, 5, "the request released")
     assert view["state"] == "ready"
     record = wait_until(lambda: next((d for d in hal0.client.get("/api/decisions").json()["data"]
@@ -348,3 +309,66 @@ def test_a_model_file_changed_after_import_is_refused_at_load_and_verify_says_so
     assert good.returncode == 0 and "intact" in good.stdout, good.stdout + good.stderr
     resp = hal0.client.post("/api/slots/primary/load")
     assert resp.status_code == 200 and resp.json()["state"] == "ready", resp.text
+
+
+# -- a large pull never stalls the API ---------------------------------------------------------------------------
+#: Big enough that writing, hashing and fsyncing it takes a while: 512 MiB of one random 1 MiB block repeated.
+BIG_BLOCK = 1 << 20
+BIG_BLOCKS = 512
+
+
+@pytest.fixture
+def big_file_server() -> Iterator[tuple[str, str]]:
+    """A loopback server of one large file, as fast as loopback goes; yields (url, sha256)."""
+    block = os.urandom(BIG_BLOCK)
+    digest = hashlib.sha256()
+    for _ in range(BIG_BLOCKS):
+        digest.update(block)
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.send_header("Content-Length", str(BIG_BLOCK * BIG_BLOCKS))
+            self.end_headers()
+            try:
+                for _ in range(BIG_BLOCKS):
+                    self.wfile.write(block)
+            except (BrokenPipeError, ConnectionResetError):
+                pass
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/big.gguf", digest.hexdigest()
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.mark.slow
+def test_the_api_answers_at_once_while_a_large_pull_writes_hashes_and_fsyncs(
+        hal0_factory: Any, big_file_server: tuple[str, str]) -> None:
+    url, digest = big_file_server
+    h: Hal0 = hal0_factory(None).start()
+    resp = h.client.post("/api/models/pull", json={"ref": "big-pull", "source": url, "sha256": digest})
+    assert resp.status_code == 202, resp.text
+    # Every health request gets its answer (a stalled loop would hold one for as long as it stalls), many
+    # of them while the pull is still writing, hashing or syncing the file.
+    answered_while_pulling = 0
+    slowest = 0.0
+    with httpx.Client(base_url=h.url, timeout=5) as client:
+        while True:
+            started = time.monotonic()
+            health = client.get("/api/health")
+            slowest = max(slowest, time.monotonic() - started)
+            assert health.status_code == 200
+            if "big-pull" not in client.get("/api/models").json()["pulling"]:
+                break
+            answered_while_pulling += 1
+    assert answered_while_pulling >= 5, answered_while_pulling
+    manifest = h.client.get("/api/models/big-pull").json()
+    assert manifest["files"][0]["sha256"] == digest and manifest["size"] == BIG_BLOCK * BIG_BLOCKS, manifest
+    print(f"\n{answered_while_pulling} health answers during a {BIG_BLOCKS} MiB pull, slowest {slowest * 1000:.0f} ms")

@@ -11,6 +11,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -213,6 +214,55 @@ def test_an_api_crash_during_warm_up_is_resumed_by_adoption(hal0: Hal0, model_fi
     chat(ready["port"])
     assert backend_pids(hal0.home) == [pid]
     assert len(hal0.start_lines("primary")) == 1
+
+
+def event_at(hal0: Hal0, slot: str, seq: int) -> dict[str, Any]:
+    """The slot event that published record `seq` (replayed from the ring: Last-Event-ID 0)."""
+    with event_stream(hal0, last_event_id=0) as events:
+        seen = read_until(events, lambda e: e.get("slot") == slot and e.get("seq", -1) >= seq)
+    at = [e for e in seen if e.get("slot") == slot and e.get("seq") == seq]
+    assert at, f"no event carries record seq {seq}: {[(e.get('seq'), e.get('to'), e.get('event')) for e in seen]}"
+    return at[-1]
+
+
+def fields(record: dict[str, Any]) -> tuple[Any, ...]:
+    return record["state"], record["pid"], record["port"], record["unit"], record["seq"]
+
+
+@pytest.mark.llama
+@pytest.mark.slow
+def test_state_json_and_the_event_stream_agree_on_pid_and_port_after_spawn_and_adoption(
+        hal0: Hal0, model_files: dict[str, Path]) -> None:
+    hal0.add_model("tiny", model_files["tiny"])
+    hal0.start()
+    assign(hal0, "primary", "tiny")
+    assert hal0.client.post("/api/slots/primary/load", params={"wait": "false"}).status_code == 200
+    loading = wait_until(lambda: (s := hal0.state("primary"))["pid"] and s["state"] in ("starting", "warming")
+                         and s, 30, "primary to have a backend pid while loading")
+    pid = loading["pid"]
+    # Frozen right after its spawn, the backend holds the slot where the pid was just recorded.
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        on_disk = hal0.state("primary")
+        assert on_disk["pid"] == pid and on_disk["port"], on_disk
+        assert fields(event_at(hal0, "primary", on_disk["seq"])["record"]) == fields(on_disk)
+
+        # An API that died between the spawn and writing the pid: the next one finds the backend by its
+        # pidfile, and says so in state.json and on the event stream alike.
+        hal0.kill()
+        crashed = hal0.state("primary")
+        crashed["pid"] = None
+        (hal0.home / "state" / "slots" / "primary" / "state.json").write_text(json.dumps(crashed))
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    hal0.start()
+    ready = wait_until(lambda: (s := hal0.state("primary"))["state"] == "ready" and s, 60, "adoption to end ready")
+    assert (ready["pid"], ready["port"]) == (pid, crashed["port"])
+    found = event_at(hal0, "primary", crashed["seq"] + 1)
+    assert (found.get("event"), found.get("changed"), found["record"]["pid"]) == ("changed", ["pid"], pid), found
+    assert fields(event_at(hal0, "primary", ready["seq"])["record"]) == fields(ready)
+    assert fields(hal0.slot("primary")) == fields(ready)
+    assert backend_pids(hal0.home) == [pid]
 
 
 # -- failures are explained ------------------------------------------------------------------------------------
@@ -463,3 +513,31 @@ def test_cli_slot_list_and_its_json_agree_with_the_api(ready_primary: Hal0) -> N
     assert "tiny" in primary
     assert str(hal0.state("primary")["pid"]) in primary
     assert str(hal0.state("primary")["port"]) in primary
+
+
+@pytest.mark.llama
+def test_cli_events_show_transitions_and_field_changes_as_lines(ready_primary: Hal0) -> None:
+    hal0 = ready_primary
+    assert hal0.client.post("/api/slots/primary/unload").status_code == 200
+    events = subprocess.Popen([sys.executable, "-m", "hal0.cli", "--url", hal0.url, "events", "--topic", "slot"],
+                              env=hal0.env, stdout=subprocess.PIPE, text=True)
+    lines: list[str] = []
+    assert events.stdout is not None
+    reader = threading.Thread(target=lambda: lines.extend(line.rstrip("\n") for line in events.stdout or ()),
+                              daemon=True)
+    reader.start()
+    try:
+        # The stream is live once it shows an event: re-assigning `embed` to nothing publishes one.
+        def live() -> bool:
+            assert hal0.client.put("/api/slots/embed/model", json={"model": None}).status_code == 200
+            return bool(lines)
+        wait_until(live, 30, "`hal0 events` to show an event")
+        assert load(hal0, "primary").json()["state"] == "ready"
+        wait_until(lambda: any("-> ready" in line for line in lines), 30, "the load's lines")
+    finally:
+        events.kill()
+        events.wait(10)
+    pid = hal0.state("primary")["pid"]
+    assert any("offline -> starting" in line for line in lines), lines
+    changed = [line for line in lines if " changed " in line]
+    assert changed and f"pid={pid}" in changed[0] and "backend started" in changed[0], lines

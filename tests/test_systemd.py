@@ -13,6 +13,7 @@ import subprocess
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -31,7 +32,7 @@ from hal0.supervisors.systemd import (
     unit_name,
 )
 from tests import nspawn
-from tests.conftest import wait_until
+from tests.conftest import alive, wait_until
 
 IN_CI = bool(os.environ.get("CI"))
 TRICKY_ARGV = ("a b", 'q"x', "100%", "$HOME", "${HOME}", "back\\slash", ";", "it's", "tab\there", "")
@@ -192,14 +193,22 @@ def _free_port_pair() -> tuple[int, int]:
     raise RuntimeError("no two free ports")
 
 
+def _nobody_listens() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+    return port
+
+
 def test_doctor_reports_each_check_and_a_foreign_port(tmp_path: Path) -> None:
     lo, hi = _free_port_pair()
-    settings = _settings(tmp_path, port_min=lo, port_max=hi)
+    settings = _settings(tmp_path, port_min=lo, port_max=hi, port=_nobody_listens())
     with socket.socket() as squatter:
         squatter.bind(("127.0.0.1", hi))
         squatter.listen()
         checks = {c.name: c for c in doctor_checks(settings)}
-    assert list(checks) == ["supervisor", "llama-server", "ports", "state dir", "disk", "hardware"]
+    assert list(checks) == ["supervisor", "llama-server", "ports", "state dir", "disk", "hardware", "api"]
+    assert checks["api"].ok and checks["api"].detail.startswith("not running at"), checks["api"]
     assert checks["supervisor"].detail.startswith(("embedded: ", "systemd: "))
     assert not checks["ports"].ok and str(hi) in checks["ports"].detail
     assert checks["state dir"].ok, checks["state dir"].detail
@@ -207,7 +216,7 @@ def test_doctor_reports_each_check_and_a_foreign_port(tmp_path: Path) -> None:
 
 def test_doctor_names_hal0s_own_ports(tmp_path: Path) -> None:
     lo, hi = _free_port_pair()
-    settings = _settings(tmp_path, port_min=lo, port_max=hi)
+    settings = _settings(tmp_path, port_min=lo, port_max=hi, port=_nobody_listens())
     state = settings.slots_state_dir / "primary" / "state.json"
     state.parent.mkdir(parents=True)
     state.write_text(json.dumps({"name": "primary", "state": "ready", "port": lo}))
@@ -270,27 +279,32 @@ async def test_real_systemd_runs_a_slot_with_its_exact_argv(
     dump.unlink(missing_ok=True)
     handle = await supervisor.start("real", _command("real"))
     assert handle.unit == "hal0-slot@real.service" and handle.pid
-    assert supervisor.status("real", handle).alive
+    assert (await supervisor.status("real", handle)).alive
     data = json.loads(wait_until(lambda: dump.read_text() if dump.is_file() else None, 30, "the backend's dump"))
     assert data["argv"] == list(TRICKY_ARGV)
     assert data["env"] == {"ODD": 'x%y$z"\\', "SPACED": "a b"}
     assert data["user"] != 0
-    wait_until(lambda: "backend says: hello from real" in supervisor.log_tail("real") or None, 30, "journal output")
+    for _ in range(300):
+        if "backend says: hello from real" in await supervisor.log_tail("real"):
+            break
+        await asyncio.sleep(0.1)
+    else:
+        raise AssertionError("the backend's line never reached the journal")
 
     # A fresh supervisor (as after an API restart) adopts the running unit.
     fresh = SystemdSupervisor(root / "etc/systemd/system", systemctl=[*prefix, "systemctl"],
                               journalctl=[*prefix, "journalctl"])
-    adopted = fresh.adopt("real", handle)
+    adopted = await fresh.adopt("real", handle)
     assert adopted.alive and adopted.pid == handle.pid
 
     # The API unit (here a stand-in command) restarting or stopping never takes a slot down with it.
     for verb in ("restart", "stop"):
         await asyncio.to_thread(subprocess.run, [*prefix, "systemctl", verb, API_UNIT], check=True, timeout=60)
-    assert supervisor.status("real", handle).alive
+    assert (await supervisor.status("real", handle)).alive
 
     stopped = await supervisor.stop("real", handle, timeout=5)
     assert not stopped.alive
-    assert not supervisor.status("real", handle).alive
+    assert not (await supervisor.status("real", handle)).alive
 
 
 @pytest.mark.slow
@@ -299,13 +313,116 @@ async def test_real_systemd_reports_a_crash_with_exit_code_and_journal(
     supervisor, _, _ = installed
     handle = await supervisor.start("broken", _command("broken", FAIL="1"))
 
-    def crashed() -> ProcessStatus | None:
-        status = supervisor.status("broken", handle)
-        return None if status.alive else status
+    async def crashed() -> ProcessStatus:
+        while (status := await supervisor.status("broken", handle)).alive:
+            await asyncio.sleep(0.05)
+        return status
 
-    status = wait_until(crashed, 30, "the crash")
+    status = await asyncio.wait_for(crashed(), 30)
     assert status.exit_code == 3, status
     assert "exited with code 3" in status.detail
-    assert any("model file is corrupt" in ln for ln in supervisor.log_tail("broken"))
+    assert any("model file is corrupt" in ln for ln in await supervisor.log_tail("broken"))
     final = await supervisor.stop("broken", Handle(None, handle.unit), timeout=5)
     assert not final.alive
+
+
+# -- the API's event loop while systemctl is slow ------------------------------------------------------------
+# A stand-in systemctl is enough here: the property is about hal0's own process (does its loop wait on a child?),
+# not about systemd, which the container tests above drive for real.
+SHOW_ACTIVE = "LoadState=loaded\\nActiveState=active\\nSubState=running\\nMainPID=4242\\n"
+
+
+def _slow_systemctl(tmp_path: Path) -> Path:
+    """A `systemctl` that notes its pid in `calls` and answers only once the file `release` exists."""
+    shim = tmp_path / "systemctl"
+    shim.write_text(f"""#!/bin/sh
+echo "$$ $*" >> '{tmp_path}/calls'
+while [ ! -e '{tmp_path}/release' ]; do sleep 0.01; done
+case "$1" in show) printf '{SHOW_ACTIVE}' ;; esac
+""")
+    shim.chmod(0o755)
+    return shim
+
+
+def _calls(tmp_path: Path) -> list[tuple[int, str]]:
+    path = tmp_path / "calls"
+    lines = path.read_text().splitlines() if path.exists() else []
+    return [(int(pid), argv) for pid, _, argv in (line.partition(" ") for line in lines)]
+
+
+async def _until(predicate: Any, what: str, timeout: float = 30) -> Any:
+    """Poll on the event loop with a deadline; the loop must be free for this to see anything."""
+    try:
+        async with asyncio.timeout(timeout):
+            while not (value := predicate()):
+                await asyncio.sleep(0.005)
+    except TimeoutError:
+        raise AssertionError(f"timed out after {timeout}s waiting for {what}") from None
+    return value
+
+
+async def test_the_event_loop_runs_on_while_systemctl_has_not_answered(tmp_path: Path) -> None:
+    shim = _slow_systemctl(tmp_path)
+    supervisor = SystemdSupervisor(tmp_path / "units", systemctl=[str(shim)], journalctl=[str(shim)])
+    handle = Handle(4242, unit_name("primary"))
+    ticks = 0
+
+    async def ticker() -> None:
+        nonlocal ticks
+        while True:
+            await asyncio.sleep(0.001)
+            ticks += 1
+
+    beat = asyncio.create_task(ticker())
+    try:
+        for call in (supervisor.status("primary", handle), supervisor.log_tail("primary", 5),
+                     supervisor.start("primary", Command((_hal0_bin().as_posix(), "--port", "1"), {}))):
+            (tmp_path / "release").unlink(missing_ok=True)
+            seen = len(_calls(tmp_path))
+            pending = asyncio.ensure_future(call)
+            await _until(lambda: len(_calls(tmp_path)) > seen, "systemctl to be called")  # noqa: B023
+            before = ticks
+            # systemctl is still waiting, and the loop goes on: other coroutines (requests) run meanwhile.
+            await _until(lambda: ticks >= before + 50, "the loop to run while systemctl waits")  # noqa: B023
+            assert not pending.done()
+            (tmp_path / "release").touch()
+            result = await asyncio.wait_for(pending, 30)
+            if isinstance(result, ProcessStatus):
+                assert result.alive and result.pid == 4242, result
+            elif isinstance(result, Handle):
+                assert result == Handle(4242, unit_name("primary"))
+    finally:
+        beat.cancel()
+    assert [argv.split()[0] for _, argv in _calls(tmp_path)] == [
+        "show", "-u", "daemon-reload", "reset-failed", "restart", "show"]
+
+
+async def test_start_writes_the_dropin_atomically_readable_by_systemd(tmp_path: Path) -> None:
+    shim = _slow_systemctl(tmp_path)
+    (tmp_path / "release").touch()
+    unit_dir = tmp_path / "units"
+    supervisor = SystemdSupervisor(unit_dir, stop_timeout_s=7, systemctl=[str(shim)])
+    command = Command((_hal0_bin().as_posix(), *TRICKY_ARGV), {"A": "1%"})
+    assert await supervisor.start("primary", command) == Handle(4242, unit_name("primary"))
+    dropin = dropin_path(unit_dir, "primary")
+    assert dropin.read_text() == render_dropin("primary", command, stop_timeout_s=7)
+    assert dropin.stat().st_mode & 0o777 == 0o644
+    assert [p.name for p in dropin.parent.iterdir()] == [dropin.name], "no temp file left behind"
+
+
+async def test_a_systemctl_that_never_answers_is_killed_and_reported(tmp_path: Path) -> None:
+    shim = _slow_systemctl(tmp_path)
+    supervisor = SystemdSupervisor(tmp_path / "units", systemctl=[str(shim)], timeout_s=0.5)
+    status = await supervisor.status("primary", Handle(4242, unit_name("primary")))
+    assert not status.alive and "did not answer within 0.5s" in status.detail, status
+    [(pid, _)] = _calls(tmp_path)
+    assert not alive(pid), "the hung systemctl was killed and reaped"
+
+    # A caller that gives up (a cancelled request) takes its systemctl down with it, too.
+    slow = SystemdSupervisor(tmp_path / "units", systemctl=[str(shim)])
+    pending = asyncio.ensure_future(slow.stop("primary", Handle(4242, unit_name("primary")), timeout=5))
+    await _until(lambda: len(_calls(tmp_path)) == 2, "the second systemctl")
+    pending.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await pending
+    assert not alive(_calls(tmp_path)[1][0])

@@ -193,6 +193,11 @@ def cmd_events(args: argparse.Namespace) -> int:
         elif event.get("topic") == "slot" and "to" in event:
             print(f"{time.strftime('%H:%M:%S', time.localtime(event['time']))}  {event['slot']:<12} "
                   f"{event['from']:>9} -> {event['to']:<9} {event.get('reason', '')}", flush=True)
+        elif event.get("topic") == "slot" and event.get("event") == "changed":
+            record = event.get("record") or {}
+            changed = ", ".join(f"{k}={record.get(k)}" for k in event.get("changed", []))
+            print(f"{time.strftime('%H:%M:%S', time.localtime(event['time']))}  {event['slot']:<12} "
+                  f"{'changed':>9}    {changed}: {event.get('reason', '')}", flush=True)
         else:
             print(json.dumps(event), flush=True)
     return 0
@@ -279,7 +284,7 @@ def cmd_peers(args: argparse.Namespace) -> int:
 def cmd_doctor(args: argparse.Namespace) -> int:
     from hal0.setup_systemd import doctor_checks
 
-    checks = doctor_checks(load_settings())
+    checks = doctor_checks(load_settings(), api_url=args.url)
     if args.json:
         _print_json([{"name": c.name, "ok": c.ok, "detail": c.detail} for c in checks])
     else:
@@ -367,7 +372,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("peers", help="the other hal0 nodes this one follows: up or down, and their models")
     p.set_defaults(func=cmd_peers)
 
-    p = sub.add_parser("doctor", help="check the installation: supervisor, llama-server, ports, disk, hardware")
+    p = sub.add_parser("doctor", help="check the installation: supervisor, llama-server, ports, disk, hardware, "
+                                   "the API's failed writes")
     p.set_defaults(func=cmd_doctor, local=True)
 
     p = sub.add_parser("setup", help="install hal0 as a system service")

@@ -25,13 +25,16 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def atomic_write_bytes(path: Path, data: bytes, *, durable: bool = True) -> None:
+def atomic_write_bytes(path: Path, data: bytes, *, durable: bool = True, mode: int | None = None) -> None:
     """Replace `path` with `data` in one rename. `durable=False` skips the fsyncs: still never half-written,
-    but a power cut may bring back the previous version."""
+    but a power cut may bring back the previous version. `mode` sets the permissions (the temp file starts
+    private, 0600), before the rename, so the file is never seen with the wrong ones."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as fh:
+            if mode is not None:
+                os.fchmod(fh.fileno(), mode)
             fh.write(data)
             if durable:
                 fh.flush()
@@ -47,8 +50,8 @@ def atomic_write_bytes(path: Path, data: bytes, *, durable: bool = True) -> None
         fsync_dir(path.parent)
 
 
-def atomic_write_text(path: Path, text: str, *, durable: bool = True) -> None:
-    atomic_write_bytes(path, text.encode(), durable=durable)
+def atomic_write_text(path: Path, text: str, *, durable: bool = True, mode: int | None = None) -> None:
+    atomic_write_bytes(path, text.encode(), durable=durable, mode=mode)
 
 
 def atomic_write_json(path: Path, data: Any, *, durable: bool = True) -> None:

@@ -16,6 +16,7 @@ from importlib import resources
 from pathlib import Path
 
 from hal0.errors import ConfigError, Hal0Error
+from hal0.fsio import atomic_write_text
 from hal0.providers.llamacpp import build_kind_of, find_llama_server
 from hal0.settings import Settings
 from hal0.supervisors.choose import choose_supervisor
@@ -131,11 +132,7 @@ def install_units(settings: Settings, *, root: Path = Path("/"), dry_run: bool =
               settings.config_dir):
         _under(root, d).mkdir(parents=True, exist_ok=True)
     for name, path in zip(UNITS, paths, strict=True):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{name}.tmp")
-        tmp.write_text(rendered[name])
-        tmp.chmod(0o644)
-        tmp.replace(path)
+        atomic_write_text(path, rendered[name], mode=0o644)
     if root == Path("/"):
         _run(["systemctl", "daemon-reload"])
         _run(["systemctl", "enable", API_UNIT])
@@ -152,10 +149,40 @@ class Check:
     detail: str
 
 
-def doctor_checks(settings: Settings) -> list[Check]:
-    """Everything `hal0 doctor` reports, each with a verdict and a human detail."""
+def doctor_checks(settings: Settings, api_url: str | None = None) -> list[Check]:
+    """Everything `hal0 doctor` reports, each with a verdict and a human detail; `api_url` is the API to ask
+    (the settings' own address by default)."""
     return [_check_supervisor(settings), _check_llama_server(settings), _check_ports(settings),
-            _check_state_dir(settings), _check_disk(settings), _check_hardware()]
+            _check_state_dir(settings), _check_disk(settings), _check_hardware(),
+            _check_api(settings, api_url or settings.base_url)]
+
+
+def _check_api(settings: Settings, url: str) -> Check:
+    """The running API's own account of its writes (`/api/health`): state and decision writes that failed, and
+    whether they still fail (a full disk). An API that is not running is no failure: there is nothing to ask."""
+    import httpx
+
+    headers = {"Authorization": f"Bearer {settings.api_keys[0]}"} if settings.api_keys else {}
+    try:
+        resp = httpx.get(f"{url.rstrip('/')}/api/health", headers=headers, timeout=5)
+    except httpx.HTTPError as exc:
+        return Check("api", True, f"not running at {url} ({type(exc).__name__}): no writes to report")
+    if resp.status_code != 200:
+        return Check("api", False, f"{url}/api/health answered HTTP {resp.status_code}")
+    try:
+        failures = dict(resp.json().get("write_failures") or {})
+    except (ValueError, AttributeError, TypeError):
+        return Check("api", False, f"{url}/api/health did not answer with its JSON")
+    failing: dict[str, str] = dict(failures.pop("failing", None) or {})
+    counts = {channel: int(n) for channel, n in failures.items() if isinstance(n, int) and n}
+    if failing:
+        now = "; ".join(f"{channel} ({counts.get(channel, 0)} failed so far): {message}"
+                        for channel, message in sorted(failing.items()))
+        return Check("api", False, f"up at {url}; writes failing now: {now}")
+    if counts:
+        earlier = ", ".join(f"{n} {channel}" for channel, n in sorted(counts.items()))
+        return Check("api", True, f"up at {url}; writes failed earlier ({earlier}) and work again")
+    return Check("api", True, f"up at {url}; no failed writes")
 
 
 def _check_hardware() -> Check:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -197,3 +199,51 @@ def test_source_parsing() -> None:
                 "https://example.com/", "https://example.com/..%2f"):
         with pytest.raises(InvalidRequest):
             parse_source(bad)
+
+
+_OPENED: list[tuple[str, int]] = []
+_WATCHED: list[Path] = []
+
+
+def _record_opens(event: str, args: tuple[object, ...]) -> None:
+    # An audit hook stays for the life of the process: it records only while a test names a folder to watch.
+    if event == "open" and _WATCHED and isinstance(args[0], str | Path) and str(args[0]).startswith(
+            str(_WATCHED[0])):
+        _OPENED.append((str(args[0]), threading.get_ident()))
+
+
+async def test_a_pull_does_its_file_io_off_the_event_loop(registry: Registry, file_server: FileServer) -> None:
+    """Writes, hashing and fsyncs of the download, the model's header read and the manifest all happen in worker
+    threads: the loop's thread opens no file of the model (a large file's fsync alone takes seconds on a slow
+    disk, and every request of the API would wait for it)."""
+    data = file_server.add("io.gguf", 9 * (1 << 20) + 123)  # several write batches and a remainder
+    if not _WATCHED:
+        sys.addaudithook(_record_opens)
+    _WATCHED[:] = [registry.store.model_dir("io")]
+    _OPENED.clear()
+    try:
+        manifest = await registry.pull("io", f"{file_server.url}/files/io.gguf", sha256=sha256(data))
+    finally:
+        _WATCHED.clear()
+    assert manifest.files[0].sha256 == sha256(data) and registry.model_path("io").read_bytes() == data
+    names = {Path(path).name for path, _ in _OPENED}
+    assert "io.gguf.partial" in names and any("manifest.json" in n for n in names), names
+    loop_thread = threading.get_ident()
+    on_loop = sorted({path for path, thread in _OPENED if thread == loop_thread})
+    assert on_loop == [], on_loop
+
+
+async def test_a_pull_right_after_a_cancelled_one_starts_again_instead_of_sharing_its_cancel(
+        registry: Registry, file_server: FileServer) -> None:
+    """An unload stops a slot's pull and the next load pulls at once: it must not join the stopped download
+    (still writing what it received) and fail with its cancellation, but resume after it."""
+    data = file_server.add("c.bin", 32 << 20)
+    url = f"{file_server.url}/files/c.bin"
+    flowing = asyncio.Event()
+    registry.start_pull("c", url, on_event=lambda e: e.bytes_done > 0 and flowing.set())
+    await asyncio.wait_for(flowing.wait(), 30)
+    assert registry.cancel("c")
+    manifest = await asyncio.wait_for(registry.pull("c", url), 60)
+    assert manifest.files[0].sha256 == sha256(data)
+    assert registry.model_path("c").read_bytes() == data
+    assert _leftovers(registry, "c") == ["c.bin", "manifest.json"]

@@ -143,7 +143,7 @@ async def restart_slot(name: str, request: Request) -> dict[str, Any]:
 async def slot_logs(name: str, request: Request, lines: int = Query(100, ge=1, le=5000)) -> dict[str, Any]:
     manager = _manager(request)
     slot = manager.get(name)
-    return {"slot": slot.name, "lines": manager.supervisor.log_tail(slot.name, lines)}
+    return {"slot": slot.name, "lines": await manager.supervisor.log_tail(slot.name, lines)}
 
 
 @router.get("/decisions", summary="Recent routing decisions, newest first")

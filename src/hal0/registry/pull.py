@@ -49,6 +49,9 @@ from hal0.settings import Settings
 
 DEFAULT_HF_ENDPOINT = "https://huggingface.co"
 _CHUNK = 1024 * 1024
+#: Downloaded bytes are handed to a worker thread in batches of this size, which appends and hashes them: the
+#: event loop only collects chunks. Hashing a batch takes a few ms; the socket's buffers cover the pause.
+WRITE_BATCH = 4 * _CHUNK
 _SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 _CONTENT_RANGE_RE = re.compile(r"^bytes (\d+)-(\d+)/(\d+|\*)$")
 
@@ -190,7 +193,7 @@ class Downloader:
                     raise
                 attempt += 1
                 await asyncio.sleep(self._retry_delay * attempt)
-        os.replace(partial, final)
+        await asyncio.to_thread(os.replace, partial, final)
         return ModelFile(name=final.name, size=size, sha256=digest)
 
     async def _fetch_once(self, url: str, partial: Path, headers: dict[str, str], expected: str | None,
@@ -202,6 +205,7 @@ class Downloader:
         request_headers = {**headers, "Accept-Encoding": "identity"}
         if offset:
             request_headers["Range"] = f"bytes={offset}-"
+        sink = _PartialFile(partial)
         try:
             async with self._client.stream("GET", url, headers=request_headers) as resp:
                 total = self._check_response(resp, url, offset)
@@ -210,24 +214,28 @@ class Downloader:
                 expected = expected or _linked_sha256(resp)
                 if total is not None:
                     ensure_free_space(partial.parent, total - offset)
-                digest = hashlib.sha256()
-                if offset:
-                    await asyncio.to_thread(_hash_prefix, partial, offset, digest)
+                await _in_thread(sink.begin, offset)
                 done = offset
                 started = time.monotonic()
                 last_report = 0.0
-                with partial.open("ab" if offset else "wb") as fh:
-                    on_progress(done, total, 0.0)
+                on_progress(done, total, 0.0)
+                try:
                     async for chunk in resp.aiter_raw():
-                        fh.write(chunk)
-                        digest.update(chunk)
+                        if sink.add(chunk) >= WRITE_BATCH:
+                            await _in_thread(sink.write, False)
                         done += len(chunk)
                         now = time.monotonic()
                         if now - last_report >= self._interval:
                             last_report = now
                             on_progress(done, total, (done - offset) / max(now - started, 1e-6))
-                    fh.flush()
-                    os.fsync(fh.fileno())
+                except BaseException:
+                    # What arrived stays on the partial for the next attempt (a dropped connection, a cancelled
+                    # pull) to resume from.
+                    with contextlib.suppress(OSError):
+                        await _in_thread(sink.write, False)
+                    raise
+                # The fsync of a file of gigabytes waits for all of it to reach the disk: seconds, in the thread.
+                await _in_thread(sink.write, True)
                 elapsed = max(time.monotonic() - started, 1e-6)
                 on_progress(done, total, (done - offset) / elapsed)
         except httpx.TransportError as exc:
@@ -239,7 +247,7 @@ class Downloader:
         if total is not None and done != total:
             raise PullInterrupted(f"download of {url} ended at {done} of {total} bytes",
                                   detail={"url": url, "bytes_done": done, "total": total})
-        actual = digest.hexdigest()
+        actual = sink.digest.hexdigest()
         if expected and actual != expected.lower():
             _discard(partial)
             raise ChecksumMismatch(f"sha256 of {url} is {actual}, expected {expected}; download discarded",
@@ -270,15 +278,61 @@ class Downloader:
         return int(length) if length and length.isdigit() else None
 
 
-def _hash_prefix(path: Path, length: int, digest: Any) -> None:
-    with path.open("rb") as fh:
-        remaining = length
-        while remaining > 0:
-            chunk = fh.read(min(_CHUNK, remaining))
-            if not chunk:
-                break
-            digest.update(chunk)
-            remaining -= len(chunk)
+class _PartialFile:
+    """A download's `.partial` file and the sha256 of what it holds. The event loop only `add`s chunks; the
+    other methods do file I/O and hashing and run in a worker thread (`_in_thread`), one at a time."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.digest = hashlib.sha256()
+        self._chunks: list[bytes] = []
+        self._held = 0
+
+    def add(self, chunk: bytes) -> int:
+        """Hold `chunk` for the next write; returns how many bytes are held."""
+        self._chunks.append(chunk)
+        self._held += len(chunk)
+        return self._held
+
+    def begin(self, offset: int) -> None:
+        """Start at `offset`: hash the bytes already on disk before it (so the digest covers the whole file at
+        the end), or empty the file when starting over from 0."""
+        if not offset:
+            with self.path.open("wb"):
+                return
+        with self.path.open("rb") as fh:
+            remaining = offset
+            while remaining > 0:
+                chunk = fh.read(min(_CHUNK, remaining))
+                if not chunk:
+                    break
+                self.digest.update(chunk)
+                remaining -= len(chunk)
+
+    def write(self, durable: bool) -> None:
+        """Append and hash the held chunks; with `durable`, fsync the file too."""
+        if not self._chunks and not durable:
+            return
+        chunks, self._chunks, self._held = self._chunks, [], 0
+        with self.path.open("ab") as fh:
+            for chunk in chunks:
+                fh.write(chunk)
+                self.digest.update(chunk)
+            if durable:
+                fh.flush()
+                os.fsync(fh.fileno())
+
+
+async def _in_thread(fn: Callable[..., Any], *args: Any) -> Any:
+    """`fn(*args)` in a worker thread, awaited to its end even if the caller is cancelled meanwhile (the
+    cancellation is delivered after): a write is never left running under a pull that was stopped."""
+    fut = asyncio.ensure_future(asyncio.to_thread(fn, *args))
+    try:
+        return await asyncio.shield(fut)
+    except asyncio.CancelledError:
+        with contextlib.suppress(BaseException):
+            await asyncio.wait([fut])
+        raise
 
 
 def _discard(path: Path) -> None:
@@ -410,6 +464,12 @@ class Registry:
         """Pull `ref` (or return it if installed). A cancelled caller does not cancel a shared download."""
         task = self.start_pull(ref, source, sha256=sha256, slot_type=slot_type, provider=provider,
                                on_event=on_event)
+        while task.cancelling() and not task.done():
+            # A download that was just stopped (an unload) is still writing what it received: let it end, then
+            # start again from there, instead of joining it and sharing its cancellation.
+            await asyncio.wait([task])
+            task = self.start_pull(ref, source, sha256=sha256, slot_type=slot_type, provider=provider,
+                                   on_event=on_event)
         return await asyncio.shield(task)
 
     async def watch(self, ref: str) -> AsyncGenerator[PullEvent, None]:
@@ -520,7 +580,9 @@ class Registry:
                                     progress_interval=self._interval)
             for index, item in enumerate(plan.files):
                 files.append(await self._fetch_one(flight, downloader, item, index, count, directory))
-        return self.store.finish(ref, plan.source, files, slot_type=plan.slot_type, provider=plan.provider)
+        # Reads the GGUF header (a tenth of a second for a large vocabulary) and fsyncs the manifest.
+        return await asyncio.to_thread(self.store.finish, ref, plan.source, files, slot_type=plan.slot_type,
+                                       provider=plan.provider)
 
     async def _fetch_one(self, flight: _Flight, downloader: Downloader, item: PullFile, index: int,
                          count: int, directory: Path) -> ModelFile:
@@ -538,7 +600,7 @@ class Registry:
                 size = final.stat().st_size
                 progress(size, size, 0.0)
                 return ModelFile(src.filename, size, digest, src.spec)
-            final.unlink()
+            await asyncio.to_thread(final.unlink)
         if src.kind == "file":
             assert src.path is not None
             return await asyncio.to_thread(self._copy_local, src, final, item.sha256)

@@ -144,6 +144,9 @@ class Slot:
         self.last_probe: ProbeResult | None = None
         #: Set while warming once the backend takes requests and only the probe's sentinel is outstanding.
         self._answering = asyncio.Event()
+        #: Wakes the watch for an immediate status check (the backend's pidfd turned readable, or a request
+        #: found it refusing connections).
+        self._wake = asyncio.Event()
         self._gate: tuple[int, asyncio.Semaphore] | None = None
         #: The `memory` figures of the snapshot: read at the end of a load and once a second while loaded (off the
         #: request path, where reading /proc on every serving/ready move would cost), so SSE carries them too.
@@ -185,43 +188,62 @@ class Slot:
         return rec
 
     # -- transitions ---------------------------------------------------------------------------------
+    # The record has one owner: every change of it, a move of state (`_transition`) or of a field alone
+    # (`_update`), goes through `_commit`, which writes state.json and publishes the event, so neither misses one.
     def _transition(self, dst: SlotState, reason: str = "", **changes: Any) -> None:
-        src = self.record.state
-        check_transition(src, dst)
+        check_transition(self.record.state, dst)
+        self._commit(dst, reason, changes)
+
+    def _update(self, reason: str, **changes: Any) -> None:
+        """Fields of the record change, its state does not (a port allocated, the pid of a spawned or adopted
+        backend): written and published like a transition, as a `changed` event that names the fields."""
         rec = self.record
+        changes = {k: v for k, v in changes.items() if getattr(rec, k) != v}
+        if changes:
+            self._commit(None, reason, changes)
+
+    def _commit(self, dst: SlotState | None, reason: str, changes: dict[str, Any]) -> None:
+        rec = self.record
+        src = rec.state
         before = dataclasses.replace(rec)
-        rec.state = dst
         rec.seq += 1
-        rec.since = time.time()
-        rec.reason = reason
-        if dst is not S.ERROR:
-            rec.error = None
-        if dst in (S.OFFLINE, S.ERROR):
-            self.memory = None
+        if dst is not None:
+            rec.state = dst
+            rec.since = time.time()
+            rec.reason = reason
+            if dst is not S.ERROR:
+                rec.error = None
+            if dst in (S.OFFLINE, S.ERROR):
+                self.memory = None
         for key, value in changes.items():
             setattr(rec, key, value)
         try:
             # See _write_mode: only what a power cut should not erase waits for an fsync.
-            self._ctx.store.write(rec, mode=_write_mode(dst))
+            self._ctx.store.write(rec, mode=_write_mode(rec.state))
         except DiskFull:
             # Not persisted means not happened: memory keeps agreeing with state.json.
             for f in dataclasses.fields(rec):
                 setattr(rec, f.name, getattr(before, f.name))
             raise
-        entry: dict[str, Any] = {"slot": self.name, "from": src.value, "to": dst.value, "seq": rec.seq,
-                                 "time": rec.since, "reason": reason}
-        self.history.append(entry)
-        del self.history[:-100]
+        entry: dict[str, Any]
+        if dst is None:
+            entry = {"slot": self.name, "event": "changed", "changed": sorted(changes), "seq": rec.seq,
+                     "time": time.time(), "reason": reason}
+        else:
+            entry = {"slot": self.name, "from": src.value, "to": dst.value, "seq": rec.seq, "time": rec.since,
+                     "reason": reason}
+            self.history.append(entry)
+            del self.history[:-100]
         event = dict(entry)
         event["record"] = self.snapshot()
         self._ctx.bus.publish("slot", event)
 
-    def _fail(self, code: str, message: str, *, exit_code: int | None = None,
-              probe: ProbeResult | None = None, extra: dict[str, Any] | None = None) -> None:
+    async def _fail(self, code: str, message: str, *, exit_code: int | None = None,
+                    probe: ProbeResult | None = None, extra: dict[str, Any] | None = None) -> None:
         last = probe or self.last_probe
         detail: dict[str, Any] = {
             "exit_code": exit_code,
-            "log_tail": self._ctx.supervisor.log_tail(self.name, LOG_TAIL_LINES),
+            "log_tail": await self._ctx.supervisor.log_tail(self.name, LOG_TAIL_LINES),
             "probe": last.to_dict() if last else None,
         }
         if extra:
@@ -335,7 +357,7 @@ class Slot:
                                  "and resumes on the next load")
                 raise
             except Hal0Error as exc:
-                self._fail(exc.code, f"pull of {cfg.model} failed: {exc.message}", extra=exc.detail)
+                await self._fail(exc.code, f"pull of {cfg.model} failed: {exc.message}", extra=exc.detail)
                 return
         try:
             if cfg.model:
@@ -343,29 +365,40 @@ class Slot:
         except Hal0Error as exc:
             self._transition(S.STARTING, "load requested", model=cfg.model, provider=cfg.provider, pid=None,
                              supervisor=self._ctx.supervisor.kind)
-            self._fail(exc.code, exc.message, extra=exc.detail)
+            await self._fail(exc.code, exc.message, extra=exc.detail)
             return
         try:
             placement = await self._ctx.make_room(self)
         except Hal0Error as exc:
             if self.state is S.PULLING:
-                self._fail(exc.code, exc.message, extra=exc.detail)
+                await self._fail(exc.code, exc.message, extra=exc.detail)
                 return
             raise
         provider = self._ctx.providers.get(cfg.provider)
+        # The port is taken just before the move to starting and recorded with it: no write of its own (a state
+        # write costs ~2 ms on ext4), and the next slot to load sees it taken. A refusal is reported from starting.
+        port: int | None = None
+        refused: Hal0Error | None = None
+        if provider is not None and cfg.type in provider.slot_types:
+            try:
+                port = self._ctx.allocate_port(self)
+            except Hal0Error as exc:
+                refused = exc
         self._transition(S.STARTING, f"load requested (on {placement.device})", model=cfg.model,
                          provider=cfg.provider, pid=None, supervisor=self._ctx.supervisor.kind,
-                         device=placement.device)
+                         device=placement.device, **({} if port is None else {"port": port}))
         if provider is None:
-            self._fail("provider_unavailable",
-                       f"provider {cfg.provider!r} is not available in this hal0 installation")
+            await self._fail("provider_unavailable",
+                             f"provider {cfg.provider!r} is not available in this hal0 installation")
             return
         if cfg.type not in provider.slot_types:
-            self._fail("provider_mismatch", f"provider {provider.name} cannot serve {cfg.type} slots")
+            await self._fail("provider_mismatch", f"provider {provider.name} cannot serve {cfg.type} slots")
+            return
+        if port is None:
+            assert refused is not None
+            await self._fail(refused.code, refused.message, extra=refused.detail)
             return
         try:
-            port = self._ctx.allocate_port(self)
-            self.record.port = port
             command = provider.command(LaunchSpec(
                 slot=self.name, slot_type=cfg.type, model_path=model_path, port=port,
                 host=cfg.host or "127.0.0.1", ctx_size=cfg.ctx_size, extra_args=cfg.args, env=dict(cfg.env),
@@ -375,12 +408,16 @@ class Slot:
                 await self._check_workers()
             handle = await self._ctx.supervisor.start(self.name, command)
         except Hal0Error as exc:
-            self._fail(exc.code, exc.message, extra=exc.detail)
+            await self._fail(exc.code, exc.message, extra=exc.detail)
             return
         started = time.monotonic()
-        self.record.pid = handle.pid
-        self.record.unit = handle.unit
-        self._ctx.store.write(self.record, mode="sync")
+        try:
+            self._update(f"backend started (pid {handle.pid}{f', unit {handle.unit}' if handle.unit else ''})",
+                         pid=handle.pid, unit=handle.unit)
+        except DiskFull:
+            # A backend its record does not know would outlive every unload: stop it.
+            await self._ctx.supervisor.stop(self.name, handle, self._ctx.settings.stop_timeout_s)
+            raise
         await self._warm(handle, started)
 
     async def _warm(self, handle: Handle, started: float) -> None:
@@ -391,9 +428,9 @@ class Slot:
         self.last_probe = None
         log_path = self._ctx.supervisor.log_path(self.name)
         while True:
-            status = self._ctx.supervisor.status(self.name, handle)
+            status = await self._ctx.supervisor.status(self.name, handle)
             if not status.alive:
-                self._died(status, provider)
+                await self._died(status, provider)
                 return
             # Taken before the probe: a line the backend logs while the probe is in flight is news too.
             log_size = _size(log_path)
@@ -403,9 +440,9 @@ class Slot:
             if self.state is S.STARTING and (probe.ok or probe.stage != "connect"):
                 self._transition(S.WARMING, "backend process is up; waiting for its probe")
             if probe.ok:
-                status = self._ctx.supervisor.status(self.name, handle)
+                status = await self._ctx.supervisor.status(self.name, handle)
                 if not status.alive:
-                    self._died(status, provider)
+                    await self._died(status, provider)
                     return
                 self._last_activity = time.monotonic()
                 self._read_memory()
@@ -415,10 +452,10 @@ class Slot:
                 return
             if time.monotonic() - started > budget:
                 await self._ctx.supervisor.stop(self.name, handle, self._ctx.settings.stop_timeout_s)
-                self._fail("warmup_timeout",
-                           f"backend did not pass its readiness probe within {budget:g}s "
-                           f"(last probe: {probe.stage} {probe.status or ''} {probe.message})".strip(),
-                           probe=probe)
+                await self._fail("warmup_timeout",
+                                 f"backend did not pass its readiness probe within {budget:g}s "
+                                 f"(last probe: {probe.stage} {probe.status or ''} {probe.message})".strip(),
+                                 probe=probe)
                 return
             await self._wait_for_news(log_path, log_size, interval)
             interval = min(interval * PROBE_BACKOFF, PROBE_MAX_S)
@@ -436,16 +473,16 @@ class Slot:
             if _size(log_path) != size:
                 return
 
-    def _died(self, status: ProcessStatus, provider: Provider) -> None:
+    async def _died(self, status: ProcessStatus, provider: Provider) -> None:
         if status.stopped_cleanly and self.state in LOADED:
             # Stopped by its supervisor on purpose (`systemctl stop`, a shutdown): cold, not failed.
             self._transition(S.UNLOADING, f"backend stopped by its supervisor ({status.detail})")
             self._transition(S.OFFLINE, f"backend stopped by its supervisor ({status.detail})", pid=None,
                              loaded_at=None)
             return
-        tail = self._ctx.supervisor.log_tail(self.name, LOG_TAIL_LINES)
+        tail = await self._ctx.supervisor.log_tail(self.name, LOG_TAIL_LINES)
         why = provider.explain_failure(status.exit_code, tail)
-        self._fail("backend_exited", f"backend {status.detail or 'exited'}: {why}", exit_code=status.exit_code)
+        await self._fail("backend_exited", f"backend {status.detail or 'exited'}: {why}", exit_code=status.exit_code)
 
     # -- unloading -------------------------------------------------------------------------------------
     async def unload(self, reason: str = "unload requested") -> None:
@@ -487,13 +524,13 @@ class Slot:
             return
         handle = Handle(rec.pid, rec.unit)
         if handle.pid is None and handle.unit is None:
-            recorded = self._ctx.supervisor.recorded_handle(self.name)
+            recorded = await self._ctx.supervisor.recorded_handle(self.name)
             if recorded is not None:
                 handle = recorded
-                rec.pid, rec.unit = recorded.pid, recorded.unit
-        status = self._ctx.supervisor.adopt(self.name, handle)
-        if status.alive and status.pid and rec.pid is None:
-            rec.pid = status.pid
+        status = await self._ctx.supervisor.adopt(self.name, handle)
+        if status.alive and status.pid and handle.pid is None:
+            handle = Handle(status.pid, handle.unit)
+        self._update("backend found again after an API restart", pid=handle.pid, unit=handle.unit)
         if rec.state is S.UNLOADING:
             if status.alive:
                 await self._ctx.supervisor.stop(self.name, handle, self._ctx.settings.stop_timeout_s)
@@ -506,8 +543,8 @@ class Slot:
                              loaded_at=None)
             return
         if not status.alive:
-            self._fail("backend_gone", f"backend of slot {self.name} ended while the API was down "
-                       f"({status.detail})")
+            await self._fail("backend_gone", f"backend of slot {self.name} ended while the API was down "
+                             f"({status.detail})")
             return
         if rec.state in LOADING:
             self.start_load()
@@ -517,8 +554,8 @@ class Slot:
         self.last_probe = probe
         if probe is None or not probe.ok:
             await self._ctx.supervisor.stop(self.name, handle, self._ctx.settings.stop_timeout_s)
-            self._fail("adoption_probe_failed",
-                       f"backend pid {rec.pid} is alive but does not answer its probe", probe=probe)
+            await self._fail("adoption_probe_failed",
+                             f"backend pid {rec.pid} is alive but does not answer its probe", probe=probe)
             return
         if rec.state is S.SERVING:
             self._transition(S.READY, "adopted after an API restart (requests in flight were lost)")
@@ -574,12 +611,9 @@ class Slot:
                 self._transition(S.READY, "requests done")
 
     def backend_failed(self) -> None:
-        """Called by the dispatcher when the backend refused a connection: check it at once."""
-        if self.state in LOADED and self.record.pid:
-            status = self._ctx.supervisor.status(self.name, Handle(self.record.pid, self.record.unit))
-            if not status.alive:
-                provider = self._ctx.providers[self.config.provider]
-                self._died(status, provider)
+        """Called by the dispatcher when the backend refused a connection: the watch checks it at once."""
+        if self.state in LOADED:
+            self._wake.set()
 
     # -- watching ----------------------------------------------------------------------------------------
     def _ensure_watch(self) -> None:
@@ -590,30 +624,40 @@ class Slot:
         """While loaded: notice a dead or hung backend, move to idle after the idle timeout, unload after the TTL.
 
         A death is seen the moment it happens where the kernel can tell (a pidfd turns readable when its
-        process exits), else by the status check every WATCH_INTERVAL_S. A backend that is alive but stops
-        answering (frozen, deadlocked) fails LIVENESS_FAILURES liveness probes in a row and is stopped and
-        marked `backend_unresponsive`, so the next request reloads it instead of waiting out its timeout."""
+        process exits) or the dispatcher reports a refused connection, else by the status check every
+        WATCH_INTERVAL_S. A backend that is alive but stops answering (frozen, deadlocked) fails
+        LIVENESS_FAILURES liveness probes in a row and is stopped and marked `backend_unresponsive`, so the next
+        request reloads it instead of waiting out its timeout. The status check awaits the supervisor (a
+        `systemctl show`), so the watch holds the slot's lock while it acts on one: an unload that comes in
+        meanwhile waits, instead of finding the slot moved under it."""
         settings = self._ctx.settings
         idle_timeout = self.config.idle_timeout_s or settings.idle_timeout_s
-        exited = asyncio.Event()
-        pidfd = _watch_exit(self.record.pid, exited)
+        self._wake.clear()
+        pidfd = _watch_exit(self.record.pid, self._wake)
         next_liveness = time.monotonic() + LIVENESS_INTERVAL_S
         misses = 0
         try:
             while self.state in LOADED:
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(WATCH_INTERVAL_S):
-                        await exited.wait()
-                exited.clear()
+                        await self._wake.wait()
+                self._wake.clear()
                 if self.state not in LOADED or self._op_lock.locked():
                     continue
-                status = self._ctx.supervisor.status(self.name, Handle(self.record.pid, self.record.unit))
-                if not status.alive:
-                    if not await self._lost_worker():
-                        self._died(status, self._ctx.providers[self.config.provider])
-                    return
+                async with self._op_lock:
+                    if self.state not in LOADED:
+                        continue
+                    handle = Handle(self.record.pid, self.record.unit)
+                    status = await self._ctx.supervisor.status(self.name, handle)
+                    if not status.alive:
+                        if not await self._lost_worker(held=True):
+                            await self._died(status, self._ctx.providers[self.config.provider])
+                        return
+                    if status.pid and status.pid != handle.pid:
+                        # systemd restarted the unit (Restart=on-failure): the record follows its process.
+                        self._update(f"backend restarted by its supervisor ({status.detail})", pid=status.pid)
                 if time.monotonic() >= next_liveness:
-                    self._ctx.supervisor.trim_log(self.name)
+                    await self._ctx.supervisor.trim_log(self.name)
                     if self._ctx.memory is not None:
                         # /proc and NVML in a thread: NVML's init alone can take milliseconds.
                         self.memory = await asyncio.to_thread(self._ctx.memory.view, self)
@@ -623,7 +667,8 @@ class Slot:
                     next_liveness = time.monotonic() + LIVENESS_INTERVAL_S
                     misses = 0 if answered else misses + 1
                     if misses >= LIVENESS_FAILURES and self.state in LOADED and not self._op_lock.locked():
-                        await self._unresponsive(misses)
+                        async with self._op_lock:
+                            await self._unresponsive(misses)
                         return
                 quiet = time.monotonic() - self._last_activity
                 if self.state is S.READY and self.in_flight == 0 and quiet >= idle_timeout:
@@ -667,17 +712,19 @@ class Slot:
                 code="rpc_worker_unreachable",
                 detail={"workers": [{"endpoint": c.endpoint, "message": c.message} for c in bad]})
 
-    async def _lost_worker(self) -> bool:
+    async def _lost_worker(self, *, held: bool = False) -> bool:
         """A loaded slot whose rpc worker went away: llama-server would abort on its next request (or already
         did). Stop it and say which worker it was. True when that happened."""
         gone = await asyncio.gather(*(worker_gone(endpoint) for endpoint in self.config.rpc))
         for endpoint, why in zip(self.config.rpc, gone, strict=True):
             if why is None:
                 continue
-            if self.state not in LOADED or self._op_lock.locked():
+            # `held`: the caller (the watch's status check) holds the slot's lock; anyone else holding it is busy
+            # with the slot (an unload, a load), which settles it.
+            if self.state not in LOADED or (self._op_lock.locked() and not held):
                 return False
             await self._stop_process()
-            self._fail("rpc_worker_gone", f"rpc worker {endpoint} of slot {self.name} is gone ({why}); the "
+            await self._fail("rpc_worker_gone", f"rpc worker {endpoint} of slot {self.name} is gone ({why}); the "
                        "backend was stopped, and the next request loads it again once the worker is back",
                        extra={"worker": endpoint})
             return True
@@ -688,10 +735,10 @@ class Slot:
         waited = misses * LIVENESS_TIMEOUT_S
         # A frozen process never acts on SIGTERM (a stopped one does not even see it): a short grace, then KILL.
         await self._ctx.supervisor.stop(self.name, handle, min(self._ctx.settings.stop_timeout_s, 1.0))
-        self._fail("backend_unresponsive",
-                   f"backend pid {self.record.pid} stopped answering: {misses} liveness probes in a row got no "
-                   f"answer within {LIVENESS_TIMEOUT_S:g}s each (~{waited:g}s); it was stopped, and the next "
-                   "request loads the slot again", extra={"liveness_misses": misses})
+        await self._fail("backend_unresponsive",
+                         f"backend pid {self.record.pid} stopped answering: {misses} liveness probes in a row got "
+                         f"no answer within {LIVENESS_TIMEOUT_S:g}s each (~{waited:g}s); it was stopped, and the "
+                         "next request loads the slot again", extra={"liveness_misses": misses})
 
     async def close(self) -> None:
         """Stop hal0's own tasks for this slot. The backend keeps running: the slot owns the model."""

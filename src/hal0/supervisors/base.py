@@ -34,6 +34,9 @@ class ProcessStatus:
 
 
 class Supervisor(Protocol):
+    """Every method that touches a process, a file or another program is a coroutine: the API's event loop
+    never waits on `systemctl`, the journal or a log file. Only `log_path` (a name) is plain."""
+
     kind: str
 
     async def start(self, slot: str, command: Command) -> Handle: ...
@@ -42,22 +45,22 @@ class Supervisor(Protocol):
         """Graceful stop (SIGTERM), forced after `timeout`; returns the final status."""
         ...
 
-    def status(self, slot: str, handle: Handle) -> ProcessStatus: ...
+    async def status(self, slot: str, handle: Handle) -> ProcessStatus: ...
 
-    def adopt(self, slot: str, handle: Handle) -> ProcessStatus:
+    async def adopt(self, slot: str, handle: Handle) -> ProcessStatus:
         """Check a process started by an earlier API process: alive and really the slot's backend."""
         ...
 
-    def recorded_handle(self, slot: str) -> Handle | None:
+    async def recorded_handle(self, slot: str) -> Handle | None:
         """The supervisor's own record of a slot's backend (pidfile, unit), for a state.json written too
         early to hold it: an API that died right after a start still finds its backend."""
         ...
 
     def log_path(self, slot: str) -> Path: ...
 
-    def log_tail(self, slot: str, lines: int = 40) -> list[str]: ...
+    async def log_tail(self, slot: str, lines: int = 40) -> list[str]: ...
 
-    def trim_log(self, slot: str) -> None:
+    async def trim_log(self, slot: str) -> None:
         """Keep the slot's backend log within its size cap (called now and then while the slot is loaded)."""
         ...
 

@@ -55,8 +55,9 @@ class EmbeddedSupervisor:
     def log_path(self, slot: str) -> Path:
         return self._log_dir / "slots" / f"{slot}.log"
 
-    def trim_log(self, slot: str) -> None:
-        rotate_log(self.log_path(slot))
+    async def trim_log(self, slot: str) -> None:
+        # A rotation copies up to LOG_MAX_BYTES: a thread's job, not the event loop's.
+        await asyncio.to_thread(rotate_log, self.log_path(slot))
 
     def _pidfile(self, slot: str) -> Path:
         return self._state_root / slot / "backend.pid"
@@ -67,7 +68,7 @@ class EmbeddedSupervisor:
         # A backend never needs hal0's own API keys: keep them out of its environment.
         env = {**{k: v for k, v in os.environ.items() if k != "HAL0_API_KEYS"}, **command.env,
                MARK_ENV: self._mark(slot)}
-        rotate_log(log_path)
+        await asyncio.to_thread(rotate_log, log_path)
         with log_path.open("ab") as log:
             log.write(f"\n=== hal0: starting slot {slot} at {time.strftime('%Y-%m-%dT%H:%M:%S')}: "
                       f"{' '.join(redact_argv(command.argv))}\n".encode())
@@ -88,7 +89,11 @@ class EmbeddedSupervisor:
         atomic_write_json(self._pidfile(slot), record, durable=False)
         return Handle(pid=proc.pid)
 
-    def status(self, slot: str, handle: Handle) -> ProcessStatus:
+    async def status(self, slot: str, handle: Handle) -> ProcessStatus:
+        return self._status(slot, handle)
+
+    def _status(self, slot: str, handle: Handle) -> ProcessStatus:
+        # A poll() and a few reads under /proc (a kernel-made file, answered from memory): no waiting.
         child = self._children.get(slot)
         if child is not None and child.pid == handle.pid:
             code = child.poll()
@@ -97,9 +102,12 @@ class EmbeddedSupervisor:
             return ProcessStatus(False, child.pid, exit_code=code, detail=_describe_exit(code))
         if handle.pid is None:
             return ProcessStatus(False, None, detail="no process")
-        return self.adopt(slot, handle)
+        return self._adopt(slot, handle)
 
-    def adopt(self, slot: str, handle: Handle) -> ProcessStatus:
+    async def adopt(self, slot: str, handle: Handle) -> ProcessStatus:
+        return self._adopt(slot, handle)
+
+    def _adopt(self, slot: str, handle: Handle) -> ProcessStatus:
         pid = handle.pid
         if pid is None:
             return ProcessStatus(False, None, detail="no pid recorded")
@@ -114,7 +122,11 @@ class EmbeddedSupervisor:
             return ProcessStatus(False, pid, detail=f"pid {pid} now belongs to another process")
         return ProcessStatus(True, pid)
 
-    def recorded_handle(self, slot: str) -> Handle | None:
+    async def recorded_handle(self, slot: str) -> Handle | None:
+        # Without a pidfile it walks every process's environment: a thread's job.
+        return await asyncio.to_thread(self._recorded_handle, slot)
+
+    def _recorded_handle(self, slot: str) -> Handle | None:
         try:
             pid = json.loads(self._pidfile(slot).read_text()).get("pid")
         except (OSError, ValueError, AttributeError):
@@ -144,7 +156,7 @@ class EmbeddedSupervisor:
         return None
 
     async def stop(self, slot: str, handle: Handle, timeout: float) -> ProcessStatus:
-        status = self.status(slot, handle)
+        status = self._status(slot, handle)
         if not status.alive or handle.pid is None:
             self._forget(slot)
             return status
@@ -156,7 +168,7 @@ class EmbeddedSupervisor:
         deadline = time.monotonic() + timeout
         delay = 0.01
         while time.monotonic() < deadline:
-            status = self.status(slot, handle)
+            status = self._status(slot, handle)
             if not status.alive:
                 break
             await asyncio.sleep(delay)
@@ -166,9 +178,9 @@ class EmbeddedSupervisor:
                 os.killpg(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
-            while self.status(slot, handle).alive:
+            while self._status(slot, handle).alive:
                 await asyncio.sleep(0.01)
-            status = self.status(slot, handle)
+            status = self._status(slot, handle)
             self._forget(slot)
             return ProcessStatus(False, pid, status.exit_code, f"killed (SIGKILL) after {timeout:g}s")
         self._forget(slot)
@@ -184,8 +196,8 @@ class EmbeddedSupervisor:
         except FileNotFoundError:
             pass
 
-    def log_tail(self, slot: str, lines: int = 40) -> list[str]:
-        return tail_file(self.log_path(slot), lines)
+    async def log_tail(self, slot: str, lines: int = 40) -> list[str]:
+        return await asyncio.to_thread(tail_file, self.log_path(slot), lines)
 
 
 def _describe_exit(code: int) -> str:

@@ -7,16 +7,17 @@ the journal holds its output. An active unit is alive, never ready: the slot's p
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import shutil
 import signal
-import subprocess
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from hal0.errors import BackendError
+from hal0.fsio import atomic_write_text
 from hal0.providers.base import Command
 from hal0.supervisors.base import Handle, ProcessStatus
 
@@ -170,7 +171,20 @@ def _signal_name(num: int) -> str:
         return f"signal {num}"
 
 
+@dataclass(frozen=True, slots=True)
+class _Ran:
+    """What one systemctl/journalctl call returned."""
+
+    returncode: int
+    stdout: str
+    stderr: str
+
+
 class SystemdSupervisor:
+    """Drives units through `systemctl` and reads the journal through `journalctl`, each call a child process
+    awaited on the event loop (never `subprocess.run`: a busy PID 1 would stall every request), bounded by
+    `timeout_s` and killed past it."""
+
     kind = "systemd"
 
     def __init__(
@@ -180,6 +194,7 @@ class SystemdSupervisor:
         stop_timeout_s: float = 10.0,
         systemctl: Sequence[str] = ("systemctl",),
         journalctl: Sequence[str] = ("journalctl",),
+        timeout_s: float = SYSTEMCTL_TIMEOUT_S,
     ) -> None:
         """`systemctl`/`journalctl` are command prefixes, so a caller can aim them at another systemd
         (e.g. `nsenter -t PID -a systemctl` for a container); `unit_dir` is where that systemd reads units."""
@@ -187,6 +202,7 @@ class SystemdSupervisor:
         self._stop_timeout_s = stop_timeout_s
         self._systemctl = tuple(systemctl)
         self._journalctl = tuple(journalctl)
+        self._timeout_s = timeout_s
 
     def log_path(self, slot: str) -> Path:
         """Backends log to the journal (`journalctl -u hal0-slot@SLOT`); the nearest file is the drop-in that
@@ -197,22 +213,19 @@ class SystemdSupervisor:
     async def start(self, slot: str, command: Command) -> Handle:
         unit = unit_name(slot)
         argv = _absolute_argv(slot, command.argv)
-        self._write_dropin(slot, Command(argv, dict(command.env)))
-        await self._systemctl_async("daemon-reload", what="reload systemd's units")
+        await asyncio.to_thread(self._write_dropin, slot, Command(argv, dict(command.env)))
+        await self._systemctl_checked("daemon-reload", what="reload systemd's units")
         # A unit left failed (or at its start limit) by an earlier load must not block this one.
-        await self._systemctl_async("reset-failed", unit, check=False)
-        await self._systemctl_async("restart", unit, what=f"start {unit}", unit=unit)
-        state = await self._show_async(unit)
+        await self._systemctl_run("reset-failed", unit, what=f"reset {unit}")
+        await self._systemctl_checked("restart", unit, what=f"start {unit}", unit=unit)
+        state = await self._show(unit)
         return Handle(pid=state.main_pid or None, unit=unit)
 
     def _write_dropin(self, slot: str, command: Command) -> None:
         path = dropin_path(self._unit_dir, slot)
         text = render_dropin(slot, command, stop_timeout_s=self._stop_timeout_s)
-        tmp = path.with_name(f".{path.name}.tmp")
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp.write_text(text)
-            os.replace(tmp, path)
+            atomic_write_text(path, text, mode=0o644)
         except OSError as exc:
             raise BackendError(
                 f"cannot write the systemd drop-in of slot {slot}: {exc.strerror or exc}",
@@ -222,16 +235,16 @@ class SystemdSupervisor:
             ) from exc
 
     # -- watching ------------------------------------------------------------------------------------------
-    def status(self, slot: str, handle: Handle) -> ProcessStatus:
+    async def status(self, slot: str, handle: Handle) -> ProcessStatus:
         unit = handle.unit or unit_name(slot)
         try:
-            state = UnitState.parse(self._run(self._show_argv(unit)).stdout)
+            state = await self._show(unit)
         except BackendError as exc:
             # Unknown is reported as not alive, with the reason, rather than raised into a watch loop.
             return ProcessStatus(False, handle.pid, detail=exc.message)
         return _process_status(state, handle)
 
-    def adopt(self, slot: str, handle: Handle) -> ProcessStatus:
+    async def adopt(self, slot: str, handle: Handle) -> ProcessStatus:
         if handle.unit is None:
             return ProcessStatus(False, handle.pid,
                                  detail="recorded without a systemd unit (started by the embedded supervisor)")
@@ -239,9 +252,9 @@ class SystemdSupervisor:
             return ProcessStatus(False, handle.pid, detail=f"recorded unit {handle.unit} is not this slot's")
         if not dropin_path(self._unit_dir, slot).is_file():
             return ProcessStatus(False, handle.pid, detail=f"{handle.unit} has no hal0 drop-in")
-        return self.status(slot, handle)
+        return await self.status(slot, handle)
 
-    def recorded_handle(self, slot: str) -> Handle | None:
+    async def recorded_handle(self, slot: str) -> Handle | None:
         if not dropin_path(self._unit_dir, slot).is_file():
             return None
         return Handle(pid=None, unit=unit_name(slot))
@@ -249,24 +262,24 @@ class SystemdSupervisor:
     # -- stopping ------------------------------------------------------------------------------------------
     async def stop(self, slot: str, handle: Handle, timeout: float) -> ProcessStatus:
         unit = handle.unit or unit_name(slot)
-        state = await self._show_async(unit)
+        state = await self._show(unit)
         if state.load_state == "not-found":
             return _process_status(state, handle)
         # --no-block: the caller's timeout, not the unit's TimeoutStopSec, decides when SIGKILL follows.
-        await self._systemctl_async("stop", "--no-block", unit, what=f"stop {unit}", unit=unit)
+        await self._systemctl_checked("stop", "--no-block", unit, what=f"stop {unit}", unit=unit)
         deadline = time.monotonic() + timeout
         killed = False
         delay = 0.01
         while True:
-            state = await self._show_async(unit)
+            state = await self._show(unit)
             if state.active_state in ("inactive", "failed") or (
                     state.main_pid == 0 and state.sub_state == "auto-restart"):
                 break
             if not killed and time.monotonic() >= deadline:
-                await self._systemctl_async("kill", "--signal=SIGKILL", unit, check=False)
+                await self._systemctl_run("kill", "--signal=SIGKILL", unit, what=f"kill {unit}")
                 killed = True
                 # After SIGKILL only the kernel's reaping is left; bound it anyway.
-                deadline = time.monotonic() + SYSTEMCTL_TIMEOUT_S
+                deadline = time.monotonic() + self._timeout_s
             elif killed and time.monotonic() >= deadline:
                 raise BackendError(f"{unit} did not stop even after SIGKILL", code="stop_failed",
                                    detail={"unit": unit, "state": state.active_state})
@@ -279,13 +292,13 @@ class SystemdSupervisor:
         return status
 
     # -- logs ----------------------------------------------------------------------------------------------
-    def trim_log(self, slot: str) -> None:
+    async def trim_log(self, slot: str) -> None:
         """Nothing to do: backends log to the journal, which journald keeps within its own limits."""
 
-    def log_tail(self, slot: str, lines: int = 40) -> list[str]:
+    async def log_tail(self, slot: str, lines: int = 40) -> list[str]:
         argv = [*self._journalctl, "-u", unit_name(slot), "-n", str(lines), "--no-pager", "-o", "cat"]
         try:
-            out = self._run(argv)
+            out = await self._exec(argv, what=f"read the journal of {unit_name(slot)}")
         except BackendError as exc:
             return [f"hal0: cannot read the journal of {unit_name(slot)}: {exc.message}"]
         if out.returncode != 0:
@@ -293,48 +306,50 @@ class SystemdSupervisor:
         return out.stdout.splitlines()[-lines:]
 
     # -- systemctl -----------------------------------------------------------------------------------------
-    def _show_argv(self, unit: str) -> list[str]:
-        return [*self._systemctl, "show", unit, "--property=" + ",".join(_SHOW_PROPERTIES)]
+    async def _show(self, unit: str) -> UnitState:
+        out = await self._systemctl_checked("show", unit, "--property=" + ",".join(_SHOW_PROPERTIES),
+                                            what=f"query {unit}")
+        return UnitState.parse(out)
 
-    @staticmethod
-    def _run(argv: Sequence[str]) -> subprocess.CompletedProcess[str]:
-        try:
-            return subprocess.run(list(argv), capture_output=True, text=True, timeout=SYSTEMCTL_TIMEOUT_S,
-                                  check=False, stdin=subprocess.DEVNULL)
-        except (OSError, subprocess.TimeoutExpired) as exc:
-            raise BackendError(f"{argv[0]} failed: {exc}", code="systemctl_failed",
-                               detail={"argv": list(argv)}) from exc
+    async def _systemctl_run(self, *args: str, what: str) -> _Ran:
+        return await self._exec([*self._systemctl, *args], what=what)
 
-    async def _show_async(self, unit: str) -> UnitState:
-        return UnitState.parse(await self._systemctl_async(*self._show_argv(unit)[len(self._systemctl):],
-                                                           what=f"query {unit}"))
+    async def _systemctl_checked(self, *args: str, what: str, unit: str | None = None) -> str:
+        """Run `systemctl ARGS`; a non-zero exit raises, with the unit's journal tail when `unit` is given."""
+        ran = await self._systemctl_run(*args, what=what)
+        if ran.returncode != 0:
+            detail: dict[str, object] = {"argv": [*self._systemctl, *args], "returncode": ran.returncode,
+                                         "stderr": ran.stderr.strip()}
+            if unit is not None:
+                detail["log_tail"] = await self.log_tail(unit.split("@", 1)[1].removesuffix(".service"), 30)
+            raise BackendError(f"systemctl could not {what}: {ran.stderr.strip()}", code="systemctl_failed",
+                               detail=detail)
+        return ran.stdout
 
-    async def _systemctl_async(self, *args: str, what: str = "", unit: str | None = None,
-                               check: bool = True) -> str:
-        argv = [*self._systemctl, *args]
+    async def _exec(self, argv: Sequence[str], *, what: str) -> _Ran:
+        """One child process, awaited: its output, or BackendError if it cannot run or outlives `timeout_s`
+        (then it is killed and reaped, so no call leaves a process behind)."""
         try:
             proc = await asyncio.create_subprocess_exec(
-                *argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE)
         except OSError as exc:
-            raise BackendError(f"cannot run systemctl to {what or args[0]}: {exc.strerror or exc}",
-                               code="systemctl_failed", detail={"argv": argv}) from exc
+            raise BackendError(f"cannot run {argv[0]} to {what}: {exc.strerror or exc}",
+                               code="systemctl_failed", detail={"argv": list(argv)}) from exc
         try:
-            async with asyncio.timeout(SYSTEMCTL_TIMEOUT_S):
+            async with asyncio.timeout(self._timeout_s):
                 out, err = await proc.communicate()
-        except TimeoutError:
-            proc.kill()
-            await proc.wait()
-            raise BackendError(f"systemctl did not answer within {SYSTEMCTL_TIMEOUT_S:g}s ({what})",
-                               code="systemctl_failed", detail={"argv": argv}) from None
-        if check and proc.returncode != 0:
-            detail: dict[str, object] = {"argv": argv, "returncode": proc.returncode,
-                                         "stderr": err.decode(errors="replace").strip()}
-            if unit is not None:
-                detail["log_tail"] = await asyncio.to_thread(self.log_tail, unit.split("@", 1)[1]
-                                                             .removesuffix(".service"), 30)
-            raise BackendError(f"systemctl could not {what or args[0]}: {detail['stderr']}",
-                               code="systemctl_failed", detail=detail)
-        return out.decode(errors="replace")
+        except BaseException as exc:
+            # A timeout, or the caller cancelled: either way the child must not outlive the call.
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            await asyncio.shield(proc.wait())
+            if isinstance(exc, TimeoutError):
+                raise BackendError(f"{argv[0]} did not answer within {self._timeout_s:g}s ({what}); killed it",
+                                   code="systemctl_failed", detail={"argv": list(argv)}) from None
+            raise
+        assert proc.returncode is not None
+        return _Ran(proc.returncode, out.decode(errors="replace"), err.decode(errors="replace"))
 
 
 def _absolute_argv(slot: str, argv: Sequence[str]) -> tuple[str, ...]:
