@@ -84,6 +84,17 @@ def test_loads_that_fit_stay_and_one_more_unloads_the_least_recently_used(hal0: 
     assert {h["slot"] for h in body["holdings"]} == {"a", "c"}
     assert all(h["measured"] for h in body["holdings"])
     assert hal0.slot("a")["memory"]["estimate"]["total_bytes"] > 0
+    # /metrics has the same figures: each device's budget, what each slot holds there, the eviction by reason.
+    from prometheus_client.parser import text_string_to_metric_families
+
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for f in text_string_to_metric_families(hal0.client.get("/metrics").text) for s in f.samples}
+    host_budget = body["budgets"]["host"]["budget_bytes"]
+    assert samples[("hal0_device_memory_budget_bytes", (("device", "host"),))] == host_budget
+    for slot in ("a", "c"):
+        assert samples[("hal0_slot_device_memory_bytes", (("device", "host"), ("slot", slot)))] > 0
+    assert ("hal0_slot_device_memory_bytes", (("device", "host"), ("slot", "b"))) not in samples
+    assert samples[("hal0_evictions_total", (("reason", "memory"), ("slot", "b")))] == 1
     # The same figures travel on the event stream with every move of the slot (measured once a second).
     with event_stream(hal0, "slot") as events:
         deadline = time.monotonic() + 15

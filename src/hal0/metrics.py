@@ -53,6 +53,17 @@ class Hold:
 
 
 @dataclass(frozen=True, slots=True)
+class DeviceSample:
+    """One memory pool admission budgets (`host`, `gpu:N`): its figures and what each slot holds there."""
+
+    device: str
+    total_bytes: int
+    budget_bytes: int
+    free_bytes: int
+    held_bytes: Mapping[str, int]
+
+
+@dataclass(frozen=True, slots=True)
 class _Route:
     """The metric children one slot, endpoint and status update on every request."""
 
@@ -68,7 +79,8 @@ class Metrics:
     them in, so this module reads no slot internals); `states` are the names `hal0_slot_state` reports."""
 
     def __init__(self, states: Sequence[str] = (), slots: Callable[[], Iterable[SlotSample]] | None = None,
-                 write_failures: Callable[[], Mapping[str, int]] | None = None) -> None:
+                 write_failures: Callable[[], Mapping[str, int]] | None = None,
+                 devices: Callable[[], Iterable[DeviceSample]] | None = None) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.requests = Counter("hal0_requests", "Requests routed through /v1, by slot, endpoint and HTTP status "
@@ -95,6 +107,7 @@ class Metrics:
         self._states = tuple(states)
         self._slots = slots or (lambda: ())
         self._write_failures = write_failures or (lambda: {})
+        self._devices = devices or (lambda: ())
         self._load_began: dict[str, float | None] = {}
         self._pulled: dict[tuple[str, str], int] = {}
         # labels() takes a lock and builds a key on every call; the children, once made, are kept.
@@ -213,6 +226,21 @@ class Metrics:
         for channel, count in sorted(counts.items()):
             failures.add_metric([channel], count)
         yield from (state, in_flight, held, memory, failures)
+        total = GaugeMetricFamily("hal0_device_memory_total_bytes", "Memory of each pool admission budgets (host, "
+                                  "gpu:N)", labels=["device"])
+        budget = GaugeMetricFamily("hal0_device_memory_budget_bytes", "What hal0's slots may hold on the device: "
+                                   "its total less the reserve, or the budget set", labels=["device"])
+        free = GaugeMetricFamily("hal0_device_memory_free_bytes", "Free on the device now (MemAvailable; a GPU's "
+                                 "total less used)", labels=["device"])
+        slot_device = GaugeMetricFamily("hal0_slot_device_memory_bytes", "What each slot holds on each device, as "
+                                        "admission counts it (measured, else estimated)", labels=["slot", "device"])
+        for d in self._devices():
+            total.add_metric([d.device], d.total_bytes)
+            budget.add_metric([d.device], d.budget_bytes)
+            free.add_metric([d.device], d.free_bytes)
+            for name, n in sorted(d.held_bytes.items()):
+                slot_device.add_metric([name, d.device], n)
+        yield from (total, budget, free, slot_device)
 
 
 class _LiveCollector(Collector):

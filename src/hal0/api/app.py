@@ -183,7 +183,7 @@ def create_app(settings: Settings, options: AppOptions | None = None) -> Hal0App
         app.state.decisions = decisions
         stats = StatsRing()
         meters = Metrics([s.value for s in SlotState], lambda: metrics.slot_samples(manager, stats),
-                         lambda: dict(failures.counts))
+                         lambda: dict(failures.counts), lambda: metrics.device_samples(manager))
         bus.tap(meters.observe)
         bus.tap(stats.observe)
         app.state.stats = stats

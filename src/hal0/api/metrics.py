@@ -13,7 +13,8 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 
 from hal0.api.hardware import memory_totals
 from hal0.errors import SlotNotFound
-from hal0.metrics import Metrics
+from hal0.hardware.inventory import inventory
+from hal0.metrics import DeviceSample, Metrics
 from hal0.slots.manager import SlotManager
 from hal0.slots.slot import Slot
 from hal0.slots.state import LOADED
@@ -25,6 +26,14 @@ log = logging.getLogger("hal0.metrics")
 #: The text format every Prometheus reads (prometheus_client's newest, 1.0.0, is the same text for hal0's
 #: names, but a 2.x server does not know it by that name).
 EXPOSITION_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+
+def device_samples(manager: SlotManager) -> list[DeviceSample]:
+    """Each budgeted memory pool and what every slot holds there (for the scrape, in its thread)."""
+    holdings = manager.holdings()
+    return [DeviceSample(d, b.total_bytes, b.budget_bytes, b.free_bytes,
+                         {h.slot: h.bytes[d] for h in holdings if h.bytes.get(d)})
+            for d, b in manager.budgets(inventory()).items()]
 
 
 def slot_samples(manager: SlotManager, stats: StatsRing) -> list[SlotSample]:
@@ -89,7 +98,8 @@ async def sample_every_second(manager: SlotManager, stats: StatsRing) -> None:
             response_description="Prometheus' text format, version 0.0.4")
 async def metrics(request: Request) -> Response:
     registry: Metrics = request.app.state.metrics
-    return Response(registry.exposition(), media_type=EXPOSITION_TYPE)
+    # In a thread: the device figures read what each loaded backend holds (/proc, NVML), a few ms a scrape.
+    return Response(await asyncio.to_thread(registry.exposition), media_type=EXPOSITION_TYPE)
 
 
 @router.get("/api/stats", summary="Per-second aggregates per slot over the last 15 minutes")
