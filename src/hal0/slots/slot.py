@@ -45,6 +45,8 @@ LIVENESS_INTERVAL_S = 1.0
 LIVENESS_TIMEOUT_S = 1.5
 LIVENESS_FAILURES = 3
 _LIVENESS_TIMEOUT = aiohttp.ClientTimeout(total=LIVENESS_TIMEOUT_S)
+#: How often a loaded slot's memory figures (its snapshot's `memory`) are read again.
+MEMORY_REFRESH_S = 5.0
 #: While warming, how often the backend's log is checked for new output (a stat call, nothing more).
 LOG_POLL_S = 0.001
 LOG_TAIL_LINES = 30
@@ -148,8 +150,8 @@ class Slot:
         #: found it refusing connections).
         self._wake = asyncio.Event()
         self._gate: tuple[int, asyncio.Semaphore] | None = None
-        #: The `memory` figures of the snapshot: read at the end of a load and once a second while loaded (off the
-        #: request path, where reading /proc on every serving/ready move would cost), so SSE carries them too.
+        #: The `memory` figures of the snapshot: read at the end of a load and every MEMORY_REFRESH_S while loaded
+        #: (off the request path, where reading /proc on every serving/ready move would cost), so SSE carries them.
         self.memory: dict[str, Any] | None = None
 
     # -- views ---------------------------------------------------------------------------------------
@@ -635,6 +637,7 @@ class Slot:
         self._wake.clear()
         pidfd = _watch_exit(self.record.pid, self._wake)
         next_liveness = time.monotonic() + LIVENESS_INTERVAL_S
+        next_memory = 0.0
         misses = 0
         try:
             while self.state in LOADED:
@@ -658,9 +661,10 @@ class Slot:
                         self._update(f"backend restarted by its supervisor ({status.detail})", pid=status.pid)
                 if time.monotonic() >= next_liveness:
                     await self._ctx.supervisor.trim_log(self.name)
-                    if self._ctx.memory is not None:
-                        # /proc and NVML in a thread: NVML's init alone can take milliseconds.
+                    if self._ctx.memory is not None and time.monotonic() >= next_memory:
+                        # /proc and NVML in a thread (smaps_rollup alone is ~2-3 ms), every MEMORY_REFRESH_S.
                         self.memory = await asyncio.to_thread(self._ctx.memory.view, self)
+                        next_memory = time.monotonic() + MEMORY_REFRESH_S
                     if await self._lost_worker():
                         return
                     answered = await self._alive()
