@@ -43,6 +43,7 @@ if [ "$mode" = test ]; then
   command -v systemd-nspawn >/dev/null || need+=(systemd-container)
   command -v debootstrap >/dev/null || [ -x /usr/sbin/debootstrap ] || need+=(debootstrap)
   command -v prometheus >/dev/null || [ -x /usr/bin/prometheus ] || need+=(prometheus)
+  command -v ip >/dev/null || [ -x /usr/sbin/ip ] || need+=(iproute2)
   if [ ${#need[@]} -gt 0 ]; then
     sudo=""
     [ "$(id -u)" = 0 ] || sudo="sudo -n"
