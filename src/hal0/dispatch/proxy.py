@@ -13,7 +13,7 @@ import json
 import re
 import time
 import uuid
-from collections.abc import Awaitable, Callable, MutableMapping
+from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from typing import Any, Protocol
 from urllib.parse import parse_qs
 
@@ -245,11 +245,7 @@ class Dispatcher:
         target = path + (f"?{query.decode('latin-1')}" if query else "")
         headers = _forward_headers(scope, rid)
         refused: list[dict[str, str]] = []
-        handler = asyncio.current_task()
-        assert handler is not None
-        gone = asyncio.Event()
-        watcher = asyncio.ensure_future(_cancel_on_disconnect(receive, handler, gone))
-        try:
+        async with _client_can_cancel(receive, decision):
             for pick in picks:
                 view = self.peers.views[pick.slot.node]
                 backend = PeerBackend(self.session, view.config, pick.slot, self._timeout)
@@ -270,16 +266,6 @@ class Dispatcher:
             raise PeerUnreachable(
                 f"model {model[:200]!r} is served by peer(s) {', '.join(sorted({p.slot.node for p in picks}))}, "
                 "and none of them took the connection", detail={"refused": refused})
-        except asyncio.CancelledError:
-            if not gone.is_set():
-                raise
-            handler.uncancel()
-            decision.outcome = "client_disconnected"
-        finally:
-            if not watcher.done():
-                watcher.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await watcher
 
     # -- upstream ---------------------------------------------------------------------------------------
     async def _fetch(self, slot: Slot, method: str, target: str, body: bytes,
@@ -302,14 +288,10 @@ class Dispatcher:
         see `Lease`), send the request and relay the answer. From the moment the body is read, a client
         that goes away cancels everything: the wait for a cold load, the wait for a backend that has not
         answered yet (a non-streamed generation sends nothing until it is done), and the relay."""
-        handler = asyncio.current_task()
-        assert handler is not None
-        gone = asyncio.Event()
-        watcher = asyncio.ensure_future(_cancel_on_disconnect(receive, handler, gone))
         held = self.metrics.hold(slot.name) if slot.state not in LOADED else None
         try:
-            async with slot.lease(self._timeout, grace_s=self.settings.cold_boot_grace_s,
-                                  early=True) as backend:
+            async with (_client_can_cancel(receive, decision),
+                        slot.lease(self._timeout, grace_s=self.settings.cold_boot_grace_s, early=True) as backend):
                 resp = await backend.open(scope["method"], target, body, headers)
                 if held is not None:
                     held.release()
@@ -318,18 +300,9 @@ class Dispatcher:
                 if backend.sent_early:
                     decision.reason += ",sent-early"
                 await self._relay(backend, resp, send, decision, rid)
-        except asyncio.CancelledError:
-            if not gone.is_set():
-                raise
-            handler.uncancel()
-            decision.outcome = "client_disconnected"
         finally:
             if held is not None:
                 held.release()
-            if not watcher.done():
-                watcher.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await watcher
 
     async def _relay(self, backend: Upstream, resp: aiohttp.ClientResponse, send: Send, decision: Decision,
                      rid: bytes) -> None:
@@ -516,6 +489,28 @@ async def _gather_upstream(resp: aiohttp.ClientResponse, window: float) -> None:
     finally:
         if not transport.is_closing():
             transport.resume_reading()
+
+
+@contextlib.asynccontextmanager
+async def _client_can_cancel(receive: Receive, decision: Decision) -> AsyncIterator[None]:
+    """From here on a client that goes away cancels what the block waits for (a cold load, a backend or peer that
+    has not answered yet, the relay): the cancellation ends the block quietly as `client_disconnected`."""
+    handler = asyncio.current_task()
+    assert handler is not None
+    gone = asyncio.Event()
+    watcher = asyncio.ensure_future(_cancel_on_disconnect(receive, handler, gone))
+    try:
+        yield
+    except asyncio.CancelledError:
+        if not gone.is_set():
+            raise
+        handler.uncancel()
+        decision.outcome = "client_disconnected"
+    finally:
+        if not watcher.done():
+            watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watcher
 
 
 async def _cancel_on_disconnect(receive: Receive, handler: asyncio.Task[Any], gone: asyncio.Event) -> None:

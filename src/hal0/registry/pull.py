@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
-import ipaddress
 import os
 import re
 import time
@@ -45,7 +44,7 @@ from hal0.registry.store import (
     validate_filename,
     validate_ref,
 )
-from hal0.settings import Settings
+from hal0.settings import Settings, is_loopback
 
 DEFAULT_HF_ENDPOINT = "https://huggingface.co"
 _CHUNK = 1024 * 1024
@@ -70,15 +69,6 @@ class Source:
     path: Path | None = None
 
 
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 def parse_source(spec: str, hf_endpoint: str = DEFAULT_HF_ENDPOINT) -> Source:
     """Parse `hf:owner/repo[@rev]/path/file`, `https://...`, `file:/path` or an absolute path."""
     if spec.startswith("hf:"):
@@ -95,7 +85,7 @@ def parse_source(spec: str, hf_endpoint: str = DEFAULT_HF_ENDPOINT) -> Source:
         parsed = urlsplit(spec)
         host = parsed.hostname or ""
         trusted_http = urlsplit(hf_endpoint).hostname == host and hf_endpoint.startswith("http://")
-        if parsed.scheme == "http" and not (_is_loopback(host) or trusted_http):
+        if parsed.scheme == "http" and not (is_loopback(host) or trusted_http):
             raise InvalidRequest(f"refusing plain-http source {spec!r}: use https", code="invalid_source")
         name = parsed.path.rstrip("/").rsplit("/", 1)[-1]
         if not host or not name:
