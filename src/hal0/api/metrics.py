@@ -17,7 +17,6 @@ from hal0.hardware.inventory import inventory
 from hal0.metrics import DeviceSample, Metrics
 from hal0.slots.manager import SlotManager
 from hal0.slots.slot import Slot
-from hal0.slots.state import LOADED
 from hal0.stats import WINDOW_S, SlotSample, StatsRing, StatsView
 
 router = APIRouter(tags=["monitoring"])
@@ -45,43 +44,18 @@ def slot_samples(manager: SlotManager, stats: StatsRing) -> list[SlotSample]:
     return out
 
 
-#: A loaded backend's memory is measured this often (and at once when the slot's backend changes): reading
-#: llama-server's /proc/PID/smaps_rollup costs ~2 ms of kernel time, and its memory moves slowly.
-MEASURE_EVERY_S = 5.0
-
-
-class _MemorySampler:
-    """Each slot's (estimate, measured) bytes; measured again after MEASURE_EVERY_S, or at once when its backend
-    was loaded, unloaded or replaced or its model changed (not on every ready/serving flip), the last figures kept
-    in between."""
-
-    def __init__(self, manager: SlotManager) -> None:
-        self._manager = manager
-        self._last: dict[str, tuple[tuple[bool, int | None, str | None], float, tuple[int | None, int | None]]] = {}
-
-    def read(self, slots: list[Slot], now: float) -> list[tuple[int | None, int | None]]:
-        out = []
-        for slot in slots:
-            loaded = slot.state in LOADED
-            key = (loaded, slot.record.pid, slot.config.model)
-            last = self._last.get(slot.name)
-            if (last is None or last[0] != key or now - last[1] >= MEASURE_EVERY_S
-                    or (loaded and last[2][1] is None)):  # loaded but not measured yet (a race with the load)
-                last = (key, now, memory_totals(self._manager, slot))
-                self._last[slot.name] = last
-            out.append(last[2])
-        return out
+def _memory_totals(manager: SlotManager, slots: list[Slot]) -> list[tuple[int | None, int | None]]:
+    return [memory_totals(manager, s) for s in slots]
 
 
 async def sample_every_second(manager: SlotManager, stats: StatsRing) -> None:
-    """Record each slot's state and memory once a second, on the second. Memory is read in a thread: /proc,
-    NVML and (once per model) a GGUF header are file reads."""
-    sampler = _MemorySampler(manager)
+    """Record each slot's state and memory once a second, on the second. Memory is read in a thread: the estimate
+    reads a GGUF header once per model (the measured figures are the slot's own, see `memory_totals`)."""
     failing = False
     while True:
         slots = manager.ordered()
         try:
-            memory = await asyncio.to_thread(sampler.read, slots, time.monotonic())
+            memory = await asyncio.to_thread(_memory_totals, manager, slots)
         except Exception:  # one bad reading must not end the sampling: the states still count
             if not failing:
                 log.exception("reading the slots' memory failed (logged once until it works again)")
