@@ -345,6 +345,29 @@ def test_an_oversized_body_is_refused_with_413(hal0: Hal0) -> None:
     openai_error(hal0.client.post("/v1/embeddings", content=chunks()), 413, "body_too_large")
 
 
+def _mapped(pid: int, fragment: str) -> bool:
+    return fragment in Path(f"/proc/{pid}/maps").read_text()
+
+
+def test_v1_is_served_before_the_management_app_is_imported(hal0: Hal0, model_files: dict[str, Path]) -> None:
+    """A (re)started API answers /v1 (a cold load included) and its liveness check without importing FastAPI;
+    the first /api request builds the management app. pydantic-core's shared object, which only FastAPI
+    brings in, tells from outside the process."""
+    hal0.add_model("tiny", model_files["tiny"])
+    hal0.write_slot_config("primary", 'type = "chat"\nmodel = "tiny"\n')
+    hal0.start()
+    assert hal0.proc is not None
+    answer = client(hal0).chat.completions.create(model="primary", max_tokens=2,
+                                                  messages=[{"role": "user", "content": "hi"}])
+    assert answer.choices[0].message.content is not None
+    assert hal0.client.get("/v1/models").status_code == 200
+    assert hal0.client.get("/api/health").json()["status"] == "ok"
+    assert not _mapped(hal0.proc.pid, "pydantic_core")
+    assert hal0.slot("primary")["state"] in ("ready", "serving")
+    assert _mapped(hal0.proc.pid, "pydantic_core")
+    assert hal0.client.get("/metrics").status_code == 200
+
+
 @pytest.mark.slow
 def test_a_failed_load_gives_every_waiter_the_slot_structured_error(hal0: Hal0,
                                                                    model_files: dict[str, Path]) -> None:

@@ -71,7 +71,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from hal0.api.server import head_timeout_protocol
 
     app = create_app(settings, AppOptions(demo=not args.no_demo))
-    config = uvicorn.Config(app, log_level=args.log_level, loop="uvloop",
+    # No websocket routes: ws="none" keeps uvicorn from importing a websocket library at every start.
+    config = uvicorn.Config(app, log_level=args.log_level, loop="uvloop", ws="none", lifespan="on",
                             http=head_timeout_protocol(settings.header_timeout_s), access_log=False,
                             timeout_graceful_shutdown=5,
                             # Longer than clients keep idle connections (httpx/openai: 5 s), so the server

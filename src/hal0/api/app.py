@@ -1,5 +1,6 @@
-"""The ASGI application: builds the shared objects once (bus, HTTP session, registry, slots) and mounts
-the /v1 edge, the /api management routes and the dashboard.
+"""The ASGI application: builds the shared objects once (bus, HTTP session, registry, slots) and serves the
+/v1 edge from the first request on; the management app (/api, /metrics, the dashboard: FastAPI) is imported and
+built on the first request that needs it, so a restarted API serves /v1 without paying for it.
 """
 
 from __future__ import annotations
@@ -12,16 +13,16 @@ import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 import aiohttp
-from fastapi import FastAPI
 
 from hal0 import __version__
-from hal0.api import dashboard, errors, hardware, manage, metrics, models, peers
 from hal0.dispatch.backend_errors import anthropic_path
 from hal0.dispatch.decisions import DecisionLog
 from hal0.dispatch.proxy import Dispatcher, Receive, Scope, Send
-from hal0.errors import anthropic_error_body
+from hal0.errors import anthropic_error_body, openai_error_body
 from hal0.events import EventBus
 from hal0.fsio import WriteFailures
 from hal0.metrics import Metrics
@@ -40,6 +41,8 @@ from hal0.slots.state import SlotState
 from hal0.stats import StatsRing
 from hal0.supervisors.base import Supervisor
 from hal0.supervisors.choose import choose_supervisor
+
+ASGIApp = Any
 
 log = logging.getLogger("hal0")
 
@@ -91,15 +94,21 @@ class RegistryModels:
 
 
 class Hal0App:
-    """The ASGI entry: /v1 goes straight to the dispatcher (the hot path skips FastAPI's routing);
-    everything else, lifespan included, goes to the FastAPI app.
+    """The ASGI entry. It runs the lifespan itself (the shared objects live from startup to shutdown); /v1 goes
+    straight to the dispatcher (the hot path skips FastAPI's routing); everything else goes to the management
+    app, built on the first request for it.
     """
 
-    def __init__(self, api_keys: tuple[str, ...] = (), max_body_bytes: int | None = None) -> None:
-        self.fastapi: FastAPI | None = None
+    def __init__(self, settings: Settings, options: AppOptions) -> None:
+        self.settings = settings
+        self.options = options
+        #: The shared objects while the app runs (`serving` sets them): what the management routes read from
+        #: `request.app.state`.
+        self.state: SimpleNamespace | None = None
         self.dispatcher: Dispatcher | None = None
-        self._keys = tuple(k.encode() for k in api_keys)
-        self._max_body = max_body_bytes
+        self._management: ASGIApp | None = None
+        self._keys = tuple(k.encode() for k in settings.api_keys)
+        self._max_body = settings.max_body_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
@@ -110,12 +119,39 @@ class Hal0App:
             if path.startswith("/v1/") and self.dispatcher is not None:
                 await self.dispatcher(scope, receive, send)
                 return
+            if path == "/api/health" and scope["method"] in ("GET", "HEAD") and self.state is not None:
+                # Liveness is polled by supervisors, doctor and scripts: answered here, not by the management app.
+                await _send_json(send, 200, health(self.state.manager))  # uvicorn drops the body of a HEAD
+                return
             if self._max_body is not None and _declared_length(scope) > self._max_body:
                 await _too_large(send, self._max_body)
                 return
-        assert self.fastapi is not None
-        await self.fastapi(scope, receive, send)
+        elif scope["type"] == "lifespan":
+            await self._lifespan(receive, send)
+            return
+        await self.management()(scope, receive, send)
 
+    def management(self) -> ASGIApp:
+        """The FastAPI app of /api, /metrics and the dashboard, imported and built once, when first asked for."""
+        if self._management is None:
+            from hal0.api.management import management_app
+
+            assert self.state is not None, "the management app is built once the shared objects exist"
+            self._management = management_app(self.state)
+        return self._management
+
+    async def _lifespan(self, receive: Receive, send: Send) -> None:
+        await receive()  # lifespan.startup
+        async with contextlib.AsyncExitStack() as stack:
+            try:
+                await stack.enter_async_context(serving(self))
+            except Exception as exc:
+                log.exception("hal0 failed to start")
+                await send({"type": "lifespan.startup.failed", "message": str(exc) or repr(exc)})
+                return
+            await send({"type": "lifespan.startup.complete"})
+            await receive()  # lifespan.shutdown
+        await send({"type": "lifespan.shutdown.complete"})
 
     def _authorized(self, scope: Scope) -> bool:
         for key, value in scope["headers"]:
@@ -130,6 +166,20 @@ class Hal0App:
         return False
 
 
+def health(manager: SlotManager) -> dict[str, Any]:
+    """`GET /api/health`: the API is up; its supervisor, its slots and the writes that failed."""
+    failures = {"state": 0, "decisions": 0, **manager.store.failures.to_dict()}
+    return {"status": "ok", "supervisor": manager.supervisor.kind, "slots": len(manager.slots),
+            "write_failures": failures}
+
+
+async def _send_json(send: Send, status: int, data: Any) -> None:
+    body = json.dumps(data).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})
+
+
 def _declared_length(scope: Scope) -> int:
     for key, value in scope["headers"]:
         if key == b"content-length" and value.isdigit():
@@ -139,7 +189,7 @@ def _declared_length(scope: Scope) -> int:
 
 async def _too_large(send: Send, limit: int) -> None:
     # /v1 enforces the limit while streaming the body in; /api bodies are small JSON, refused by their header.
-    body = json.dumps(errors.error_body(413, "body_too_large", f"request body exceeds the limit of {limit} bytes"))
+    body = json.dumps(openai_error_body(413, "body_too_large", f"request body exceeds the limit of {limit} bytes"))
     await send({"type": "http.response.start", "status": 413, "headers": [(b"content-type", b"application/json")]})
     await send({"type": "http.response.body", "body": body.encode()})
 
@@ -151,7 +201,7 @@ def _needs_key(path: str) -> bool:
 
 
 async def _unauthorized(send: Send, path: str) -> None:
-    shape = anthropic_error_body if anthropic_path(path) else errors.error_body
+    shape = anthropic_error_body if anthropic_path(path) else openai_error_body
     body = json.dumps(shape(401, "invalid_api_key",
                             "missing or wrong API key: send `Authorization: Bearer <key>`")).encode()
     await send({"type": "http.response.start", "status": 401,
@@ -159,75 +209,62 @@ async def _unauthorized(send: Send, path: str) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
-def create_app(settings: Settings, options: AppOptions | None = None) -> Hal0App:
-    options = options or AppOptions()
-    edge = Hal0App(settings.api_keys, settings.max_body_bytes)
+@contextlib.asynccontextmanager
+async def serving(edge: Hal0App) -> AsyncIterator[None]:
+    """Build the shared objects, start the slots (adopting running backends) and hand /v1 to the dispatcher;
+    undo it all in reverse on the way out."""
+    settings = edge.settings
+    settings.ensure_dirs()
+    bus = EventBus()
+    connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=None, keepalive_timeout=30)
+    session = aiohttp.ClientSession(connector=connector, auto_decompress=False)
+    registry = Registry(settings, hf_endpoint=settings.hf_endpoint, hf_token=settings.hf_token or None)
+    failures = WriteFailures()
+    decisions = DecisionLog(settings.log_dir / "decisions.jsonl", bus, settings.decision_log_max_bytes,
+                            failures=failures)
+    manager = SlotManager(settings, bus, build_supervisor(settings), build_providers(settings), session,
+                          RegistryModels(registry, bus), failures, evicted=decisions.record_eviction)
+    stats = StatsRing()
+    # Imported here, not at the top: the samplers read /api's memory views only when asked (a scrape, a tick).
+    from hal0.api import samples
 
-    @contextlib.asynccontextmanager
-    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        settings.ensure_dirs()
-        bus = EventBus()
-        connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=None, keepalive_timeout=30)
-        session = aiohttp.ClientSession(connector=connector, auto_decompress=False)
-        registry = Registry(settings, hf_endpoint=settings.hf_endpoint, hf_token=settings.hf_token or None)
-        failures = WriteFailures()
-        decisions = DecisionLog(settings.log_dir / "decisions.jsonl", bus, settings.decision_log_max_bytes,
-                                failures=failures)
-        manager = SlotManager(settings, bus, build_supervisor(settings), build_providers(settings), session,
-                              RegistryModels(registry, bus), failures, evicted=decisions.record_eviction)
-        app.state.settings = settings
-        app.state.events = bus
-        app.state.session = session
-        app.state.registry = registry
-        app.state.manager = manager
-        app.state.decisions = decisions
-        stats = StatsRing()
-        meters = Metrics([s.value for s in SlotState], lambda: metrics.slot_samples(manager, stats),
-                         lambda: dict(failures.counts), lambda: metrics.device_samples(manager))
-        bus.tap(meters.observe)
-        bus.tap(stats.observe)
-        app.state.stats = stats
-        app.state.metrics = meters
-        followed = Peers(settings.peers, bus)
-        app.state.peers = followed
-        dispatcher = Dispatcher(settings, manager, session, decisions, meters, followed)
+    meters = Metrics([s.value for s in SlotState], lambda: samples.slot_samples(manager, stats),
+                     lambda: dict(failures.counts), lambda: samples.device_samples(manager))
+    bus.tap(meters.observe)
+    bus.tap(stats.observe)
+    followed = Peers(settings.peers, bus)
+    edge.state = SimpleNamespace(settings=settings, events=bus, session=session, registry=registry,
+                                 manager=manager, decisions=decisions, stats=stats, metrics=meters,
+                                 peers=followed)
+    dispatcher = Dispatcher(settings, manager, session, decisions, meters, followed)
+    sampler: asyncio.Task[None] | None = None
+    try:
+        await manager.start()
         edge.dispatcher = dispatcher
-        sampler: asyncio.Task[None] | None = None
-        try:
-            await manager.start()
-            sampler = asyncio.create_task(metrics.sample_every_second(manager, stats), name="stats-sampler")
-            # Peers are followed from here to shutdown: their tasks are cancelled and awaited in `finally`.
-            followed.start()
-            if options.demo:
-                from hal0.demo import ensure_demo_model
+        sampler = asyncio.create_task(samples.sample_every_second(manager, stats), name="stats-sampler")
+        # Peers are followed from here to shutdown: their tasks are cancelled and awaited in `finally`.
+        followed.start()
+        if edge.options.demo:
+            from hal0.demo import ensure_demo_model
 
-                await ensure_demo_model(registry.store, manager)
-            log.info("hal0 %s serving on %s (supervisor: %s)", __version__, settings.base_url,
-                     manager.supervisor.kind)
-            yield
-        finally:
-            if sampler is not None:
-                sampler.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await sampler
-            edge.dispatcher = None
-            await followed.aclose()
-            await dispatcher.close()
-            await manager.close()
-            decisions.close()
-            await registry.aclose()
-            bus.close()
-            await session.close()
+            await ensure_demo_model(registry.store, manager)
+        log.info("hal0 %s serving on %s (supervisor: %s)", __version__, settings.base_url,
+                 manager.supervisor.kind)
+        yield
+    finally:
+        if sampler is not None:
+            sampler.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await sampler
+        edge.dispatcher = None
+        await followed.aclose()
+        await dispatcher.close()
+        await manager.close()
+        decisions.close()
+        await registry.aclose()
+        bus.close()
+        await session.close()
 
-    app = FastAPI(title="hal0", version=__version__, lifespan=lifespan,
-                  description="Control plane for local AI inference: management API (/api) and an "
-                              "OpenAI-shaped edge (/v1).")
-    errors.install(app)
-    app.include_router(manage.router)
-    app.include_router(hardware.router)
-    app.include_router(models.router)
-    app.include_router(metrics.router)
-    app.include_router(peers.router)
-    app.include_router(dashboard.router)
-    edge.fastapi = app
-    return edge
+
+def create_app(settings: Settings, options: AppOptions | None = None) -> Hal0App:
+    return Hal0App(settings, options or AppOptions())

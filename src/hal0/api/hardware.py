@@ -15,7 +15,6 @@ from hal0.hardware.estimate import MemoryEstimate
 from hal0.hardware.inventory import inventory
 from hal0.slots.manager import SlotManager
 from hal0.slots.slot import Slot
-from hal0.slots.state import LOADED
 
 router = APIRouter(prefix="/api", tags=["hardware"])
 
@@ -26,23 +25,6 @@ def _manager(request: Request) -> SlotManager:
 
 def slot_estimate(manager: SlotManager, slot: Slot, ref: str | None = None) -> MemoryEstimate | None:
     return manager.memory.estimate(slot, ref)
-
-
-_estimates: dict[tuple[str, str, int | None, tuple[str, ...]], MemoryEstimate | None] = {}
-
-
-def memory_totals(manager: SlotManager, slot: Slot) -> tuple[int | None, int | None]:
-    """The slot's estimated and measured total bytes, for the once-a-second sample: the estimate (a GGUF header
-    read) is kept per model and settings; the measurement is the one the slot's watch last read (every
-    MEMORY_REFRESH_S, the figures its snapshot carries), so the sample reads no /proc of its own."""
-    key = (slot.name, slot.config.model or "", slot.config.ctx_size, tuple(slot.config.args))
-    if key not in _estimates:
-        for old in [k for k in _estimates if k[0] == slot.name]:
-            del _estimates[old]
-        _estimates[key] = slot_estimate(manager, slot)
-    est = _estimates[key]
-    got = (slot.memory or {}).get("measured") if slot.state in LOADED else None
-    return (est.total_bytes if est else None), (got["total_bytes"] if got else None)
 
 
 def memory_view(manager: SlotManager, slot: Slot) -> dict[str, Any]:

@@ -65,14 +65,6 @@ def _view(slot: Slot, manager: SlotManager | None = None) -> dict[str, Any]:
     return view
 
 
-@router.get("/health", summary="The API itself is up")
-async def health(request: Request) -> dict[str, Any]:
-    manager = _manager(request)
-    failures = {"state": 0, "decisions": 0, **manager.store.failures.to_dict()}
-    return {"status": "ok", "supervisor": manager.supervisor.kind, "slots": len(manager.slots),
-            "write_failures": failures}
-
-
 @router.get("/slots", summary="Every slot with its live state")
 async def list_slots(request: Request) -> dict[str, Any]:
     manager = _manager(request)

@@ -1,5 +1,5 @@
-"""`GET /metrics` (Prometheus text format) and `GET /api/stats` (the last 15 minutes per second, per slot), and
-the once-a-second sample of every slot that both read.
+"""`GET /metrics` (Prometheus text format) and `GET /api/stats` (the last 15 minutes per second, per slot); the
+once-a-second sample both read is `hal0.api.samples`.
 """
 
 from __future__ import annotations
@@ -11,13 +11,10 @@ import time
 from fastapi import APIRouter, Query, Request, Response
 from fastapi.responses import JSONResponse, PlainTextResponse
 
-from hal0.api.hardware import memory_totals
 from hal0.errors import SlotNotFound
-from hal0.hardware.inventory import inventory
-from hal0.metrics import DeviceSample, Metrics
+from hal0.metrics import Metrics
 from hal0.slots.manager import SlotManager
-from hal0.slots.slot import Slot
-from hal0.stats import WINDOW_S, SlotSample, StatsRing, StatsView
+from hal0.stats import WINDOW_S, StatsRing, StatsView
 
 router = APIRouter(tags=["monitoring"])
 log = logging.getLogger("hal0.metrics")
@@ -25,47 +22,6 @@ log = logging.getLogger("hal0.metrics")
 #: The text format every Prometheus reads (prometheus_client's newest, 1.0.0, is the same text for hal0's
 #: names, but a 2.x server does not know it by that name).
 EXPOSITION_TYPE = "text/plain; version=0.0.4; charset=utf-8"
-
-
-def device_samples(manager: SlotManager) -> list[DeviceSample]:
-    """Each budgeted memory pool and what every slot holds there (for the scrape, in its thread)."""
-    holdings = manager.holdings()
-    return [DeviceSample(d, b.total_bytes, b.budget_bytes, b.free_bytes,
-                         {h.slot: h.bytes[d] for h in holdings if h.bytes.get(d)})
-            for d, b in manager.budgets(inventory()).items()]
-
-
-def slot_samples(manager: SlotManager, stats: StatsRing) -> list[SlotSample]:
-    """Every slot now, memory from the latest sample (a scrape reads no files)."""
-    out = []
-    for slot in manager.ordered():
-        estimate, measured = stats.memory(slot.name)
-        out.append(SlotSample(slot.name, slot.state.value, slot.in_flight, estimate, measured))
-    return out
-
-
-def _memory_totals(manager: SlotManager, slots: list[Slot]) -> list[tuple[int | None, int | None]]:
-    return [memory_totals(manager, s) for s in slots]
-
-
-async def sample_every_second(manager: SlotManager, stats: StatsRing) -> None:
-    """Record each slot's state and memory once a second, on the second. Memory is read in a thread: the estimate
-    reads a GGUF header once per model (the measured figures are the slot's own, see `memory_totals`)."""
-    failing = False
-    while True:
-        slots = manager.ordered()
-        try:
-            memory = await asyncio.to_thread(_memory_totals, manager, slots)
-        except Exception:  # one bad reading must not end the sampling: the states still count
-            if not failing:
-                log.exception("reading the slots' memory failed (logged once until it works again)")
-            failing = True
-            memory = [(None, None)] * len(slots)
-        else:
-            failing = False
-        stats.sample(time.time(), [SlotSample(s.name, s.state.value, s.in_flight, est, got)
-                                   for s, (est, got) in zip(slots, memory, strict=True)])
-        await asyncio.sleep(1.0 - time.time() % 1.0 + 0.001)
 
 
 @router.get("/metrics", summary="Prometheus metrics (text exposition format)", response_class=PlainTextResponse,

@@ -19,7 +19,6 @@ from urllib.parse import parse_qs
 
 import aiohttp
 from multidict import CIMultiDict
-from starlette.requests import Request
 
 from hal0.dispatch.backend_errors import anthropic_path as _anthropic
 from hal0.dispatch.backend_errors import backend_error_bytes, error_headers
@@ -561,6 +560,9 @@ async def _form_model(scope: Scope, body: bytes) -> str:
             return {"type": "http.disconnect"}
         sent = True
         return {"type": "http.request", "body": body, "more_body": False}
+
+    # Starlette's form parser (python-multipart), imported by the first form request: most edges never see one.
+    from starlette.requests import Request
 
     try:
         form = await Request(scope, replay).form()
