@@ -75,6 +75,10 @@ class Provider(Protocol):
         """A one-line human reason from the backend's own output."""
         ...
 
+    def in_flight_limit(self, args: tuple[str, ...]) -> int:
+        """How many requests hal0 keeps in flight to one backend started with these slot arguments."""
+        ...
+
 
 @runtime_checkable
 class Liveness(Protocol):

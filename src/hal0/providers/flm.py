@@ -19,6 +19,7 @@ import aiohttp
 from hal0.errors import BackendError, BinaryNotFound
 from hal0.providers.base import Command, LaunchSpec, ProbeResult
 from hal0.providers.speech import explain
+from hal0.slots.lease import parallel
 
 _ENDPOINTS = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/models"})
 _PROBE_TIMEOUT = aiohttp.ClientTimeout(total=60, sock_connect=1)
@@ -123,3 +124,6 @@ class FlmProvider:
 
     def explain_failure(self, exit_code: int | None, log_tail: list[str]) -> str:
         return explain("flm", exit_code, log_tail)
+
+    def in_flight_limit(self, args: tuple[str, ...]) -> int:
+        return parallel(args)

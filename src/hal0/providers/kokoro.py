@@ -19,6 +19,7 @@ from hal0.providers.speech import (
     require_runtime,
     server_command,
 )
+from hal0.slots.lease import parallel
 
 _ENDPOINTS = frozenset({"/v1/audio/speech", "/v1/audio/voices", "/v1/models"})
 
@@ -44,6 +45,9 @@ class KokoroProvider:
 
     def explain_failure(self, exit_code: int | None, log_tail: list[str]) -> str:
         return explain("the text-to-speech server", exit_code, log_tail)
+
+    def in_flight_limit(self, args: tuple[str, ...]) -> int:
+        return parallel(args)
 
 
 def _sentinel(session: aiohttp.ClientSession,

@@ -18,6 +18,7 @@ import aiohttp
 from hal0.errors import BinaryNotFound, Hal0Error
 from hal0.hardware.placement import launch_args, launch_env
 from hal0.providers.base import Command, LaunchSpec, ProbeResult
+from hal0.slots.lease import http_threads, int_arg, upstream_limit
 
 _CHAT_ENDPOINTS = frozenset({
     "/v1/chat/completions", "/v1/completions", "/v1/responses", "/v1/messages", "/v1/models",
@@ -118,6 +119,10 @@ class LlamaCppProvider:
         elif spec.slot_type == "rerank":
             argv.append("--reranking")
         argv += launch_args(spec.placement, spec.extra_args)
+        if int_arg(spec.extra_args, "--threads-http") is None:
+            # Threads for every request hal0 keeps in flight (it hands llama-server a burst to queue), plus
+            # its probes: see `upstream_limit`.
+            argv += ["--threads-http", str(http_threads(spec.extra_args))]
         argv += list(spec.extra_args)
         # The slot's own env wins over the placement's visibility variable.
         return Command(tuple(argv), launch_env(self.build_kind(), spec.placement) | dict(spec.env))
@@ -170,6 +175,9 @@ class LlamaCppProvider:
         if exit_code is not None:
             return f"llama-server exited with code {exit_code}"
         return "llama-server stopped answering"
+
+    def in_flight_limit(self, args: tuple[str, ...]) -> int:
+        return upstream_limit(args)
 
 
 async def _health(session: aiohttp.ClientSession, base_url: str) -> ProbeResult:

@@ -23,6 +23,7 @@ from hal0.providers.speech import (
     server_command,
     silent_wav,
 )
+from hal0.slots.lease import parallel
 
 _ENDPOINTS = frozenset({"/v1/audio/transcriptions", "/v1/audio/translations", "/v1/models"})
 _SENTINEL_AUDIO = silent_wav()
@@ -55,6 +56,9 @@ class MoonshineProvider:
 
     def explain_failure(self, exit_code: int | None, log_tail: list[str]) -> str:
         return explain("the speech-to-text server", exit_code, log_tail)
+
+    def in_flight_limit(self, args: tuple[str, ...]) -> int:
+        return parallel(args)
 
 
 def _sentinel(session: aiohttp.ClientSession,

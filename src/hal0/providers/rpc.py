@@ -21,6 +21,7 @@ from hal0.errors import BinaryNotFound
 from hal0.providers.base import Command, LaunchSpec, ProbeResult
 from hal0.providers.llamacpp import find_llama_server
 from hal0.providers.speech import explain
+from hal0.slots.lease import parallel
 
 log = logging.getLogger("hal0.providers.rpc")
 
@@ -189,3 +190,6 @@ class RpcProvider:
 
     def explain_failure(self, exit_code: int | None, log_tail: list[str]) -> str:
         return explain(BINARY, exit_code, log_tail)
+
+    def in_flight_limit(self, args: tuple[str, ...]) -> int:
+        return parallel(args)

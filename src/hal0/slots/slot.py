@@ -149,7 +149,7 @@ class Slot:
         #: Wakes the watch for an immediate status check (the backend's pidfd turned readable, or a request
         #: found it refusing connections).
         self._wake = asyncio.Event()
-        self._gate: tuple[int, asyncio.Semaphore] | None = None
+        self._gate: tuple[int, asyncio.Semaphore, asyncio.Semaphore] | None = None
         #: The `memory` figures of the snapshot: read at the end of a load and every MEMORY_REFRESH_S while loaded
         #: (off the request path, where reading /proc on every serving/ready move would cost), so SSE carries them.
         self.memory: dict[str, Any] | None = None
@@ -585,15 +585,23 @@ class Slot:
     def gate(self) -> asyncio.Semaphore:
         """Bounds the requests in flight to this slot's backend; the rest wait here for a warm connection.
 
-        llama-server serves each connection from a small thread pool (`--threads-http`, by default about
-        `--parallel` + 2) and parks a thread on every idle keep-alive connection for 5 s. Opening one
-        connection per waiting request (a burst released by a cold boot) left most of them queued behind
-        parked threads, in 5-second steps; reusing at most `parallel` connections never does.
+        How many is the provider's `in_flight_limit`: for llama-server, as many as its HTTP threads take (it
+        queues them itself) — it parks a thread on every idle keep-alive connection for 5 s, so opening more
+        connections than it has threads (a burst released by a cold boot) left them queued in 5-second steps.
         """
         port = self.record.port or 0
         if self._gate is None or self._gate[0] != port:
-            self._gate = (port, asyncio.Semaphore(parallel(self.config.args)))
+            provider = self._ctx.providers.get(self.config.provider)
+            args = self.config.args
+            limit = provider.in_flight_limit(args) if provider is not None else parallel(args)
+            self._gate = (port, asyncio.Semaphore(limit), asyncio.Semaphore(parallel(args)))
         return self._gate[1]
+
+    def early_gate(self) -> asyncio.Semaphore:
+        """Requests sent to a backend still running its readiness sentinel: at most its parallel slots."""
+        self.gate()
+        assert self._gate is not None
+        return self._gate[2]
 
     @contextlib.asynccontextmanager
     async def serving(self) -> AsyncIterator[None]:
