@@ -14,6 +14,25 @@ import aiohttp
 
 from hal0.hardware.placement import Placement
 
+#: Requests one backend takes at once when its arguments do not say (llama-server's own default is 4).
+DEFAULT_PARALLEL = 4
+
+
+def int_arg(args: tuple[str, ...], *names: str) -> int | None:
+    """The positive integer a backend argument is given (`-np 8`, `--parallel=8`), or None."""
+    for i, arg in enumerate(args):
+        value = args[i + 1] if arg in names and i + 1 < len(args) else next(
+            (arg.partition("=")[2] for name in names if name.startswith("--") and arg.startswith(name + "=")), "")
+        if value.isdigit() and int(value) > 0:
+            return int(value)
+    return None
+
+
+def parallel(args: tuple[str, ...], default: int = DEFAULT_PARALLEL) -> int:
+    """The backend's parallel request slots from its arguments (llama-server's `-np`/`--parallel`)."""
+    given = int_arg(args, "-np", "--parallel")
+    return default if given is None else max(default, given)
+
 
 @dataclass(frozen=True, slots=True)
 class LaunchSpec:

@@ -17,9 +17,8 @@ from pathlib import Path
 import aiohttp
 
 from hal0.errors import BackendError, BinaryNotFound
-from hal0.providers.base import Command, LaunchSpec, ProbeResult
+from hal0.providers.base import Command, LaunchSpec, ProbeResult, parallel
 from hal0.providers.speech import explain
-from hal0.slots.lease import parallel
 
 _ENDPOINTS = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/models"})
 _PROBE_TIMEOUT = aiohttp.ClientTimeout(total=60, sock_connect=1)

@@ -10,7 +10,7 @@ from contextlib import AbstractAsyncContextManager
 import aiohttp
 
 from hal0.backends.layout import LayoutProblem, kokoro_files
-from hal0.providers.base import Command, LaunchSpec, ProbeResult
+from hal0.providers.base import Command, LaunchSpec, ProbeResult, parallel
 from hal0.providers.speech import (
     PROBE_TIMEOUT,
     explain,
@@ -19,7 +19,6 @@ from hal0.providers.speech import (
     require_runtime,
     server_command,
 )
-from hal0.slots.lease import parallel
 
 _ENDPOINTS = frozenset({"/v1/audio/speech", "/v1/audio/voices", "/v1/models"})
 

@@ -13,7 +13,7 @@ from contextlib import AbstractAsyncContextManager
 import aiohttp
 
 from hal0.backends.layout import LayoutProblem, model_dir, stt_engine
-from hal0.providers.base import Command, LaunchSpec, ProbeResult
+from hal0.providers.base import Command, LaunchSpec, ProbeResult, parallel
 from hal0.providers.speech import (
     PROBE_TIMEOUT,
     explain,
@@ -23,7 +23,6 @@ from hal0.providers.speech import (
     server_command,
     silent_wav,
 )
-from hal0.slots.lease import parallel
 
 _ENDPOINTS = frozenset({"/v1/audio/transcriptions", "/v1/audio/translations", "/v1/models"})
 _SENTINEL_AUDIO = silent_wav()

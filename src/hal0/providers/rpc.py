@@ -18,10 +18,9 @@ from urllib.parse import urlsplit
 import aiohttp
 
 from hal0.errors import BinaryNotFound
-from hal0.providers.base import Command, LaunchSpec, ProbeResult
+from hal0.providers.base import Command, LaunchSpec, ProbeResult, parallel
 from hal0.providers.llamacpp import find_llama_server
 from hal0.providers.speech import explain
-from hal0.slots.lease import parallel
 
 log = logging.getLogger("hal0.providers.rpc")
 

@@ -23,15 +23,6 @@ from hal0.slots.state import LOADED
 if TYPE_CHECKING:
     from hal0.slots.slot import Slot
 
-#: Requests one backend takes at once when its arguments do not say (llama-server's own default is 4).
-DEFAULT_PARALLEL = 4
-#: Requests hal0 keeps in flight to one llama-server: it queues what its `--parallel` slots cannot take yet and
-#: starts each as a slot frees, one round trip sooner than hal0 could send it. A larger burst waits in hal0.
-UPSTREAM_LIMIT = 64
-#: llama-server's HTTP threads beyond hal0's requests in flight: the slot's own probes and liveness checks.
-HTTP_HEADROOM = 4
-
-
 @dataclass(slots=True)
 class ColdStart:
     """A request's wait on a cold slot: when it began, its grace, and the load it waits for."""
@@ -45,35 +36,6 @@ class ColdStart:
 
     def waited_ms(self) -> float:
         return round((time.perf_counter() - self.started) * 1000, 3)
-
-
-def int_arg(args: tuple[str, ...], *names: str) -> int | None:
-    """The positive integer a backend argument is given (`-np 8`, `--parallel=8`), or None."""
-    for i, arg in enumerate(args):
-        value = args[i + 1] if arg in names and i + 1 < len(args) else next(
-            (arg.partition("=")[2] for name in names if name.startswith("--") and arg.startswith(name + "=")), "")
-        if value.isdigit() and int(value) > 0:
-            return int(value)
-    return None
-
-
-def parallel(args: tuple[str, ...], default: int = DEFAULT_PARALLEL) -> int:
-    """The backend's parallel request slots from its arguments (llama-server's `-np`/`--parallel`)."""
-    given = int_arg(args, "-np", "--parallel")
-    return default if given is None else max(default, given)
-
-
-def http_threads(args: tuple[str, ...]) -> int:
-    """llama-server's `--threads-http`: the slot's own, or what hal0 gives it (its requests plus headroom)."""
-    given = int_arg(args, "--threads-http")
-    return given if given is not None else max(UPSTREAM_LIMIT, parallel(args)) + HTTP_HEADROOM
-
-
-def upstream_limit(args: tuple[str, ...]) -> int:
-    """Requests hal0 keeps in flight to a llama-server. Never more than its HTTP threads less the headroom:
-    llama-server parks a thread on every idle keep-alive connection for 5 s, so a connection beyond its threads
-    would wait for one, in 5-second steps. Never fewer than its parallel slots."""
-    return max(parallel(args), http_threads(args) - HTTP_HEADROOM)
 
 
 class Lease:

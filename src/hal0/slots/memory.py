@@ -97,10 +97,11 @@ class SlotMemory:
         live = measure(pid, None)
         return MeasuredMemory(buffers, live.process, live.gpu_process_bytes)
 
-    def view(self, slot: Slot) -> dict[str, Any]:
-        """The `memory` field of a slot's JSON: its estimate and what its backend holds now."""
+    def view(self, slot: Slot, *, measure: bool = True) -> dict[str, Any]:
+        """The `memory` field of a slot's JSON: its estimate and what its backend holds now (`measure=False`:
+        not read yet, the estimate alone: a GGUF header already cached, no /proc)."""
         est = self.estimate(slot)
-        got = self.measured(slot)
+        got = self.measured(slot) if measure else None
         return {"estimate": est.to_dict() if est else None, "measured": got.to_dict() if got else None}
 
     def holding(self, slot: Slot) -> Holding | None:

@@ -21,12 +21,12 @@ from hal0.errors import BackendError, Conflict, DiskFull, Hal0Error, ModelNotFou
 from hal0.events import EventBus
 from hal0.hardware.placement import Placement
 from hal0.kinds import MODEL_LESS_TYPES
-from hal0.providers.base import LaunchSpec, Liveness, ProbeResult, Provider
+from hal0.providers.base import LaunchSpec, Liveness, ProbeResult, Provider, parallel
 from hal0.providers.rpc import check_workers, unspecified, worker_gone
 from hal0.redact import redact_argv, redact_env
 from hal0.settings import Settings
 from hal0.slots.config import SlotConfig
-from hal0.slots.lease import Lease, parallel
+from hal0.slots.lease import Lease
 from hal0.slots.memory import SlotMemory
 from hal0.slots.state import ACTIVE, LOADED, LOADING, SlotState, check_transition
 from hal0.slots.store import SlotError, SlotRecord, StateStore, WriteMode
@@ -47,6 +47,8 @@ LIVENESS_FAILURES = 3
 _LIVENESS_TIMEOUT = aiohttp.ClientTimeout(total=LIVENESS_TIMEOUT_S)
 #: How often a loaded slot's memory figures (its snapshot's `memory`) are read again.
 MEMORY_REFRESH_S = 5.0
+#: How long after the move to ready the watch first reads what the backend holds.
+FIRST_MEMORY_READ_S = 0.05
 #: While warming, how often the backend's log is checked for new output (a stat call, nothing more).
 LOG_POLL_S = 0.001
 LOG_TAIL_LINES = 30
@@ -447,7 +449,9 @@ class Slot:
                     await self._died(status, provider)
                     return
                 self._last_activity = time.monotonic()
-                self._read_memory()
+                if self._ctx.memory is not None:
+                    # What it holds is read by the watch, once the requests this load releases are on their way.
+                    self.memory = self._ctx.memory.view(self, measure=False)
                 self._transition(S.READY, f"probe passed after {time.monotonic() - started:.3f}s",
                                  loaded_at=time.time())
                 self._ensure_watch()
@@ -648,6 +652,12 @@ class Slot:
         next_memory = 0.0
         misses = 0
         try:
+            if self._ctx.memory is not None and self.state in LOADED:
+                # The first reading, in a thread, a moment after the move to ready: the requests held by the
+                # load go to the backend first (the watch starts before they wake).
+                await asyncio.sleep(FIRST_MEMORY_READ_S)
+                self.memory = await asyncio.to_thread(self._ctx.memory.view, self)
+                next_memory = time.monotonic() + MEMORY_REFRESH_S
             while self.state in LOADED:
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(WATCH_INTERVAL_S):
@@ -693,10 +703,6 @@ class Slot:
             if pidfd is not None:
                 asyncio.get_running_loop().remove_reader(pidfd)
                 os.close(pidfd)
-
-    def _read_memory(self) -> None:
-        if self._ctx.memory is not None:
-            self.memory = self._ctx.memory.view(self)
 
     async def _alive(self) -> bool:
         """A cheap liveness probe off the request path: any HTTP answer from the backend counts (llama-server

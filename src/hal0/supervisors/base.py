@@ -71,14 +71,19 @@ LOG_MAX_BYTES = 16 << 20
 LOG_KEEP = 2
 
 
+def log_due(path: Path, max_bytes: int = LOG_MAX_BYTES) -> bool:
+    """Whether `path` is past `max_bytes` and `rotate_log` has work to do (one stat: cheap on the event loop)."""
+    try:
+        return path.stat().st_size > max_bytes
+    except FileNotFoundError:
+        return False
+
+
 def rotate_log(path: Path, max_bytes: int = LOG_MAX_BYTES, keep: int = LOG_KEEP) -> bool:
     """Rotate `path` if it is past `max_bytes`: copy it to `.1` (older ones shift up to `.keep`), then cut it
     to nothing. Copy-then-truncate, because the backend keeps writing to its open descriptor: it opened the
     log for appending, so its next line lands at the new, empty end. True if it rotated."""
-    try:
-        if path.stat().st_size <= max_bytes:
-            return False
-    except FileNotFoundError:
+    if not log_due(path, max_bytes):
         return False
     for i in range(keep - 1, 0, -1):
         older = path.with_name(f"{path.name}.{i}")

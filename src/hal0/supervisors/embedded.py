@@ -17,7 +17,7 @@ from hal0.errors import BackendError
 from hal0.fsio import atomic_write_json
 from hal0.providers.base import Command
 from hal0.redact import redact_argv
-from hal0.supervisors.base import Handle, ProcessStatus, rotate_log, tail_file
+from hal0.supervisors.base import Handle, ProcessStatus, log_due, rotate_log, tail_file
 
 
 def _proc_start_time(pid: int) -> int | None:
@@ -68,7 +68,8 @@ class EmbeddedSupervisor:
         # A backend never needs hal0's own API keys: keep them out of its environment.
         env = {**{k: v for k, v in os.environ.items() if k != "HAL0_API_KEYS"}, **command.env,
                MARK_ENV: self._mark(slot)}
-        await asyncio.to_thread(rotate_log, log_path)
+        if log_due(log_path):  # the copy goes to a thread; the stat that tells does not (a thread hop is ~1 ms)
+            await asyncio.to_thread(rotate_log, log_path)
         with log_path.open("ab") as log:
             log.write(f"\n=== hal0: starting slot {slot} at {time.strftime('%Y-%m-%dT%H:%M:%S')}: "
                       f"{' '.join(redact_argv(command.argv))}\n".encode())
