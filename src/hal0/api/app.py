@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import hmac
 import json
 import logging
@@ -138,6 +139,7 @@ class Hal0App:
 
             assert self.state is not None, "the management app is built once the shared objects exist"
             self._management = management_app(self.state)
+            gc.freeze()  # FastAPI's modules and routes, too: see `serving`
         return self._management
 
     async def _lifespan(self, receive: Receive, send: Send) -> None:
@@ -250,6 +252,10 @@ async def serving(edge: Hal0App) -> AsyncIterator[None]:
             await ensure_demo_model(registry.store, manager)
         log.info("hal0 %s serving on %s (supervisor: %s)", __version__, settings.base_url,
                  manager.supervisor.kind)
+        # What exists now (modules, the app, the slots) lives as long as the process: out of the collector's
+        # way, so a full collection under load walks only what requests made (with the management app
+        # imported, one took 14 ms on the event loop; after the freeze, well under 1 ms).
+        gc.freeze()
         yield
     finally:
         if sampler is not None:
