@@ -29,6 +29,9 @@ from bench.common import (
     wait_http,
 )
 
+#: Issue 18's target for the API's idle RSS.
+RSS_TARGET_MB = 45.0
+
 
 def plane_pids(pid: int) -> list[int]:
     """The control plane's own processes: `pid` and its descendants that are not llama-server backends."""
@@ -83,6 +86,15 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         bare = Bare(root, models["tiny-a"], "tiny")
         litellm: LiteLLM | None = None
         try:
+            # First as a client-only deployment uses it: the slot loaded by a cold /v1 request, nothing asked
+            # of /api (the management app, FastAPI, is imported by the first request for it).
+            async with session(1) as http:
+                await timed_small(http, hal0.url, "primary")
+                await timed_small(http, hal0.url, "primary")
+            await asyncio.sleep(min(args.idle_s, 3.0))
+            v1_only = sample(hal0.pid)[1]
+            print(f"{'hal0':<8} idle, used only through /v1: RSS {v1_only:6.1f} MB")
+            results["hal0_v1_only"] = {"rss_mb": v1_only}
             await hal0.load("primary")
             await router.load("tiny")
             planes: dict[str, tuple[str, str, int]] = {"hal0": (hal0.url, "primary", hal0.pid),
@@ -120,6 +132,13 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             bare.stop()
             router.stop()
             hal0.stop()
+    verdicts = {f"API RSS idle, used only through /v1 <= {RSS_TARGET_MB:g} MB":
+                results["hal0_v1_only"]["rss_mb"] <= RSS_TARGET_MB,
+                f"API RSS idle, management API used too <= {RSS_TARGET_MB:g} MB":
+                results["hal0"]["idle"]["rss_mb"] <= RSS_TARGET_MB}
+    for what, met in verdicts.items():
+        print(f"  {'met ' if met else 'MISS'}  {what}")
+    results["verdicts"] = verdicts
     return results
 
 

@@ -61,8 +61,14 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             router.stop()
             hal0.stop()
     ok = all(results[s]["hal0"]["starts_max"] == 1 and results[s]["hal0"]["errors_total"] == 0 for s in results)
-    print(f"  {'met ' if ok else 'MISS'}  herd: 1 backend start and 0 errors in every round")
-    results["verdicts"] = {"herd: 1 start, 0 errors": ok}
+    verdicts = {"herd: 1 backend start and 0 errors in every round": ok}
+    if "large" in results:
+        large = results["large"]
+        verdicts["large herd: all answered no later than router mode"] = (
+            large["hal0"]["all_answered_ms"] <= large["router"]["all_answered_ms"])
+    for what, met in verdicts.items():
+        print(f"  {'met ' if met else 'MISS'}  {what}")
+    results["verdicts"] = verdicts
     return results
 
 

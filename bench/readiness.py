@@ -18,7 +18,8 @@ from typing import Any
 
 from bench.common import Bare, Hal0, Router, Watcher, first_token, make_models, med, save, session, spread
 
-TARGETS = {"lag_ms": 10.0, "ttft_tiny_ms": 30.0}
+#: Issue 18's target: hal0's cold first token of the tiny model at most this much after a bare start.
+TARGETS = {"tiny_over_bare_ms": 1.0}
 
 
 async def hal0_cold(hal0: Hal0, slot: str) -> dict[str, float]:
@@ -104,9 +105,12 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             hal0.stop()
     tiny = results["tiny"]
     verdicts = {
-        "readiness lag <= 10 ms (tiny)": tiny["hal0"]["lag_ms"] <= TARGETS["lag_ms"],
-        "cold TTFT of the tiny model <= 30 ms": tiny["hal0"]["ttft_ms"] <= TARGETS["ttft_tiny_ms"],
+        "tiny: cold first token <= bare + 1 ms": tiny["hal0"]["ttft_over_direct_ms"] <= TARGETS["tiny_over_bare_ms"],
+        "tiny: cold first token no later than router mode's": tiny["hal0"]["ttft_ms"] <= tiny["router"]["ttft_ms"],
     }
+    if "large" in results:
+        large = results["large"]
+        verdicts["large: readiness lag <= router mode's"] = large["hal0"]["lag_ms"] <= large["router"]["lag_ms"]
     for what, ok in verdicts.items():
         print(f"  {'met ' if ok else 'MISS'}  {what}")
     results["verdicts"] = verdicts
