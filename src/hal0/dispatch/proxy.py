@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import re
 import time
 import uuid
@@ -24,6 +25,7 @@ from hal0.dispatch.backend_errors import anthropic_path as _anthropic
 from hal0.dispatch.backend_errors import backend_error_bytes, error_headers
 from hal0.dispatch.coalesce import BufferedResponse, Coalescer
 from hal0.dispatch.decisions import Decision, DecisionLog
+from hal0.dispatch.messages import HEAD_BYTES, lacks_message_start, message_start
 from hal0.dispatch.resolve import find_model, resolve, resolve_remote
 from hal0.dispatch.usage import AnswerMeter, Usage, usage_from_body
 from hal0.errors import (
@@ -62,8 +64,12 @@ _RESPONSE_DROP = frozenset({
     b"connection", b"keep-alive", b"proxy-authenticate", b"transfer-encoding", b"upgrade", b"trailer",
     b"date", b"server", b"x-request-id", b"access-control-allow-origin",
 })
+log = logging.getLogger("hal0.dispatch")
 _REQUEST_ID = re.compile(rb"^[A-Za-z0-9._:-]{1,128}$")
 _JSON = [(b"content-type", b"application/json")]
+_JSON_HEADERS = {"Content-Type": "application/json"}
+#: The backend's token count for a stream that skipped `message_start`: one prompt tokenized, no decode.
+_COUNT_TIMEOUT = aiohttp.ClientTimeout(total=5)
 _FILE_ENDPOINTS = frozenset({"/v1/audio/transcriptions", "/v1/audio/translations"})
 
 
@@ -298,15 +304,33 @@ class Dispatcher:
                     decision.wait_ms = backend.cold.waited_ms()
                 if backend.sent_early:
                     decision.reason += ",sent-early"
-                await self._relay(backend, resp, send, decision, rid)
+                prelude = None
+                if decision.endpoint == "/v1/messages" and resp.status == 200:
+                    async def prelude() -> bytes:
+                        return await self._message_start(backend.base_url, body, decision.model or slot.name, rid)
+                await self._relay(backend, resp, send, decision, rid, prelude)
         finally:
             if held is not None:
                 held.release()
 
+    async def _message_start(self, base_url: str, body: bytes, model: str, rid: bytes) -> bytes:
+        """The `message_start` a backend's stream skipped (see `hal0.dispatch.messages`), its prompt counted by
+        the backend; 0 tokens, logged, where the count fails."""
+        tokens = 0
+        try:
+            async with self.session.post(f"{base_url}/v1/messages/count_tokens", data=body, headers=_JSON_HEADERS,
+                                         timeout=_COUNT_TIMEOUT) as resp:
+                if resp.status == 200:
+                    tokens = int((await resp.json(content_type=None))["input_tokens"])
+        except (aiohttp.ClientError, TimeoutError, ValueError, KeyError, TypeError) as exc:
+            log.warning("counting the prompt of a stream without message_start failed: %s", exc)
+        return message_start(f"msg_{rid.decode()}", model, tokens)
+
     async def _relay(self, backend: Upstream, resp: aiohttp.ClientResponse, send: Send, decision: Decision,
-                     rid: bytes) -> None:
+                     rid: bytes, prelude: Callable[[], Awaitable[bytes]] | None = None) -> None:
         """Forward an upstream answer to the client. Closing (not releasing) the connection of an answer that
-        did not end well is what tells the backend to stop generating."""
+        did not end well is what tells the backend to stop generating. `prelude` gives what an Anthropic
+        stream that skipped its `message_start` is sent first."""
         decision.status = resp.status
         content_type = resp.headers.get("content-type", "")
         is_sse = content_type.startswith("text/event-stream")
@@ -341,6 +365,11 @@ class Dispatcher:
                 waited_from = loop.time()
                 async for chunk in resp.content.iter_any():
                     flowing = chunks > 0 and loop.time() - waited_from < batch
+                    if chunks == 0 and prelude is not None and is_sse:
+                        while len(chunk) < HEAD_BYTES and not resp.content.at_eof():
+                            chunk += await resp.content.readany()
+                        if lacks_message_start(chunk):
+                            chunk = await prelude() + chunk
                     chunks += 1
                     meter.feed(chunk)
                     await send({"type": "http.response.body", "body": chunk, "more_body": True})
