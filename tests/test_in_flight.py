@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from hal0.providers.base import LaunchSpec, int_arg, parallel
+from hal0.providers.base import LaunchSpec, in_flight_limit, int_arg, parallel
 from hal0.providers.kokoro import KokoroProvider
 from hal0.providers.llamacpp import HTTP_HEADROOM, UPSTREAM_LIMIT, LlamaCppProvider, http_threads, upstream_limit
 
@@ -37,9 +37,10 @@ def test_the_command_line_carries_the_threads_unless_the_slot_sets_them(llama_se
     assert argv[argv.index("--threads-http") + 1] == str(UPSTREAM_LIMIT + HTTP_HEADROOM)
     argv = _argv(llama_server, ("--threads-http", "40"))
     assert argv.count("--threads-http") == 1 and argv[argv.index("--threads-http") + 1] == "40"
-    assert LlamaCppProvider().in_flight_limit(("--threads-http", "40")) == 36
+    assert in_flight_limit(LlamaCppProvider(), ("--threads-http", "40")) == 36
 
 
 def test_other_backends_keep_their_parallel_slots() -> None:
-    assert KokoroProvider().in_flight_limit(()) == 4
-    assert KokoroProvider().in_flight_limit(("--parallel", "6")) == 6
+    assert in_flight_limit(KokoroProvider(), ()) == 4
+    assert in_flight_limit(KokoroProvider(), ("--parallel", "6")) == 6
+    assert in_flight_limit(None, ()) == 4

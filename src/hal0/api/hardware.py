@@ -11,7 +11,6 @@ from typing import Any
 from fastapi import APIRouter, Query, Request
 
 from hal0.errors import InvalidRequest
-from hal0.hardware.estimate import MemoryEstimate
 from hal0.hardware.inventory import inventory
 from hal0.slots.manager import SlotManager
 from hal0.slots.slot import Slot
@@ -21,10 +20,6 @@ router = APIRouter(prefix="/api", tags=["hardware"])
 def _manager(request: Request) -> SlotManager:
     manager: SlotManager = request.app.state.manager
     return manager
-
-
-def slot_estimate(manager: SlotManager, slot: Slot, ref: str | None = None) -> MemoryEstimate | None:
-    return manager.memory.estimate(slot, ref)
 
 
 def memory_view(manager: SlotManager, slot: Slot) -> dict[str, Any]:

@@ -94,9 +94,19 @@ class Provider(Protocol):
         """A one-line human reason from the backend's own output."""
         ...
 
+
+@runtime_checkable
+class Bursts(Protocol):
+    """A provider whose backend queues more requests than it decodes at once (llama-server): hal0 hands it more."""
+
     def in_flight_limit(self, args: tuple[str, ...]) -> int:
         """How many requests hal0 keeps in flight to one backend started with these slot arguments."""
         ...
+
+
+def in_flight_limit(provider: object, args: tuple[str, ...]) -> int:
+    """Requests hal0 keeps in flight to a backend of `provider`: its own limit, else its parallel slots."""
+    return provider.in_flight_limit(args) if isinstance(provider, Bursts) else parallel(args)
 
 
 @runtime_checkable

@@ -17,7 +17,7 @@ from pathlib import Path
 import aiohttp
 
 from hal0.errors import BackendError, BinaryNotFound
-from hal0.providers.base import Command, LaunchSpec, ProbeResult, parallel
+from hal0.providers.base import Command, LaunchSpec, ProbeResult
 from hal0.providers.speech import explain
 
 _ENDPOINTS = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/models"})
@@ -123,6 +123,3 @@ class FlmProvider:
 
     def explain_failure(self, exit_code: int | None, log_tail: list[str]) -> str:
         return explain("flm", exit_code, log_tail)
-
-    def in_flight_limit(self, args: tuple[str, ...]) -> int:
-        return parallel(args)

@@ -13,7 +13,7 @@ from contextlib import AbstractAsyncContextManager
 import aiohttp
 
 from hal0.backends.layout import LayoutProblem, model_dir, stt_engine
-from hal0.providers.base import Command, LaunchSpec, ProbeResult, parallel
+from hal0.providers.base import Command, LaunchSpec, ProbeResult
 from hal0.providers.speech import (
     PROBE_TIMEOUT,
     explain,
@@ -55,9 +55,6 @@ class MoonshineProvider:
 
     def explain_failure(self, exit_code: int | None, log_tail: list[str]) -> str:
         return explain("the speech-to-text server", exit_code, log_tail)
-
-    def in_flight_limit(self, args: tuple[str, ...]) -> int:
-        return parallel(args)
 
 
 def _sentinel(session: aiohttp.ClientSession,

@@ -18,7 +18,7 @@ from urllib.parse import urlsplit
 import aiohttp
 
 from hal0.errors import BinaryNotFound
-from hal0.providers.base import Command, LaunchSpec, ProbeResult, parallel
+from hal0.providers.base import Command, LaunchSpec, ProbeResult
 from hal0.providers.llamacpp import find_llama_server
 from hal0.providers.speech import explain
 
@@ -189,6 +189,3 @@ class RpcProvider:
 
     def explain_failure(self, exit_code: int | None, log_tail: list[str]) -> str:
         return explain(BINARY, exit_code, log_tail)
-
-    def in_flight_limit(self, args: tuple[str, ...]) -> int:
-        return parallel(args)

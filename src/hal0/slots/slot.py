@@ -21,7 +21,7 @@ from hal0.errors import BackendError, Conflict, DiskFull, Hal0Error, ModelNotFou
 from hal0.events import EventBus
 from hal0.hardware.placement import Placement
 from hal0.kinds import MODEL_LESS_TYPES
-from hal0.providers.base import LaunchSpec, Liveness, ProbeResult, Provider, parallel
+from hal0.providers.base import LaunchSpec, Liveness, ProbeResult, Provider, in_flight_limit, parallel
 from hal0.providers.rpc import check_workers, unspecified, worker_gone
 from hal0.redact import redact_argv, redact_env
 from hal0.settings import Settings
@@ -152,8 +152,9 @@ class Slot:
         #: found it refusing connections).
         self._wake = asyncio.Event()
         self._gate: tuple[int, asyncio.Semaphore, asyncio.Semaphore] | None = None
-        #: The `memory` figures of the snapshot: read at the end of a load and every MEMORY_REFRESH_S while loaded
-        #: (off the request path, where reading /proc on every serving/ready move would cost), so SSE carries them.
+        #: The `memory` figures of the snapshot: the estimate at the move to ready, then what the backend holds,
+        #: read by the watch FIRST_MEMORY_READ_S later and every MEMORY_REFRESH_S while loaded (off the request
+        #: path, where reading /proc on every serving/ready move would cost), so SSE carries them.
         self.memory: dict[str, Any] | None = None
 
     # -- views ---------------------------------------------------------------------------------------
@@ -589,15 +590,14 @@ class Slot:
     def gate(self) -> asyncio.Semaphore:
         """Bounds the requests in flight to this slot's backend; the rest wait here for a warm connection.
 
-        How many is the provider's `in_flight_limit`: for llama-server, as many as its HTTP threads take (it
+        How many is `in_flight_limit`'s: for llama-server, as many as its HTTP threads take (it
         queues them itself) — it parks a thread on every idle keep-alive connection for 5 s, so opening more
         connections than it has threads (a burst released by a cold boot) left them queued in 5-second steps.
         """
         port = self.record.port or 0
         if self._gate is None or self._gate[0] != port:
-            provider = self._ctx.providers.get(self.config.provider)
             args = self.config.args
-            limit = provider.in_flight_limit(args) if provider is not None else parallel(args)
+            limit = in_flight_limit(self._ctx.providers.get(self.config.provider), args)
             self._gate = (port, asyncio.Semaphore(limit), asyncio.Semaphore(parallel(args)))
         return self._gate[1]
 

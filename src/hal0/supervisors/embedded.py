@@ -56,8 +56,9 @@ class EmbeddedSupervisor:
         return self._log_dir / "slots" / f"{slot}.log"
 
     async def trim_log(self, slot: str) -> None:
-        # A rotation copies up to LOG_MAX_BYTES: a thread's job, not the event loop's.
-        await asyncio.to_thread(rotate_log, self.log_path(slot))
+        # A rotation copies up to LOG_MAX_BYTES: a thread's job, not the event loop's (the stat that tells is not).
+        if log_due(self.log_path(slot)):
+            await asyncio.to_thread(rotate_log, self.log_path(slot))
 
     def _pidfile(self, slot: str) -> Path:
         return self._state_root / slot / "backend.pid"
