@@ -15,11 +15,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import openai
 import pytest
 import uvicorn
 
+from hal0.client import HttpClient
 from hal0.dispatch.decisions import DecisionLog
 from hal0.dispatch.proxy import Dispatcher
 from hal0.events import EventBus
@@ -45,7 +45,7 @@ class SentinelRefused(LlamaCppProvider):
         super().__init__(binary)
         self.sentinels = 0
 
-    async def probe(self, session: aiohttp.ClientSession, base_url: str, slot_type: str,
+    async def probe(self, session: HttpClient, base_url: str, slot_type: str,
                     answering: Callable[[], None] | None = None) -> ProbeResult:
         result = await super().probe(session, base_url, slot_type, answering)
         if not result.ok:
@@ -64,7 +64,7 @@ class Edge:
 
 @pytest.fixture
 async def edge_factory(tmp_path: Path, model_files: dict[str, Path]) -> AsyncIterator[Any]:
-    opened: list[tuple[uvicorn.Server, asyncio.Task[None], SlotManager, aiohttp.ClientSession]] = []
+    opened: list[tuple[uvicorn.Server, asyncio.Task[None], SlotManager, HttpClient]] = []
 
     async def make(provider: LlamaCppProvider, **env: str) -> Edge:
         lo, hi = free_port_range(4)
@@ -73,7 +73,7 @@ async def edge_factory(tmp_path: Path, model_files: dict[str, Path]) -> AsyncIte
         settings.ensure_dirs()
         store = ModelStore(settings.models_dir)
         store.import_file("tiny", model_files["tiny"], link=True)
-        session = aiohttp.ClientSession()
+        session = HttpClient()
         manager = SlotManager(settings, EventBus(), EmbeddedSupervisor(settings.slots_state_dir, settings.log_dir),
                               {"llama.cpp": provider}, session, StoreModels(store))
         await manager.start()

@@ -17,13 +17,13 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 from hal0.api.app import RegistryModels
+from hal0.client import HttpClient
 from hal0.errors import Hal0Error
 from hal0.events import EventBus
 from hal0.providers.llamacpp import LlamaCppProvider
@@ -90,7 +90,7 @@ class LifecycleMachine(RuleBasedStateMachine):
         return self.loop.run_until_complete(asyncio.wait_for(coro, 60))
 
     async def _setup(self) -> None:
-        self.session = aiohttp.ClientSession()
+        self.session = HttpClient()
         self.manager = SlotManager(self.settings, self.bus, EmbeddedSupervisor(
             self.settings.slots_state_dir, self.settings.log_dir), {"llama.cpp": LlamaCppProvider(self.binary)},
             self.session, RegistryModels(self.registry, self.bus))

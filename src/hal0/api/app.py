@@ -17,9 +17,8 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-import aiohttp
-
 from hal0 import __version__
+from hal0.client import HttpClient
 from hal0.dispatch.backend_errors import anthropic_path
 from hal0.dispatch.decisions import DecisionLog
 from hal0.dispatch.proxy import Dispatcher, Receive, Scope, Send
@@ -218,13 +217,12 @@ async def serving(edge: Hal0App) -> AsyncIterator[None]:
     settings = edge.settings
     settings.ensure_dirs()
     bus = EventBus()
-    connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=None, keepalive_timeout=30)
-    session = aiohttp.ClientSession(connector=connector, auto_decompress=False)
+    client = HttpClient()
     registry = Registry(settings, hf_endpoint=settings.hf_endpoint, hf_token=settings.hf_token or None)
     failures = WriteFailures()
     decisions = DecisionLog(settings.log_dir / "decisions.jsonl", bus, settings.decision_log_max_bytes,
                             failures=failures)
-    manager = SlotManager(settings, bus, build_supervisor(settings), build_providers(settings), session,
+    manager = SlotManager(settings, bus, build_supervisor(settings), build_providers(settings), client,
                           RegistryModels(registry, bus), failures, evicted=decisions.record_eviction)
     stats = StatsRing()
     # Imported here, not at the top: the samplers read /api's memory views only when asked (a scrape, a tick).
@@ -235,10 +233,10 @@ async def serving(edge: Hal0App) -> AsyncIterator[None]:
     bus.tap(meters.observe)
     bus.tap(stats.observe)
     followed = Peers(settings.peers, bus)
-    edge.state = SimpleNamespace(settings=settings, events=bus, session=session, registry=registry,
+    edge.state = SimpleNamespace(settings=settings, events=bus, client=client, registry=registry,
                                  manager=manager, decisions=decisions, stats=stats, metrics=meters,
                                  peers=followed)
-    dispatcher = Dispatcher(settings, manager, session, decisions, meters, followed)
+    dispatcher = Dispatcher(settings, manager, client, decisions, meters, followed)
     sampler: asyncio.Task[None] | None = None
     try:
         await manager.start()
@@ -269,7 +267,7 @@ async def serving(edge: Hal0App) -> AsyncIterator[None]:
         decisions.close()
         await registry.aclose()
         bus.close()
-        await session.close()
+        await client.close()
 
 
 def create_app(settings: Settings, options: AppOptions | None = None) -> Hal0App:

@@ -18,9 +18,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from typing import Any, Protocol
 from urllib.parse import parse_qs
 
-import aiohttp
-from multidict import CIMultiDict
-
+from hal0.client import HttpClient, HttpError, Response, Timeout
 from hal0.dispatch.backend_errors import anthropic_path as _anthropic
 from hal0.dispatch.backend_errors import backend_error_bytes, error_headers
 from hal0.dispatch.coalesce import BufferedResponse, Coalescer
@@ -69,7 +67,7 @@ _REQUEST_ID = re.compile(rb"^[A-Za-z0-9._:-]{1,128}$")
 _JSON = [(b"content-type", b"application/json")]
 _JSON_HEADERS = {"Content-Type": "application/json"}
 #: The backend's token count for a stream that skipped `message_start`: one prompt tokenized, no decode.
-_COUNT_TIMEOUT = aiohttp.ClientTimeout(total=5)
+_COUNT_TIMEOUT = Timeout(total=5)
 _FILE_ENDPOINTS = frozenset({"/v1/audio/transcriptions", "/v1/audio/translations"})
 
 
@@ -94,18 +92,18 @@ class Upstream(Protocol):
 
 
 class Dispatcher:
-    def __init__(self, settings: Settings, manager: SlotManager, session: aiohttp.ClientSession,
+    def __init__(self, settings: Settings, manager: SlotManager, client: HttpClient,
                  decisions: DecisionLog, metrics: Metrics | None = None, peers: Peers | None = None) -> None:
         self.settings = settings
         self.manager = manager
         self.peers = peers
-        self.session = session
+        self.client = client
         self.decisions = decisions
         self.metrics = metrics or Metrics()
         self.coalescer = Coalescer()
         # sock_read bounds each wait for the next byte, not the whole answer: a long stream is fine, a hung
         # (e.g. SIGSTOPped) backend is not.
-        self._timeout = aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=settings.request_timeout_s)
+        self._timeout = Timeout(connect=10, read=settings.request_timeout_s)
         self._stream_batch_s = settings.stream_batch_ms / 1000
 
     async def close(self) -> None:
@@ -194,7 +192,7 @@ class Dispatcher:
         if payload is not None and payload.get("stream") is True:
             # llama-server closes the connection after an event stream without a `Connection: close`, and the
             # pool would hand the dead connection to the next request the moment the stream's last byte arrives.
-            upstream_headers["Connection"] = "close"
+            upstream_headers.append((b"connection", b"close"))
         query = scope.get("query_string", b"")
         target = path + (f"?{query.decode('latin-1')}" if query else "")
         grace = self.settings.cold_boot_grace_s
@@ -253,7 +251,7 @@ class Dispatcher:
         async with _client_can_cancel(receive, decision):
             for pick in picks:
                 view = self.peers.views[pick.slot.node]
-                backend = PeerBackend(self.session, view.config, pick.slot, self._timeout)
+                backend = PeerBackend(self.client, view.config, pick.slot, self._timeout)
                 decision.peer = pick.slot.node
                 decision.slot = pick.slot.name
                 decision.reason = f"forwarded: no local slot ({why.code}); {pick.why}" + (
@@ -274,12 +272,12 @@ class Dispatcher:
 
     # -- upstream ---------------------------------------------------------------------------------------
     async def _fetch(self, slot: Slot, method: str, target: str, body: bytes,
-                     headers: CIMultiDict[str]) -> BufferedResponse:
+                     headers: list[tuple[bytes, bytes]]) -> BufferedResponse:
         async with slot.lease(self._timeout, grace_s=self.settings.cold_boot_grace_s) as backend:
             resp = await backend.open(method, target, body, headers)
             try:
                 data = await resp.read()
-            except aiohttp.ClientError as exc:
+            except HttpError as exc:
                 backend.failed()
                 raise UpstreamError(f"backend of slot {slot.name} failed mid-response: {exc}",
                                     code="backend_failed") from exc
@@ -288,7 +286,7 @@ class Dispatcher:
             return BufferedResponse(resp.status, tuple(_response_headers(resp)), data)
 
     async def _proxy(self, slot: Slot, scope: Scope, receive: Receive, send: Send, target: str, body: bytes,
-                     headers: CIMultiDict[str], decision: Decision, rid: bytes) -> None:
+                     headers: list[tuple[bytes, bytes]], decision: Decision, rid: bytes) -> None:
         """Lease the slot's backend (a cold one is loaded, and the request may ride its readiness sentinel:
         see `Lease`), send the request and relay the answer. From the moment the body is read, a client
         that goes away cancels everything: the wait for a cold load, the wait for a backend that has not
@@ -318,21 +316,21 @@ class Dispatcher:
         the backend; 0 tokens, logged, where the count fails."""
         tokens = 0
         try:
-            async with self.session.post(f"{base_url}/v1/messages/count_tokens", data=body, headers=_JSON_HEADERS,
-                                         timeout=_COUNT_TIMEOUT) as resp:
+            async with self.client.post(f"{base_url}/v1/messages/count_tokens", body=body, headers=_JSON_HEADERS,
+                                        timeout=_COUNT_TIMEOUT) as resp:
                 if resp.status == 200:
-                    tokens = int((await resp.json(content_type=None))["input_tokens"])
-        except (aiohttp.ClientError, TimeoutError, ValueError, KeyError, TypeError) as exc:
+                    tokens = int((await resp.json())["input_tokens"])
+        except (HttpError, OSError, ValueError, KeyError, TypeError) as exc:
             log.warning("counting the prompt of a stream without message_start failed: %s", exc)
         return message_start(f"msg_{rid.decode()}", model, tokens)
 
-    async def _relay(self, backend: Upstream, resp: aiohttp.ClientResponse, send: Send, decision: Decision,
+    async def _relay(self, backend: Upstream, resp: Response, send: Send, decision: Decision,
                      rid: bytes, prelude: Callable[[], Awaitable[bytes]] | None = None) -> None:
         """Forward an upstream answer to the client. Closing (not releasing) the connection of an answer that
         did not end well is what tells the backend to stop generating. `prelude` gives what an Anthropic
         stream that skipped its `message_start` is sent first."""
         decision.status = resp.status
-        content_type = resp.headers.get("content-type", "")
+        content_type = resp.header(b"content-type") or ""
         is_sse = content_type.startswith("text/event-stream")
         meter = AnswerMeter(content_type)
         out_headers = _response_headers(resp)
@@ -347,7 +345,7 @@ class Dispatcher:
         async def relay_error() -> None:
             try:
                 data = await resp.read()  # an error answer: one small JSON body
-            except (TimeoutError, aiohttp.ClientError) as exc:
+            except HttpError as exc:
                 backend.failed()
                 raise UpstreamError(f"{backend.label} failed mid-response: {exc}",
                                     code="backend_failed") from exc
@@ -363,20 +361,20 @@ class Dispatcher:
                 loop = asyncio.get_running_loop()
                 chunks = 0
                 waited_from = loop.time()
-                async for chunk in resp.content.iter_any():
+                async for chunk in resp.chunks():
                     flowing = chunks > 0 and loop.time() - waited_from < batch
                     if chunks == 0 and prelude is not None and is_sse:
-                        while len(chunk) < HEAD_BYTES and not resp.content.at_eof():
-                            chunk += await resp.content.readany()
+                        while len(chunk) < HEAD_BYTES and not resp.at_eof():
+                            chunk += await resp.read_some()
                         if lacks_message_start(chunk):
                             chunk = await prelude() + chunk
                     chunks += 1
                     meter.feed(chunk)
                     await send({"type": "http.response.body", "body": chunk, "more_body": True})
-                    if flowing and not chunk.endswith(SSE_DONE) and not resp.content.is_eof():
+                    if flowing and not chunk.endswith(SSE_DONE) and not resp.ended:
                         await _gather_upstream(resp, batch)
                     waited_from = loop.time()
-            except (TimeoutError, aiohttp.ClientError) as exc:
+            except HttpError as exc:
                 failure = exc
                 backend.failed()
             tail = b""
@@ -491,32 +489,26 @@ def _header(scope: Scope, name: bytes) -> bytes:
     return b""
 
 
-def _forward_headers(scope: Scope, rid: bytes) -> CIMultiDict[str]:
-    out: CIMultiDict[str] = CIMultiDict()
-    for key, value in scope["headers"]:
-        if key not in _HOP_BY_HOP:
-            out.add(key.decode("latin-1"), value.decode("latin-1"))
-    out["X-Request-Id"] = rid.decode()
+def _forward_headers(scope: Scope, rid: bytes) -> list[tuple[bytes, bytes]]:
+    out = [(key, value) for key, value in scope["headers"] if key not in _HOP_BY_HOP]
+    out.append((b"x-request-id", rid))
     return out
 
 
-def _response_headers(resp: aiohttp.ClientResponse) -> list[tuple[bytes, bytes]]:
-    return [(k.lower(), v) for k, v in resp.raw_headers if k.lower() not in _RESPONSE_DROP]
+def _response_headers(resp: Response) -> list[tuple[bytes, bytes]]:
+    return [(k, v) for k, v in resp.headers if k not in _RESPONSE_DROP]
 
 
-async def _gather_upstream(resp: aiohttp.ClientResponse, window: float) -> None:
+async def _gather_upstream(resp: Response, window: float) -> None:
     """Leave the backend's socket unread for `window` seconds, so the tokens it sends meanwhile are read, parsed
     and written to the client together. Per token, a proxy spends two syscalls and a few wake-ups of its event
     loop; on a machine whose cores all decode, that CPU comes out of the backend's tokens per second."""
-    transport = resp.connection.transport if resp.connection is not None else None
-    if transport is None or transport.is_closing() or not transport.is_reading():
+    if not resp.hold():
         return
-    transport.pause_reading()
     try:
         await asyncio.sleep(window)
     finally:
-        if not transport.is_closing():
-            transport.resume_reading()
+        resp.resume()
 
 
 @contextlib.asynccontextmanager

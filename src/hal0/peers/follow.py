@@ -14,8 +14,7 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
 
-import aiohttp
-
+from hal0.client import HttpClient, HttpError, Response, Timeout
 from hal0.events import EventBus
 from hal0.peers.view import PeerView, RemoteSlot
 from hal0.settings import PeerConfig
@@ -31,7 +30,8 @@ BACKOFF_MAX_S = 5.0
 #: process dies is seen at once: its kernel closes the connection.
 STREAM_SILENCE_S = 20.0
 _CONNECT_S = 2.0
-_SNAPSHOT_TIMEOUT = aiohttp.ClientTimeout(total=10, sock_connect=_CONNECT_S)
+_SNAPSHOT_TIMEOUT = Timeout(total=10, connect=_CONNECT_S)
+_STREAM_TIMEOUT = Timeout(connect=_CONNECT_S, read=STREAM_SILENCE_S)
 
 
 class StreamRefused(Exception):
@@ -45,7 +45,7 @@ class SseEvent:
     data: dict[str, Any]
 
 
-async def read_sse(content: aiohttp.StreamReader) -> AsyncIterator[SseEvent]:
+async def read_sse(content: Response) -> AsyncIterator[SseEvent]:
     """The events of a text/event-stream body; comments (keep-alives) and malformed frames are skipped."""
     event_id: int | None = None
     topic = "message"
@@ -90,15 +90,15 @@ class Peers:
     def __init__(self, peers: tuple[PeerConfig, ...], bus: EventBus) -> None:
         self.views: dict[str, PeerView] = {p.url: PeerView(p) for p in peers}
         self._bus = bus
-        self._session: aiohttp.ClientSession | None = None
+        self._client: HttpClient | None = None
         self._tasks: list[asyncio.Task[None]] = []
 
     def start(self) -> None:
         """One follower task per peer, until `aclose` cancels and awaits them."""
         if not self.views:
             return
-        self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=30))
-        self._tasks = [asyncio.create_task(self._follow(view, self._session), name=f"peer:{view.url}")
+        self._client = HttpClient()
+        self._tasks = [asyncio.create_task(self._follow(view, self._client), name=f"peer:{view.url}")
                        for view in self.views.values()]
 
     async def __aenter__(self) -> Peers:
@@ -116,9 +116,9 @@ class Peers:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self._tasks = []
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        if self._client is not None:
+            await self._client.close()
+            self._client = None
 
     def remote_slots(self) -> list[RemoteSlot]:
         """The slots of the peers that are up, in the order the peers are configured."""
@@ -133,14 +133,14 @@ class Peers:
         return [view.to_dict() for view in self.views.values()]
 
     # -- following ----------------------------------------------------------------------------------------
-    async def _follow(self, view: PeerView, session: aiohttp.ClientSession) -> None:
+    async def _follow(self, view: PeerView, client: HttpClient) -> None:
         backoff = BACKOFF_FIRST_S
         while True:
             connects = view.connects
             try:
-                await self._stream(view, session)
+                await self._stream(view, client)
                 reason = "its event stream ended"
-            except (aiohttp.ClientError, TimeoutError, OSError, ValueError, StreamRefused) as exc:
+            except (HttpError, OSError, ValueError, StreamRefused) as exc:
                 reason = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
             except Exception as exc:
                 # A bug here must not freeze the peer as `up` with what it last said: log it, drop, reconnect.
@@ -154,34 +154,33 @@ class Peers:
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, BACKOFF_MAX_S)
 
-    async def _stream(self, view: PeerView, session: aiohttp.ClientSession) -> None:
+    async def _stream(self, view: PeerView, client: HttpClient) -> None:
         peer = view.config
         headers = {**auth_headers(peer), "Accept": "text/event-stream"}
         if view.last_event_id is not None:
             headers["Last-Event-ID"] = str(view.last_event_id)
-        timeout = aiohttp.ClientTimeout(total=None, sock_connect=_CONNECT_S, sock_read=STREAM_SILENCE_S)
-        async with session.get(f"{peer.url}/api/events", params={"topics": "slot"}, headers=headers,
-                                     timeout=timeout) as resp:
+        async with client.get(f"{peer.url}/api/events?topics=slot", headers=headers,
+                              timeout=_STREAM_TIMEOUT) as resp:
             if resp.status != 200:
                 raise StreamRefused(f"{peer.url}/api/events answered HTTP {resp.status}: "
                                     f"{(await resp.text())[:300]}")
             # The stream subscribes before its headers go out, so the snapshot read now misses no change:
             # whatever happens meanwhile is in the stream as well, ordered by each slot's seq.
-            view.apply_snapshot(await self._snapshot(peer, session))
+            view.apply_snapshot(await self._snapshot(peer, client))
             log.info("peer %s is up with %d slot(s)", peer.url, len(view.slots))
             self._publish(view)
-            async for event in read_sse(resp.content):
+            async for event in read_sse(resp):
                 if event.topic == "slot" and view.apply_event({**event.data, "id": event.id}):
                     self._publish(view)
 
     @staticmethod
-    async def _snapshot(peer: PeerConfig, session: aiohttp.ClientSession) -> list[dict[str, Any]]:
-        async with session.get(f"{peer.url}/api/slots", headers=auth_headers(peer),
-                                     timeout=_SNAPSHOT_TIMEOUT) as resp:
+    async def _snapshot(peer: PeerConfig, client: HttpClient) -> list[dict[str, Any]]:
+        async with client.get(f"{peer.url}/api/slots", headers=auth_headers(peer),
+                              timeout=_SNAPSHOT_TIMEOUT) as resp:
             if resp.status != 200:
                 raise StreamRefused(f"{peer.url}/api/slots answered HTTP {resp.status}: "
                                     f"{(await resp.text())[:300]}")
-            data = await resp.json(content_type=None)
+            data = await resp.json()
         slots = data.get("data") if isinstance(data, dict) else None
         if not isinstance(slots, list):
             raise StreamRefused(f"{peer.url}/api/slots did not list slots")

@@ -10,8 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
-import aiohttp
-
+from hal0.client import HttpClient
 from hal0.hardware.placement import Placement
 
 #: Requests one backend takes at once when its arguments do not say (llama-server's own default is 4).
@@ -82,7 +81,7 @@ class Provider(Protocol):
 
     def command(self, spec: LaunchSpec) -> Command: ...
 
-    async def probe(self, session: aiohttp.ClientSession, base_url: str, slot_type: str,
+    async def probe(self, client: HttpClient, base_url: str, slot_type: str,
                     answering: Callable[[], None] | None = None) -> ProbeResult:
         """One readiness check; ok only when the backend really answers its sentinel request.
 
@@ -113,4 +112,4 @@ def in_flight_limit(provider: object, args: tuple[str, ...]) -> int:
 class Liveness(Protocol):
     """A provider whose backend is not checked with HTTP `/health` while loaded (an rpc worker speaks raw TCP)."""
 
-    async def alive(self, session: aiohttp.ClientSession, base_url: str) -> bool: ...
+    async def alive(self, client: HttpClient, base_url: str) -> bool: ...

@@ -14,14 +14,13 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
-import aiohttp
-
+from hal0.client import HttpClient, HttpError, Timeout
 from hal0.errors import BackendError, BinaryNotFound
 from hal0.providers.base import Command, LaunchSpec, ProbeResult
 from hal0.providers.speech import explain
 
 _ENDPOINTS = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/models"})
-_PROBE_TIMEOUT = aiohttp.ClientTimeout(total=60, sock_connect=1)
+_PROBE_TIMEOUT = Timeout(total=60, connect=1)
 _TAG = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$")
 INSTALL_HINT = "install FastFlowLM from https://github.com/FastFlowLM/FastFlowLM/releases (Linux: see its " \
                "docs/linux-getting-started.md), then `flm validate`"
@@ -98,12 +97,12 @@ class FlmProvider:
         argv += list(spec.extra_args)
         return Command(tuple(argv), dict(spec.env))
 
-    async def probe(self, session: aiohttp.ClientSession, base_url: str, slot_type: str,
+    async def probe(self, client: HttpClient, base_url: str, slot_type: str,
                     answering: Callable[[], None] | None = None) -> ProbeResult:
         """A non-empty /v1/models, then a 1-token chat completion with the model it lists."""
         try:
-            async with session.get(f"{base_url}/v1/models", timeout=_PROBE_TIMEOUT) as resp:
-                data = await resp.json(content_type=None) if resp.status == 200 else None
+            async with client.get(f"{base_url}/v1/models", timeout=_PROBE_TIMEOUT) as resp:
+                data = await resp.json() if resp.status == 200 else None
                 models = data.get("data") if isinstance(data, dict) else None
                 if not models:
                     return ProbeResult(False, "models", resp.status, "no model listed by /v1/models")
@@ -111,13 +110,13 @@ class FlmProvider:
                 answering()
             payload = {"model": models[0].get("id", ""), "max_tokens": 1,
                        "messages": [{"role": "user", "content": "ok"}]}
-            async with session.post(f"{base_url}/v1/chat/completions", json=payload,
+            async with client.post(f"{base_url}/v1/chat/completions", json=payload,
                                     timeout=_PROBE_TIMEOUT) as resp:
                 if resp.status != 200:
                     return ProbeResult(False, "sentinel", resp.status, (await resp.text())[:300],
                                        loading=resp.status == 503)
                 await resp.read()
-        except (aiohttp.ClientError, TimeoutError, OSError, ValueError) as exc:
+        except (HttpError, OSError, ValueError) as exc:
             return ProbeResult(False, "connect", None, f"{type(exc).__name__}: {exc}")
         return ProbeResult(True, "sentinel", 200, "ok")
 

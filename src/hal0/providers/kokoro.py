@@ -7,9 +7,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
 
-import aiohttp
-
 from hal0.backends.layout import LayoutProblem, kokoro_files
+from hal0.client import HttpClient, Response
 from hal0.providers.base import Command, LaunchSpec, ProbeResult
 from hal0.providers.speech import (
     PROBE_TIMEOUT,
@@ -38,15 +37,15 @@ class KokoroProvider:
         require_runtime("kokoro", self.name)
         return server_command("tts_server", spec)
 
-    async def probe(self, session: aiohttp.ClientSession, base_url: str, slot_type: str,
+    async def probe(self, client: HttpClient, base_url: str, slot_type: str,
                     answering: Callable[[], None] | None = None) -> ProbeResult:
-        return await probe_server(session, base_url, "/v1/audio/voices", _sentinel, answering)
+        return await probe_server(client, base_url, "/v1/audio/voices", _sentinel, answering)
 
     def explain_failure(self, exit_code: int | None, log_tail: list[str]) -> str:
         return explain("the text-to-speech server", exit_code, log_tail)
 
 
-def _sentinel(session: aiohttp.ClientSession,
-              base_url: str) -> AbstractAsyncContextManager[aiohttp.ClientResponse]:
-    return session.post(f"{base_url}/v1/audio/speech", json={"input": "ok", "response_format": "pcm"},
+def _sentinel(client: HttpClient,
+              base_url: str) -> AbstractAsyncContextManager[Response]:
+    return client.post(f"{base_url}/v1/audio/speech", json={"input": "ok", "response_format": "pcm"},
                         timeout=PROBE_TIMEOUT)

@@ -13,8 +13,7 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
-import aiohttp
-
+from hal0.client import HttpClient, HttpError, Timeout
 from hal0.errors import BinaryNotFound, Hal0Error
 from hal0.hardware.placement import launch_args, launch_env
 from hal0.providers.base import Command, LaunchSpec, ProbeResult, int_arg, parallel
@@ -25,7 +24,7 @@ _CHAT_ENDPOINTS = frozenset({
 })
 _EMBED_ENDPOINTS = frozenset({"/v1/embeddings", "/v1/models"})
 _RERANK_ENDPOINTS = frozenset({"/v1/rerank", "/v1/reranking", "/v1/models"})
-_PROBE_TIMEOUT = aiohttp.ClientTimeout(total=30, sock_connect=1)
+_PROBE_TIMEOUT = Timeout(total=30, connect=1)
 
 # Lines of llama-server's output that carry the real reason of a failed load.
 _REASON = re.compile(
@@ -157,28 +156,28 @@ class LlamaCppProvider:
             return "cpu"
         return build_kind_of(binary)
 
-    async def probe(self, session: aiohttp.ClientSession, base_url: str, slot_type: str,
+    async def probe(self, client: HttpClient, base_url: str, slot_type: str,
                     answering: Callable[[], None] | None = None) -> ProbeResult:
         try:
             # /health alone while the model loads: one cheap request, which keeps the probing off the CPU the
             # load needs. Once it says 200, the listing and the sentinel go at once (llama-server answers them in
             # parallel), and `answering` lets held requests ride the sentinel's first decode: nothing of their
             # answers is released unless all three pass.
-            health = await _health(session, base_url)
+            health = await _health(client, base_url)
             if not health.ok:
                 return health
-            sentinel = asyncio.ensure_future(_sentinel_call(session, base_url, slot_type))
+            sentinel = asyncio.ensure_future(_sentinel_call(client, base_url, slot_type))
             try:
                 if answering is not None:
                     answering()
-                models = await _models(session, base_url)
+                models = await _models(client, base_url)
                 if not models.ok:
                     return models
                 return await sentinel
             finally:
                 sentinel.cancel()
                 await asyncio.gather(sentinel, return_exceptions=True)
-        except (aiohttp.ClientError, TimeoutError, OSError, ValueError) as exc:
+        except (HttpError, OSError, ValueError) as exc:
             return ProbeResult(False, "connect", None, f"{type(exc).__name__}: {exc}")
 
     def explain_failure(self, exit_code: int | None, log_tail: list[str]) -> str:
@@ -201,25 +200,25 @@ class LlamaCppProvider:
         return upstream_limit(args)
 
 
-async def _health(session: aiohttp.ClientSession, base_url: str) -> ProbeResult:
-    async with session.get(f"{base_url}/health", timeout=_PROBE_TIMEOUT) as resp:
+async def _health(client: HttpClient, base_url: str) -> ProbeResult:
+    async with client.get(f"{base_url}/health", timeout=_PROBE_TIMEOUT) as resp:
         if resp.status != 200:
             body = await resp.text()
             return ProbeResult(False, "health", resp.status, body[:300], loading=resp.status == 503)
     return ProbeResult(True, "health", 200)
 
 
-async def _models(session: aiohttp.ClientSession, base_url: str) -> ProbeResult:
-    async with session.get(f"{base_url}/v1/models", timeout=_PROBE_TIMEOUT) as resp:
-        models = await resp.json(content_type=None) if resp.status == 200 else None
+async def _models(client: HttpClient, base_url: str) -> ProbeResult:
+    async with client.get(f"{base_url}/v1/models", timeout=_PROBE_TIMEOUT) as resp:
+        models = await resp.json() if resp.status == 200 else None
         if not (isinstance(models, dict) and models.get("data")):
             return ProbeResult(False, "models", resp.status, "no model listed by /v1/models")
     return ProbeResult(True, "models", 200)
 
 
-async def _sentinel_call(session: aiohttp.ClientSession, base_url: str, slot_type: str) -> ProbeResult:
+async def _sentinel_call(client: HttpClient, base_url: str, slot_type: str) -> ProbeResult:
     path, payload = _sentinel(slot_type)
-    async with session.post(f"{base_url}{path}", json=payload, timeout=_PROBE_TIMEOUT) as resp:
+    async with client.post(f"{base_url}{path}", json=payload, timeout=_PROBE_TIMEOUT) as resp:
         if resp.status != 200:
             text = await resp.text()
             return ProbeResult(False, "sentinel", resp.status, text[:300], loading=resp.status == 503)

@@ -10,9 +10,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
 
-import aiohttp
-
 from hal0.backends.layout import LayoutProblem, model_dir, stt_engine
+from hal0.client import HttpClient, Response, form_body
 from hal0.providers.base import Command, LaunchSpec, ProbeResult
 from hal0.providers.speech import (
     PROBE_TIMEOUT,
@@ -49,18 +48,17 @@ class MoonshineProvider:
         require_runtime(engine, self.name)
         return server_command("stt_server", spec, "--engine", engine)
 
-    async def probe(self, session: aiohttp.ClientSession, base_url: str, slot_type: str,
+    async def probe(self, client: HttpClient, base_url: str, slot_type: str,
                     answering: Callable[[], None] | None = None) -> ProbeResult:
-        return await probe_server(session, base_url, "/v1/models", _sentinel, answering)
+        return await probe_server(client, base_url, "/v1/models", _sentinel, answering)
 
     def explain_failure(self, exit_code: int | None, log_tail: list[str]) -> str:
         return explain("the speech-to-text server", exit_code, log_tail)
 
 
-def _sentinel(session: aiohttp.ClientSession,
-              base_url: str) -> AbstractAsyncContextManager[aiohttp.ClientResponse]:
-    form = aiohttp.FormData()
-    form.add_field("model", "probe")
-    form.add_field("response_format", "json")
-    form.add_field("file", _SENTINEL_AUDIO, filename="probe.wav", content_type="audio/wav")
-    return session.post(f"{base_url}/v1/audio/transcriptions", data=form, timeout=PROBE_TIMEOUT)
+def _sentinel(client: HttpClient,
+              base_url: str) -> AbstractAsyncContextManager[Response]:
+    body, content_type = form_body({"model": "probe", "response_format": "json"},
+                                   [("file", "probe.wav", "audio/wav", _SENTINEL_AUDIO)])
+    return client.post(f"{base_url}/v1/audio/transcriptions", body=body, headers={"Content-Type": content_type},
+                       timeout=PROBE_TIMEOUT)

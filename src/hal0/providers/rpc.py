@@ -15,8 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
-import aiohttp
-
+from hal0.client import HttpClient
 from hal0.errors import BinaryNotFound
 from hal0.providers.base import Command, LaunchSpec, ProbeResult
 from hal0.providers.llamacpp import find_llama_server
@@ -174,7 +173,7 @@ class RpcProvider:
         return Command((str(find_rpc_server(self._llama_server)), "-H", spec.host, "-p", str(spec.port),
                         *spec.extra_args), dict(spec.env))
 
-    async def probe(self, session: aiohttp.ClientSession, base_url: str, slot_type: str,
+    async def probe(self, client: HttpClient, base_url: str, slot_type: str,
                     answering: Callable[[], None] | None = None) -> ProbeResult:
         parts = urlsplit(base_url)
         check = await hello(parts.hostname or "127.0.0.1", parts.port or 0)
@@ -182,7 +181,7 @@ class RpcProvider:
             return ProbeResult(False, "connect" if check.refused else "hello", None, check.message)
         return ProbeResult(True, "hello", None, check.message)
 
-    async def alive(self, session: aiohttp.ClientSession, base_url: str) -> bool:
+    async def alive(self, client: HttpClient, base_url: str) -> bool:
         """A loaded worker is live while its process runs (the slot's watch checks that): it answers nothing while
         it serves its llama-server, and every connection sent to it meanwhile waits in its one-deep accept queue."""
         return True

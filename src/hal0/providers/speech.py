@@ -12,15 +12,14 @@ from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 
-import aiohttp
-
 from hal0.backends.layout import RUNTIME_EXTRAS, LayoutProblem, missing_modules
+from hal0.client import HttpClient, HttpError, Response, Timeout
 from hal0.errors import BackendError, BinaryNotFound
 from hal0.providers.base import Command, LaunchSpec, ProbeResult
 
 #: Opens the one real request a probe makes (a transcription, a speech clip).
-Sentinel = Callable[[aiohttp.ClientSession, str], AbstractAsyncContextManager[aiohttp.ClientResponse]]
-PROBE_TIMEOUT = aiohttp.ClientTimeout(total=60, sock_connect=1)
+Sentinel = Callable[[HttpClient, str], AbstractAsyncContextManager[Response]]
+PROBE_TIMEOUT = Timeout(total=60, connect=1)
 _REASON = re.compile(r"(error|failed|exception|invalid|unable|cannot|not found|no such|not installed|missing)",
                      re.IGNORECASE)
 
@@ -72,29 +71,29 @@ def silent_wav(seconds: float = 0.25, rate: int = 16000) -> bytes:
     return buf.getvalue()
 
 
-async def probe_server(session: aiohttp.ClientSession, base_url: str, listing: str,
+async def probe_server(client: HttpClient, base_url: str, listing: str,
                        sentinel: Sentinel, answering: Callable[[], None] | None = None,
                        ) -> ProbeResult:
     """/health 200 (503 while the model loads), a non-empty listing, then one real request."""
     try:
-        async with session.get(f"{base_url}/health", timeout=PROBE_TIMEOUT) as resp:
+        async with client.get(f"{base_url}/health", timeout=PROBE_TIMEOUT) as resp:
             if resp.status != 200:
                 body = await resp.text()
                 return ProbeResult(False, "health", resp.status, body[:300], loading=resp.status == 503)
-        async with session.get(f"{base_url}{listing}", timeout=PROBE_TIMEOUT) as resp:
-            data = await resp.json(content_type=None) if resp.status == 200 else None
+        async with client.get(f"{base_url}{listing}", timeout=PROBE_TIMEOUT) as resp:
+            data = await resp.json() if resp.status == 200 else None
             if not (isinstance(data, dict) and data.get("data")):
                 return ProbeResult(False, "models", resp.status, f"nothing listed by {listing}")
         if answering is not None:
             answering()
-        async with sentinel(session, base_url) as resp:
+        async with sentinel(client, base_url) as resp:
             body_bytes = await resp.read()
             if resp.status != 200:
                 return ProbeResult(False, "sentinel", resp.status, body_bytes[:300].decode(errors="replace"),
                                    loading=resp.status == 503)
             if not body_bytes:
                 return ProbeResult(False, "sentinel", resp.status, "the sentinel request returned nothing")
-    except (aiohttp.ClientError, TimeoutError, OSError, ValueError) as exc:
+    except (HttpError, OSError, ValueError) as exc:
         return ProbeResult(False, "connect", None, f"{type(exc).__name__}: {exc}")
     return ProbeResult(True, "sentinel", 200, "ok")
 

@@ -14,9 +14,7 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import TYPE_CHECKING
 
-import aiohttp
-from multidict import CIMultiDict
-
+from hal0.client import HttpClient, HttpError, Response, Timeout
 from hal0.errors import UpstreamError
 from hal0.slots.state import LOADED
 
@@ -44,10 +42,10 @@ class Lease:
     backend's first decode, and `open` returns its answer only once the probe passed (the connection is
     closed, which cancels the generation, if the load fails)."""
 
-    def __init__(self, slot: Slot, session: aiohttp.ClientSession, timeout: aiohttp.ClientTimeout, *,
+    def __init__(self, slot: Slot, client: HttpClient, timeout: Timeout, *,
                  grace_s: float, early: bool = False) -> None:
         self.slot = slot
-        self._session = session
+        self._client = client
         self._timeout = timeout
         self._grace_s = grace_s
         self._early = early
@@ -101,7 +99,7 @@ class Lease:
         await self._stack.__aexit__(exc_type, exc, tb)
 
     async def open(self, method: str, target: str, body: bytes,
-                   headers: CIMultiDict[str]) -> aiohttp.ClientResponse:
+                   headers: list[tuple[bytes, bytes]]) -> Response:
         """Send the request to the backend (`target` is its path and query) and return the response head."""
         resp = await self._send(method, self.base_url + target, body, headers)
         cold = self.cold
@@ -120,25 +118,14 @@ class Lease:
         """The backend broke off an answer: have the slot check it at once."""
         self.slot.backend_failed()
 
-    async def _send(self, method: str, url: str, body: bytes,
-                    headers: CIMultiDict[str]) -> aiohttp.ClientResponse:
-        failure: BaseException
-        for attempt in (1, 2):
-            try:
-                return await self._session.request(method, url, data=body, headers=headers,
-                                                   timeout=self._timeout, skip_auto_headers=("User-Agent",))
-            except (aiohttp.ClientOSError, aiohttp.ServerDisconnectedError) as exc:
-                # llama-server closes a keep-alive connection after a streamed answer without announcing it; a
-                # request written to it in that instant never reached the backend, so it goes once more on a
-                # fresh connection. A refused connect (ClientConnectorError) is a dead backend: no retry.
-                failure = exc
-                if attempt == 1 and not isinstance(exc, aiohttp.ClientConnectorError):
-                    continue
-            except (aiohttp.ClientConnectionError, OSError) as exc:
-                failure = exc
-            break
-        self.slot.backend_failed()
-        raise UpstreamError(
-            f"backend of slot {self.slot.name} did not answer: {type(failure).__name__}: {failure}",
-            code="backend_unreachable", detail={"slot": self.slot.name, "state": self.slot.state.value},
-        ) from failure
+    async def _send(self, method: str, url: str, body: bytes, headers: list[tuple[bytes, bytes]]) -> Response:
+        try:
+            # A stale keep-alive connection (llama-server closes one after a streamed answer without announcing
+            # it) is retried by the client on a fresh one; any other failure is a backend that did not answer.
+            return await self._client.request(method, url, body=body, headers=headers, timeout=self._timeout)
+        except (HttpError, OSError) as exc:
+            self.slot.backend_failed()
+            raise UpstreamError(
+                f"backend of slot {self.slot.name} did not answer: {type(exc).__name__}: {exc}",
+                code="backend_unreachable", detail={"slot": self.slot.name, "state": self.slot.state.value},
+            ) from exc

@@ -15,8 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import aiohttp
-
+from hal0.client import HttpClient
 from hal0.errors import (
     BackendError,
     Conflict,
@@ -91,7 +90,7 @@ def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
 
 class SlotManager:
     def __init__(self, settings: Settings, bus: EventBus, supervisor: Supervisor,
-                 providers: dict[str, Provider], session: aiohttp.ClientSession, models: ModelSource,
+                 providers: dict[str, Provider], client: HttpClient, models: ModelSource,
                  failures: WriteFailures | None = None, evicted: Callable[[Eviction], None] | None = None,
                  read_inventory: Callable[[float], Inventory] = inventory) -> None:
         self.settings = settings
@@ -100,7 +99,7 @@ class SlotManager:
         self.store = StateStore(settings.slots_state_dir, failures)
         self.memory = SlotMemory(models, supervisor.log_path)
         self.ctx = SlotContext(settings=settings, store=self.store, bus=bus, supervisor=supervisor,
-                               providers=providers, session=session, models=models,
+                               providers=providers, client=client, models=models,
                                allocate_port=self._allocate_port, make_room=self._make_room, memory=self.memory)
         self.slots: dict[str, Slot] = {}
         self.budget_settings = BudgetSettings.from_settings(settings)

@@ -15,8 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-import aiohttp
-
+from hal0.client import HttpClient, HttpError, Timeout
 from hal0.errors import BackendError, Conflict, DiskFull, Hal0Error, ModelNotFound
 from hal0.events import EventBus
 from hal0.hardware.placement import Placement
@@ -44,7 +43,7 @@ WATCH_INTERVAL_S = 0.25
 LIVENESS_INTERVAL_S = 1.0
 LIVENESS_TIMEOUT_S = 1.5
 LIVENESS_FAILURES = 3
-_LIVENESS_TIMEOUT = aiohttp.ClientTimeout(total=LIVENESS_TIMEOUT_S)
+_LIVENESS_TIMEOUT = Timeout(total=LIVENESS_TIMEOUT_S)
 #: How often a loaded slot's memory figures (its snapshot's `memory`) are read again.
 MEMORY_REFRESH_S = 5.0
 #: How long after the move to ready the watch first reads what the backend holds.
@@ -122,7 +121,7 @@ class SlotContext:
     bus: EventBus
     supervisor: Supervisor
     providers: dict[str, Provider]
-    session: aiohttp.ClientSession
+    client: HttpClient
     models: ModelSource
     allocate_port: Callable[[Slot], int]
     #: Admission: make room for this slot's load (groups, `max_loaded_slots`, memory) and place it.
@@ -439,7 +438,7 @@ class Slot:
                 return
             # Taken before the probe: a line the backend logs while the probe is in flight is news too.
             log_size = _size(log_path)
-            probe = await provider.probe(self._ctx.session, self.base_url, self.config.type,
+            probe = await provider.probe(self._ctx.client, self.base_url, self.config.type,
                                          answering=self._answering.set)
             self.last_probe = probe
             if self.state is S.STARTING and (probe.ok or probe.stage != "connect"):
@@ -557,7 +556,7 @@ class Slot:
             self.start_load()
             return
         provider = self._ctx.providers.get(self.config.provider)
-        probe = await provider.probe(self._ctx.session, self.base_url, self.config.type) if provider else None
+        probe = await provider.probe(self._ctx.client, self.base_url, self.config.type) if provider else None
         self.last_probe = probe
         if probe is None or not probe.ok:
             await self._ctx.supervisor.stop(self.name, handle, self._ctx.settings.stop_timeout_s)
@@ -575,9 +574,9 @@ class Slot:
         self._ensure_watch()
 
     # -- requests ----------------------------------------------------------------------------------------
-    def lease(self, timeout: aiohttp.ClientTimeout, *, grace_s: float, early: bool = False) -> Lease:
+    def lease(self, timeout: Timeout, *, grace_s: float, early: bool = False) -> Lease:
         """The backend for one request: `async with slot.lease(...) as backend` (see `hal0.slots.lease`)."""
-        return Lease(self, self._ctx.session, timeout, grace_s=grace_s, early=early)
+        return Lease(self, self._ctx.client, timeout, grace_s=grace_s, early=early)
 
     def release_lease(self) -> None:
         self.leases -= 1
@@ -709,12 +708,12 @@ class Slot:
         answers /health from its HTTP threads even while every slot decodes); silence past the timeout does not."""
         provider = self._ctx.providers.get(self.config.provider)
         if isinstance(provider, Liveness):
-            return await provider.alive(self._ctx.session, self.base_url)
+            return await provider.alive(self._ctx.client, self.base_url)
         try:
-            async with self._ctx.session.get(f"{self.base_url}/health", timeout=_LIVENESS_TIMEOUT) as resp:
+            async with self._ctx.client.get(f"{self.base_url}/health", timeout=_LIVENESS_TIMEOUT) as resp:
                 await resp.read()
                 return True
-        except (aiohttp.ClientError, TimeoutError, OSError):
+        except (HttpError, OSError):
             return False
 
     async def _check_workers(self) -> None:

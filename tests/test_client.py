@@ -1,0 +1,245 @@
+"""hal0's HTTP client (hal0.client) against a loopback server that answers exactly the bytes each test scripts:
+the body framings, keep-alive reuse, a server that closes without saying, one that goes silent, flow control."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import pytest
+
+from hal0.client import ConnectFailed, Disconnected, HttpClient, ReadTimeout, Timeout
+from hal0.client.connection import HIGH_WATER
+
+Handler = Callable[[bytes, asyncio.StreamReader, asyncio.StreamWriter], Awaitable[bool]]
+
+
+class Scripted:
+    """A server whose handler sees each request (head and body) and writes the answer; it returns whether the
+    connection stays open for the next request."""
+
+    def __init__(self, handler: Handler) -> None:
+        self.handler = handler
+        self.connections = 0
+        self.requests: list[bytes] = []
+        self.port = 0
+        self._server: asyncio.Server | None = None
+
+    async def __aenter__(self) -> Scripted:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._server is not None
+        self._server.close()
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self._server.wait_closed(), 2)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = next((int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                               if line.lower().startswith(b"content-length:")), 0)
+                request = head + (await reader.readexactly(length) if length else b"")
+                self.requests.append(request)
+                if not await self.handler(request, reader, writer):
+                    break
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+
+def answer(body: bytes, *extra: bytes) -> bytes:
+    return b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n%s\r\n%s" % (len(body), b"".join(x + b"\r\n" for x in extra),
+                                                                    body)
+
+
+@contextlib.asynccontextmanager
+async def client() -> AsyncIterator[HttpClient]:
+    c = HttpClient()
+    try:
+        yield c
+    finally:
+        await c.close()
+
+
+async def test_bodies_by_length_chunks_and_close_are_read_whole() -> None:
+    async def handler(request: bytes, _: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
+        if b"/length" in request:
+            writer.write(answer(b'{"a": 1}', b"Content-Type: application/json"))
+        elif b"/chunked" in request:
+            writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n")
+        else:  # no length: the body ends where the server closes
+            writer.write(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\nuntil the end")
+            await writer.drain()
+            return False
+        await writer.drain()
+        return True
+
+    async with Scripted(handler) as server, client() as c:
+        async with c.get(f"{server.url}/length") as resp:
+            assert resp.status == 200 and resp.header(b"content-type") == "application/json"
+            assert await resp.json() == {"a": 1}
+        async with c.post(f"{server.url}/chunked", body=b"x") as resp:
+            assert await resp.read() == b"hello world"
+        async with c.get(f"{server.url}/close") as resp:
+            assert await resp.text() == "until the end"
+        assert server.connections == 1  # all three on one kept-alive connection, which the server then closed
+        assert server.requests[1].endswith(b"Content-Length: 1\r\n\r\nx")
+        async with c.get(f"{server.url}/length") as resp:
+            assert await resp.read() == b'{"a": 1}'
+        assert server.connections == 2
+
+
+async def test_a_kept_alive_connection_the_server_closed_silently_is_retried_once_on_a_fresh_one() -> None:
+    # llama-server closes the connection after an event stream without `Connection: close`.
+    async def handler(request: bytes, _: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
+        writer.write(answer(b"ok"))
+        await writer.drain()
+        return False
+
+    async with Scripted(handler) as server, client() as c:
+        for _ in range(3):
+            async with c.post(f"{server.url}/v1/completions", json={"prompt": "a"}) as resp:
+                assert await resp.read() == b"ok"
+        assert len(server.requests) == 3  # each request reached the server exactly once
+
+
+async def test_a_fresh_connection_that_dies_before_the_answer_is_not_retried() -> None:
+    async def handler(request: bytes, _: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
+        return False  # reads the request, answers nothing, closes
+
+    async with Scripted(handler) as server, client() as c:
+        with pytest.raises(Disconnected):
+            await c.post(f"{server.url}/v1/completions", json={"prompt": "a"})
+        assert len(server.requests) == 1
+
+
+async def test_a_server_that_closes_mid_body_is_a_disconnect_and_its_connection_is_not_reused() -> None:
+    async def handler(request: bytes, _: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nonly part")
+        await writer.drain()
+        return False
+
+    async with Scripted(handler) as server, client() as c:
+        resp = await c.get(f"{server.url}/")
+        assert resp.status == 200
+        with pytest.raises(Disconnected):
+            await resp.read()
+        resp.release()
+        with pytest.raises(Disconnected):
+            await (await c.get(f"{server.url}/")).read()
+        assert server.connections == 2
+
+
+async def test_a_silent_server_times_out_and_the_connection_is_closed() -> None:
+    async def handler(request: bytes, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
+        if b"/head" in request:
+            await reader.read()  # never answers: returns once the client closes
+            return False
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nfirst")
+        await writer.drain()
+        await reader.read()
+        return False
+
+    async with Scripted(handler) as server, client() as c:
+        with pytest.raises(ReadTimeout):
+            await c.get(f"{server.url}/head", timeout=Timeout(read=0.2))
+        resp = await c.get(f"{server.url}/body", timeout=Timeout(read=0.2))
+        assert await resp.read_some() == b"first"
+        with pytest.raises(TimeoutError):  # ReadTimeout is a TimeoutError, as callers catch it
+            await resp.read_some()
+        resp.close()
+        with pytest.raises(ReadTimeout):  # the total limit covers the body as well
+            await (await c.get(f"{server.url}/body", timeout=Timeout(total=0.3))).read()
+        assert not c._open or all(conn.closed for conn in c._open)
+
+
+async def test_a_refused_connection_is_connect_failed() -> None:
+    async with Scripted(lambda *_: asyncio.sleep(0, False)) as server:
+        url = server.url
+    async with client() as c:
+        with pytest.raises(ConnectFailed):
+            await c.get(url + "/health")
+
+
+async def test_a_slow_reader_stops_reading_the_socket_past_the_high_water_mark() -> None:
+    total = 64 << 20
+    sent = 0
+
+    async def handler(request: bytes, _: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
+        nonlocal sent
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % total)
+        block = b"x" * (1 << 20)
+        while sent < total:
+            writer.write(block)
+            await writer.drain()
+            sent += len(block)
+        return True
+
+    async with Scripted(handler) as server, client() as c:
+        resp = await c.get(f"{server.url}/big")
+        await asyncio.sleep(0.5)
+        # What the client buffered plus what the kernel's socket buffers hold: far less than the body.
+        assert sent < 32 << 20
+        assert resp._size <= HIGH_WATER + (1 << 20)
+        received = 0
+        while data := await resp.read_some():
+            received += len(data)
+        assert received == total
+        resp.release()
+
+
+async def test_interim_answers_are_skipped_and_lines_are_read_one_at_a_time() -> None:
+    async def handler(request: bytes, _: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
+        writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        writer.write(answer(b"data: 1\n\ndata: 2\n\ntail"))
+        await writer.drain()
+        return True
+
+    async with Scripted(handler) as server, client() as c:
+        async with c.get(f"{server.url}/events") as resp:
+            assert resp.status == 200
+            lines = [await resp.readline() for _ in range(6)]
+        assert lines == [b"data: 1\n", b"\n", b"data: 2\n", b"\n", b"tail", b""]
+
+
+async def test_a_header_with_a_line_break_is_refused_before_anything_is_sent() -> None:
+    async def handler(request: bytes, _: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
+        writer.write(answer(b"ok"))
+        return True
+
+    async with Scripted(handler) as server, client() as c:
+        with pytest.raises(ValueError, match="line break"):
+            await c.get(f"{server.url}/", headers={"X-Injected": "a\r\nHost: elsewhere"})
+        assert server.requests == []
+
+
+async def test_held_reading_resumes_and_the_connection_is_reused() -> None:
+    async def handler(request: bytes, _: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
+        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n1\r\na\r\n")
+        await writer.drain()
+        await asyncio.sleep(0.05)
+        writer.write(b"1\r\nb\r\n0\r\n\r\n")
+        await writer.drain()
+        return True
+
+    async with Scripted(handler) as server, client() as c:
+        for _ in range(2):
+            resp = await c.get(f"{server.url}/stream")
+            assert await resp.read_some() == b"a"
+            assert resp.hold()
+            await asyncio.sleep(0.1)
+            resp.resume()
+            assert await resp.read() == b"b"
+            resp.release()
+        assert server.connections == 1
