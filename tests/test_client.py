@@ -243,3 +243,18 @@ async def test_held_reading_resumes_and_the_connection_is_reused() -> None:
             assert await resp.read() == b"b"
             resp.release()
         assert server.connections == 1
+
+
+async def test_the_answer_to_a_head_request_has_no_body_and_its_connection_is_not_reused() -> None:
+    async def handler(request: bytes, _: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
+        body = b"" if request.startswith(b"HEAD") else b"hello"
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n" + body)
+        await writer.drain()
+        return True
+
+    async with Scripted(handler) as server, client() as c:
+        async with c.request("HEAD", f"{server.url}/") as resp:
+            assert resp.status == 200 and await resp.read() == b""
+        async with c.get(f"{server.url}/") as resp:
+            assert await resp.read() == b"hello"
+        assert server.connections == 2

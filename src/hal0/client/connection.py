@@ -131,8 +131,9 @@ class Response:
         self.status = status
         self._keep_alive = keep_alive
         self._has_head = True
-        if self._head_only:
+        if self._head_only:  # the parser would take the next answer's bytes for this one's body: not reused
             self._complete = True
+            self._keep_alive = False
         self._wake()
 
     def feed(self, body: bytes) -> None:
