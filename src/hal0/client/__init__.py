@@ -6,7 +6,7 @@ and nothing the request path does not use, so a restarted API imports it in a fe
 
 from hal0.client.connection import Response
 from hal0.client.errors import ConnectFailed, ConnectTimeout, Disconnected, HttpError, ProtocolError, ReadTimeout
-from hal0.client.session import HttpClient, Timeout, form_body, split_url
+from hal0.client.session import HttpClient, Timeout, form_body
 
 __all__ = ["ConnectFailed", "ConnectTimeout", "Disconnected", "HttpClient", "HttpError", "ProtocolError",
-           "ReadTimeout", "Response", "Timeout", "form_body", "split_url"]
+           "ReadTimeout", "Response", "Timeout", "form_body"]

@@ -13,7 +13,7 @@ from typing import Any
 
 import httptools
 
-from hal0.client.errors import Disconnected, HttpError, ProtocolError, ReadTimeout
+from hal0.client.errors import Disconnected, ProtocolError, ReadTimeout
 
 #: Bytes a response may buffer unread before the connection stops reading from the socket (the server then
 #: blocks on its send): a client that reads slowly costs the server's socket buffer, not this process's memory.
@@ -343,5 +343,3 @@ class _Chunks:
             raise StopAsyncIteration
         return data
 
-
-__all__ = ["HIGH_WATER", "Connection", "HttpError", "Response"]

@@ -70,7 +70,7 @@ class HttpClient:
                         timeout: Timeout) -> Response:
         loop = asyncio.get_running_loop()
         deadline = None if timeout.total is None else loop.time() + timeout.total
-        scheme, host, port, authority, target = split_url(url)
+        scheme, host, port, authority, target = _split_url(url)
         if json is not None:
             body = jsonlib.dumps(json).encode()
         head = _head(method, target, authority, body, json is not None, headers)
@@ -171,7 +171,7 @@ class _Pending:
         await self._response.__aexit__(exc_type, exc, tb)
 
 
-def split_url(url: str) -> tuple[str, str, int, str, str]:
+def _split_url(url: str) -> tuple[str, str, int, str, str]:
     """(scheme, host, port, authority, target) of an http(s) URL; ValueError for anything else."""
     scheme, sep, rest = url.partition("://")
     if not sep or scheme not in _PORTS:
