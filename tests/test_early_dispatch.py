@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,7 +23,7 @@ from hal0.client import HttpClient
 from hal0.dispatch.decisions import DecisionLog
 from hal0.dispatch.proxy import Dispatcher
 from hal0.events import EventBus
-from hal0.providers.base import ProbeResult
+from hal0.providers.base import Answering, ProbeResult
 from hal0.providers.llamacpp import LlamaCppProvider
 from hal0.registry.store import ModelStore
 from hal0.settings import load_settings
@@ -46,7 +46,7 @@ class SentinelRefused(LlamaCppProvider):
         self.sentinels = 0
 
     async def probe(self, session: HttpClient, base_url: str, slot_type: str,
-                    answering: Callable[[], None] | None = None) -> ProbeResult:
+                    answering: Answering | None = None) -> ProbeResult:
         result = await super().probe(session, base_url, slot_type, answering)
         if not result.ok:
             return result
@@ -144,3 +144,31 @@ async def test_a_failed_probe_drops_the_early_answer_and_explains_the_failure(ed
     # llama-server computed the held request (it went early), and every sentinel: the answer was dropped.
     assert provider.sentinels >= 1
     assert tasks_computed(edge) == provider.sentinels + 1
+
+
+async def test_a_held_stream_stands_in_for_the_sentinel(edge_factory: Any, llama_server: str) -> None:
+    edge = await edge_factory(LlamaCppProvider(llama_server))
+    client = openai.AsyncOpenAI(base_url=edge.url, api_key="unused", max_retries=0)
+    stream = await client.chat.completions.create(model="tiny", max_tokens=3, stream=True,
+                                                  messages=[{"role": "user", "content": "hello"}])
+    chunks = [chunk async for chunk in stream]
+    assert any(c.choices and c.choices[0].delta.content for c in chunks)
+    slot = edge.manager.get("primary")
+    assert slot.state is SlotState.READY
+    assert slot.last_probe is not None and slot.last_probe.message == "a held request was answered"
+    # The stream was the only completion llama-server computed: no sentinel competed with it.
+    assert tasks_computed(edge) == 1
+
+
+async def test_a_held_stream_the_backend_refuses_leaves_readiness_to_the_sentinel(edge_factory: Any,
+                                                                                  llama_server: str) -> None:
+    edge = await edge_factory(LlamaCppProvider(llama_server))
+    client = openai.AsyncOpenAI(base_url=edge.url, api_key="unused", max_retries=0)
+    # A prompt over the context is refused with a 400: a real answer, but no proof that the model completes.
+    with pytest.raises(openai.BadRequestError, match="context"):
+        await client.chat.completions.create(model="tiny", max_tokens=3, stream=True,
+                                             messages=[{"role": "user", "content": "hello " * 5000}])
+    slot = edge.manager.get("primary")
+    assert slot.state is SlotState.READY
+    assert slot.last_probe is not None and slot.last_probe.message == "ok"
+    assert tasks_computed(edge) == 2  # llama-server launches the refused request before it measures it

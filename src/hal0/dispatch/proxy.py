@@ -189,7 +189,8 @@ class Dispatcher:
         if cold:
             decision.reason += ",cold-load"
         upstream_headers = _forward_headers(scope, rid)
-        if payload is not None and payload.get("stream") is True:
+        stream = payload is not None and payload.get("stream") is True
+        if stream:
             # llama-server closes the connection after an event stream without a `Connection: close`, and the
             # pool would hand the dead connection to the next request the moment the stream's last byte arrives.
             upstream_headers.append((b"connection", b"close"))
@@ -227,7 +228,7 @@ class Dispatcher:
             await send({"type": "http.response.body", "body": out})
             return
         try:
-            await self._proxy(slot, scope, receive, send, target, body, upstream_headers, decision, rid)
+            await self._proxy(slot, scope, receive, send, target, body, upstream_headers, decision, rid, stream)
         except InsufficientMemory as exc:
             await self._forward(scope, receive, send, body, model, decision, rid, exc)
 
@@ -286,15 +287,17 @@ class Dispatcher:
             return BufferedResponse(resp.status, tuple(_response_headers(resp)), data)
 
     async def _proxy(self, slot: Slot, scope: Scope, receive: Receive, send: Send, target: str, body: bytes,
-                     headers: list[tuple[bytes, bytes]], decision: Decision, rid: bytes) -> None:
-        """Lease the slot's backend (a cold one is loaded, and the request may ride its readiness sentinel:
-        see `Lease`), send the request and relay the answer. From the moment the body is read, a client
-        that goes away cancels everything: the wait for a cold load, the wait for a backend that has not
-        answered yet (a non-streamed generation sends nothing until it is done), and the relay."""
+                     headers: list[tuple[bytes, bytes]], decision: Decision, rid: bytes, stream: bool) -> None:
+        """Lease the slot's backend (a cold one is loaded, and the request may ride its readiness probe, a
+        `stream` in the sentinel's place: see `Lease`), send the request and relay the answer. From the moment
+        the body is read, a client that goes away cancels everything: the wait for a cold load, the wait for a
+        backend that has not answered yet (a non-streamed generation sends nothing until it is done), and the
+        relay."""
         held = self.metrics.hold(slot.name) if slot.state not in LOADED else None
         try:
             async with (_client_can_cancel(receive, decision),
-                        slot.lease(self._timeout, grace_s=self.settings.cold_boot_grace_s, early=True) as backend):
+                        slot.lease(self._timeout, grace_s=self.settings.cold_boot_grace_s, early=True,
+                                   stream=stream) as backend):
                 resp = await backend.open(scope["method"], target, body, headers)
                 if held is not None:
                     held.release()

@@ -5,7 +5,8 @@ A provider is data plus a few functions; it never owns a process (supervisors do
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import asyncio
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
@@ -57,6 +58,12 @@ class Command:
     env: dict[str, str] = field(default_factory=dict)
 
 
+#: What a probe calls once the backend takes requests (see `Provider.probe`): it releases the requests a cold load
+#: holds and returns, when one of them can stand in for the sentinel, an awaitable that says whether the backend
+#: answered it 200; None when none can (the probe sends its own sentinel).
+Answering = Callable[[], Awaitable[bool] | None]
+
+
 @dataclass(frozen=True, slots=True)
 class ProbeResult:
     ok: bool
@@ -82,16 +89,49 @@ class Provider(Protocol):
     def command(self, spec: LaunchSpec) -> Command: ...
 
     async def probe(self, client: HttpClient, base_url: str, slot_type: str,
-                    answering: Callable[[], None] | None = None) -> ProbeResult:
-        """One readiness check; ok only when the backend really answers its sentinel request.
+                    answering: Answering | None = None) -> ProbeResult:
+        """One readiness check; ok only when the backend really answers a completion: its sentinel request, or a
+        held request standing in for it (`sentinel_or_held`).
 
-        `answering` is called once the backend is up and lists its model while the sentinel is still in flight:
-        requests sent from then on are served alongside it (the caller holds their answers until ready)."""
+        `answering` is called once the backend takes requests, before the sentinel: requests sent from then on
+        are served alongside it (the caller holds their answers until ready)."""
         ...
 
     def explain_failure(self, exit_code: int | None, log_tail: list[str]) -> str:
         """A one-line human reason from the backend's own output."""
         ...
+
+
+#: How long a probe waits for a held stream's answer before it sends its own sentinel as well (a long prompt is
+#: slow to its first token; the requests waiting for `ready` should not wait for it).
+HELD_WAIT_S = 0.5
+
+
+async def sentinel_or_held(held: Awaitable[bool] | None, sentinel: Callable[[], Awaitable[ProbeResult]],
+                           wait_s: float = HELD_WAIT_S) -> ProbeResult:
+    """A probe's last step. A held stream the backend answered 200 is a real completion of the loaded model (the
+    head of a streamed answer comes with its first token), so it stands in for the sentinel, which would only
+    compete with it for the backend's first decode. The sentinel goes when each held one failed or went away,
+    or, racing them, when none was answered within `wait_s`."""
+    if held is None:
+        return await sentinel()
+    answered = asyncio.ensure_future(held)
+    done, _ = await asyncio.wait((answered,), timeout=wait_s)
+    if done:
+        return _HELD_PASSED if answered.result() else await sentinel()
+    own = asyncio.ensure_future(sentinel())
+    try:
+        racing: tuple[asyncio.Future[Any], ...] = (answered, own)
+        done, _ = await asyncio.wait(racing, return_when=asyncio.FIRST_COMPLETED)
+        if answered in done and answered.result():
+            return _HELD_PASSED
+        return await own
+    finally:
+        own.cancel()
+        await asyncio.gather(own, return_exceptions=True)
+
+
+_HELD_PASSED = ProbeResult(True, "sentinel", 200, "a held request was answered")
 
 
 @runtime_checkable

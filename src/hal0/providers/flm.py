@@ -11,12 +11,11 @@ from __future__ import annotations
 import json
 import re
 import shutil
-from collections.abc import Callable
 from pathlib import Path
 
 from hal0.client import HttpClient, HttpError, Timeout
 from hal0.errors import BackendError, BinaryNotFound
-from hal0.providers.base import Command, LaunchSpec, ProbeResult
+from hal0.providers.base import Answering, Command, LaunchSpec, ProbeResult, sentinel_or_held
 from hal0.providers.speech import explain
 
 _ENDPOINTS = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/models"})
@@ -98,7 +97,7 @@ class FlmProvider:
         return Command(tuple(argv), dict(spec.env))
 
     async def probe(self, client: HttpClient, base_url: str, slot_type: str,
-                    answering: Callable[[], None] | None = None) -> ProbeResult:
+                    answering: Answering | None = None) -> ProbeResult:
         """A non-empty /v1/models, then a 1-token chat completion with the model it lists."""
         try:
             async with client.get(f"{base_url}/v1/models", timeout=_PROBE_TIMEOUT) as resp:
@@ -106,19 +105,20 @@ class FlmProvider:
                 models = data.get("data") if isinstance(data, dict) else None
                 if not models:
                     return ProbeResult(False, "models", resp.status, "no model listed by /v1/models")
-            if answering is not None:
-                answering()
-            payload = {"model": models[0].get("id", ""), "max_tokens": 1,
-                       "messages": [{"role": "user", "content": "ok"}]}
-            async with client.post(f"{base_url}/v1/chat/completions", json=payload,
-                                    timeout=_PROBE_TIMEOUT) as resp:
-                if resp.status != 200:
-                    return ProbeResult(False, "sentinel", resp.status, (await resp.text())[:300],
-                                       loading=resp.status == 503)
-                await resp.read()
+            held = answering() if answering is not None else None
+            return await sentinel_or_held(held, lambda: _sentinel_call(client, base_url, models[0].get("id", "")))
         except (HttpError, OSError, ValueError) as exc:
             return ProbeResult(False, "connect", None, f"{type(exc).__name__}: {exc}")
-        return ProbeResult(True, "sentinel", 200, "ok")
 
     def explain_failure(self, exit_code: int | None, log_tail: list[str]) -> str:
         return explain("flm", exit_code, log_tail)
+
+
+async def _sentinel_call(client: HttpClient, base_url: str, model: str) -> ProbeResult:
+    payload = {"model": model, "max_tokens": 1, "messages": [{"role": "user", "content": "ok"}]}
+    async with client.post(f"{base_url}/v1/chat/completions", json=payload, timeout=_PROBE_TIMEOUT) as resp:
+        if resp.status != 200:
+            return ProbeResult(False, "sentinel", resp.status, (await resp.text())[:300],
+                               loading=resp.status == 503)
+        await resp.read()
+    return ProbeResult(True, "sentinel", 200, "ok")

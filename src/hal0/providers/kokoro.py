@@ -4,12 +4,11 @@ Kokoro-82M in ONNX (kokoro-onnx). The model's folder holds the .onnx file and it
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
 
 from hal0.backends.layout import LayoutProblem, kokoro_files
 from hal0.client import HttpClient, Response
-from hal0.providers.base import Command, LaunchSpec, ProbeResult
+from hal0.providers.base import Answering, Command, LaunchSpec, ProbeResult
 from hal0.providers.speech import (
     PROBE_TIMEOUT,
     explain,
@@ -38,7 +37,7 @@ class KokoroProvider:
         return server_command("tts_server", spec)
 
     async def probe(self, client: HttpClient, base_url: str, slot_type: str,
-                    answering: Callable[[], None] | None = None) -> ProbeResult:
+                    answering: Answering | None = None) -> ProbeResult:
         return await probe_server(client, base_url, "/v1/audio/voices", _sentinel, answering)
 
     def explain_failure(self, exit_code: int | None, log_tail: list[str]) -> str:

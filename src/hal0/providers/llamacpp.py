@@ -10,13 +10,12 @@ import functools
 import json
 import re
 import shutil
-from collections.abc import Callable
 from pathlib import Path
 
 from hal0.client import HttpClient, HttpError, Timeout
 from hal0.errors import BinaryNotFound, Hal0Error
 from hal0.hardware.placement import launch_args, launch_env
-from hal0.providers.base import Command, LaunchSpec, ProbeResult, int_arg, parallel
+from hal0.providers.base import Answering, Command, LaunchSpec, ProbeResult, int_arg, parallel, sentinel_or_held
 
 _CHAT_ENDPOINTS = frozenset({
     "/v1/chat/completions", "/v1/completions", "/v1/responses", "/v1/messages", "/v1/models",
@@ -157,19 +156,19 @@ class LlamaCppProvider:
         return build_kind_of(binary)
 
     async def probe(self, client: HttpClient, base_url: str, slot_type: str,
-                    answering: Callable[[], None] | None = None) -> ProbeResult:
+                    answering: Answering | None = None) -> ProbeResult:
         try:
             # /health alone while the model loads: one cheap request, which keeps the probing off the CPU the
-            # load needs. Once it says 200, the listing and the sentinel go at once (llama-server answers them in
-            # parallel), and `answering` lets held requests ride the sentinel's first decode: nothing of their
-            # answers is released unless all three pass.
+            # load needs. Once it says 200, the held requests go (`answering`), and the listing and the sentinel
+            # (or a held stream standing in for it) at once: llama-server answers them in parallel, and nothing
+            # of the held answers is released unless all three pass.
             health = await _health(client, base_url)
             if not health.ok:
                 return health
-            sentinel = asyncio.ensure_future(_sentinel_call(client, base_url, slot_type))
+            held = answering() if answering is not None else None
+            sentinel = asyncio.ensure_future(
+                sentinel_or_held(held, lambda: _sentinel_call(client, base_url, slot_type)))
             try:
-                if answering is not None:
-                    answering()
                 models = await _models(client, base_url)
                 if not models.ok:
                     return models

@@ -7,12 +7,11 @@ config.json, tokenizer.json). One provider keeps the built-in `stt` slot working
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
 
 from hal0.backends.layout import LayoutProblem, model_dir, stt_engine
 from hal0.client import HttpClient, Response, form_body
-from hal0.providers.base import Command, LaunchSpec, ProbeResult
+from hal0.providers.base import Answering, Command, LaunchSpec, ProbeResult
 from hal0.providers.speech import (
     PROBE_TIMEOUT,
     explain,
@@ -49,7 +48,7 @@ class MoonshineProvider:
         return server_command("stt_server", spec, "--engine", engine)
 
     async def probe(self, client: HttpClient, base_url: str, slot_type: str,
-                    answering: Callable[[], None] | None = None) -> ProbeResult:
+                    answering: Answering | None = None) -> ProbeResult:
         return await probe_server(client, base_url, "/v1/models", _sentinel, answering)
 
     def explain_failure(self, exit_code: int | None, log_tail: list[str]) -> str:

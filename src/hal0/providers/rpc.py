@@ -10,14 +10,13 @@ import asyncio
 import ipaddress
 import logging
 import struct
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
 from hal0.client import HttpClient
 from hal0.errors import BinaryNotFound
-from hal0.providers.base import Command, LaunchSpec, ProbeResult
+from hal0.providers.base import Answering, Command, LaunchSpec, ProbeResult
 from hal0.providers.llamacpp import find_llama_server
 from hal0.providers.speech import explain
 
@@ -174,7 +173,7 @@ class RpcProvider:
                         *spec.extra_args), dict(spec.env))
 
     async def probe(self, client: HttpClient, base_url: str, slot_type: str,
-                    answering: Callable[[], None] | None = None) -> ProbeResult:
+                    answering: Answering | None = None) -> ProbeResult:
         parts = urlsplit(base_url)
         check = await hello(parts.hostname or "127.0.0.1", parts.port or 0)
         if not check.ok:

@@ -15,7 +15,7 @@ from pathlib import Path
 from hal0.backends.layout import RUNTIME_EXTRAS, LayoutProblem, missing_modules
 from hal0.client import HttpClient, HttpError, Response, Timeout
 from hal0.errors import BackendError, BinaryNotFound
-from hal0.providers.base import Command, LaunchSpec, ProbeResult
+from hal0.providers.base import Answering, Command, LaunchSpec, ProbeResult, sentinel_or_held
 
 #: Opens the one real request a probe makes (a transcription, a speech clip).
 Sentinel = Callable[[HttpClient, str], AbstractAsyncContextManager[Response]]
@@ -72,7 +72,7 @@ def silent_wav(seconds: float = 0.25, rate: int = 16000) -> bytes:
 
 
 async def probe_server(client: HttpClient, base_url: str, listing: str,
-                       sentinel: Sentinel, answering: Callable[[], None] | None = None,
+                       sentinel: Sentinel, answering: Answering | None = None,
                        ) -> ProbeResult:
     """/health 200 (503 while the model loads), a non-empty listing, then one real request."""
     try:
@@ -84,17 +84,20 @@ async def probe_server(client: HttpClient, base_url: str, listing: str,
             data = await resp.json() if resp.status == 200 else None
             if not (isinstance(data, dict) and data.get("data")):
                 return ProbeResult(False, "models", resp.status, f"nothing listed by {listing}")
-        if answering is not None:
-            answering()
-        async with sentinel(client, base_url) as resp:
-            body_bytes = await resp.read()
-            if resp.status != 200:
-                return ProbeResult(False, "sentinel", resp.status, body_bytes[:300].decode(errors="replace"),
-                                   loading=resp.status == 503)
-            if not body_bytes:
-                return ProbeResult(False, "sentinel", resp.status, "the sentinel request returned nothing")
+        held = answering() if answering is not None else None
+        return await sentinel_or_held(held, lambda: _sentinel_call(client, base_url, sentinel))
     except (HttpError, OSError, ValueError) as exc:
         return ProbeResult(False, "connect", None, f"{type(exc).__name__}: {exc}")
+
+
+async def _sentinel_call(client: HttpClient, base_url: str, sentinel: Sentinel) -> ProbeResult:
+    async with sentinel(client, base_url) as resp:
+        body_bytes = await resp.read()
+        if resp.status != 200:
+            return ProbeResult(False, "sentinel", resp.status, body_bytes[:300].decode(errors="replace"),
+                               loading=resp.status == 503)
+        if not body_bytes:
+            return ProbeResult(False, "sentinel", resp.status, "the sentinel request returned nothing")
     return ProbeResult(True, "sentinel", 200, "ok")
 
 

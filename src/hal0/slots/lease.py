@@ -21,6 +21,23 @@ from hal0.slots.state import LOADED
 if TYPE_CHECKING:
     from hal0.slots.slot import Slot
 
+class HeldAnswers:
+    """The streamed requests a cold load released to its backend as soon as it took requests, standing in for the
+    readiness sentinel: `answered` is True once one was answered 200, False once each of them reported that it
+    will not be (the probe then sends its own sentinel). Reports of requests released later are not counted."""
+
+    def __init__(self, members: set[object]) -> None:
+        self._members = set(members)
+        self.answered: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+
+    def report(self, member: object, ok: bool) -> None:
+        if member not in self._members or self.answered.done():
+            return
+        self._members.discard(member)
+        if ok or not self._members:
+            self.answered.set_result(ok)
+
+
 @dataclass(slots=True)
 class ColdStart:
     """A request's wait on a cold slot: when it began, its grace, and the load it waits for."""
@@ -40,15 +57,17 @@ class Lease:
     """One request's hold on a slot's backend. `early=True` lets a request held by a cold load go to the
     backend as soon as it takes requests (with only the readiness sentinel outstanding): it shares the
     backend's first decode, and `open` returns its answer only once the probe passed (the connection is
-    closed, which cancels the generation, if the load fails)."""
+    closed, which cancels the generation, if the load fails). A streamed one (`stream=True`) may stand in for
+    the sentinel: its answer's head comes with its first token, as real a completion as the sentinel's."""
 
     def __init__(self, slot: Slot, client: HttpClient, timeout: Timeout, *,
-                 grace_s: float, early: bool = False) -> None:
+                 grace_s: float, early: bool = False, stream: bool = False) -> None:
         self.slot = slot
         self._client = client
         self._timeout = timeout
         self._grace_s = grace_s
         self._early = early
+        self._stand_in = early and stream
         self.cold: ColdStart | None = None
         #: True when the request went to the backend before its probe passed (see the class docstring).
         self.sent_early = False
@@ -73,7 +92,10 @@ class Lease:
             if slot.state not in LOADED:
                 self.cold = cold = ColdStart(time.perf_counter(), self._grace_s)
                 if self._early:
-                    cold.load = await slot.until_answering(cold.grace_s)
+                    if self._stand_in:
+                        # Said once, whichever way this lease ends; `open` says it first when it was answered.
+                        self._stack.callback(slot.held_answer, self, False)
+                    cold.load = await slot.until_answering(cold.grace_s, self if self._stand_in else None)
                 else:
                     await slot.ensure_loaded(cold.grace_s)
             gate = slot.gate()
@@ -82,6 +104,7 @@ class Lease:
                 if early.locked():
                     # Only as many go early as the backend decodes at once, so none is queued ahead of the
                     # sentinel; the rest wait for `ready` (and then go at once).
+                    slot.held_answer(self, False)
                     await slot.join_load(self.cold.load, self.cold.left_s())
                     self.cold.load = None
                 else:
@@ -104,6 +127,8 @@ class Lease:
         resp = await self._send(method, self.base_url + target, body, headers)
         cold = self.cold
         if cold is not None and cold.load is not None:
+            if self._stand_in:
+                self.slot.held_answer(self, resp.status == 200)
             try:
                 await self.slot.join_load(cold.load, cold.left_s())
                 await self._stack.enter_async_context(self.slot.serving())

@@ -25,7 +25,7 @@ from hal0.providers.rpc import check_workers, unspecified, worker_gone
 from hal0.redact import redact_argv, redact_env
 from hal0.settings import Settings
 from hal0.slots.config import SlotConfig
-from hal0.slots.lease import Lease
+from hal0.slots.lease import HeldAnswers, Lease
 from hal0.slots.memory import SlotMemory
 from hal0.slots.state import ACTIVE, LOADED, LOADING, SlotState, check_transition
 from hal0.slots.store import SlotError, SlotRecord, StateStore, WriteMode
@@ -147,6 +147,10 @@ class Slot:
         self.last_probe: ProbeResult | None = None
         #: Set while warming once the backend takes requests and only the probe's sentinel is outstanding.
         self._answering = asyncio.Event()
+        #: Streamed requests waiting for that, each of which may stand in for the sentinel (`HeldAnswers`), and
+        #: those the probe released last.
+        self._stand_ins: set[object] = set()
+        self._held: HeldAnswers | None = None
         #: Wakes the watch for an immediate status check (the backend's pidfd turned readable, or a request
         #: found it refusing connections).
         self._wake = asyncio.Event()
@@ -281,16 +285,19 @@ class Slot:
         await self.join_load(self.start_load(), timeout)
         return True
 
-    async def until_answering(self, timeout: float) -> asyncio.Task[None] | None:
+    async def until_answering(self, timeout: float, stand_in: object = None) -> asyncio.Task[None] | None:
         """Load the slot if cold, and return as soon as its backend takes requests: once the readiness probe
-        found it up and listing its model, with the sentinel request still in flight. Returns the load task
-        then (None if the slot is already loaded): a request sent to the backend now rides the sentinel's
-        first decode instead of queueing behind it, but its sender must `join_load` the task, and release
-        nothing of the answer, until the probe passed and the slot is ready."""
+        found it up, before its sentinel request. Returns the load task then (None if the slot is already
+        loaded): a request sent to the backend now shares its first decode instead of queueing behind the
+        sentinel, but its sender must `join_load` the task, and release nothing of the answer, until the probe
+        passed and the slot is ready. A `stand_in` (a streamed request's token) may replace the sentinel: its
+        sender then reports with `held_answer`, once, whether the backend answered it 200."""
         if self.state in LOADED:
             return None
         task = self.start_load()
         answering = asyncio.ensure_future(self._answering.wait())
+        if stand_in is not None:
+            self._stand_ins.add(stand_in)
         try:
             async with asyncio.timeout(timeout):
                 await asyncio.wait((task, answering), return_when=asyncio.FIRST_COMPLETED)
@@ -298,10 +305,23 @@ class Slot:
             raise self._cold_boot_timeout(timeout) from None
         finally:
             answering.cancel()
+            self._stand_ins.discard(stand_in)
         if task.done():
             await self.join_load(task, timeout)
             return None
         return task
+
+    def _release_held(self) -> asyncio.Future[bool] | None:
+        """The probe's `answering`: wake the held requests; the answer of one of the streams among them will do
+        for the sentinel (see `sentinel_or_held`)."""
+        self._held = HeldAnswers(self._stand_ins) if self._stand_ins else None
+        self._answering.set()
+        return None if self._held is None else self._held.answered
+
+    def held_answer(self, stand_in: object, ok: bool) -> None:
+        """A stand-in's report: answered 200 (`ok`), or it will not be (refused, failed, gone)."""
+        if self._held is not None:
+            self._held.report(stand_in, ok)
 
     def _cold_boot_timeout(self, timeout: float) -> BackendError:
         return BackendError(
@@ -439,7 +459,7 @@ class Slot:
             # Taken before the probe: a line the backend logs while the probe is in flight is news too.
             log_size = _size(log_path)
             probe = await provider.probe(self._ctx.client, self.base_url, self.config.type,
-                                         answering=self._answering.set)
+                                         answering=self._release_held)
             self.last_probe = probe
             if self.state is S.STARTING and (probe.ok or probe.stage != "connect"):
                 self._transition(S.WARMING, "backend process is up; waiting for its probe")
@@ -574,9 +594,9 @@ class Slot:
         self._ensure_watch()
 
     # -- requests ----------------------------------------------------------------------------------------
-    def lease(self, timeout: Timeout, *, grace_s: float, early: bool = False) -> Lease:
+    def lease(self, timeout: Timeout, *, grace_s: float, early: bool = False, stream: bool = False) -> Lease:
         """The backend for one request: `async with slot.lease(...) as backend` (see `hal0.slots.lease`)."""
-        return Lease(self, self._ctx.client, timeout, grace_s=grace_s, early=early)
+        return Lease(self, self._ctx.client, timeout, grace_s=grace_s, early=early, stream=stream)
 
     def release_lease(self) -> None:
         self.leases -= 1
