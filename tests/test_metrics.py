@@ -151,7 +151,7 @@ def test_a_hold_is_released_once_however_often_it_is_released() -> None:
 
 def test_two_apps_in_one_process_keep_their_own_registries() -> None:
     a, b = Metrics(), Metrics()
-    a.pull_bytes.inc(5)
+    a.pull_bytes.labels().inc(5)
     assert value(a, "hal0_pull_bytes_total") == 5
     assert value(b, "hal0_pull_bytes_total") == 0
 

@@ -1,22 +1,26 @@
-"""hal0's Prometheus metrics: one registry per app, counters and histograms fed by the event bus as events are
+"""hal0's Prometheus metrics: one set per app, counters and histograms fed by the event bus as events are
 published (decision records, slot transitions, pulls), gauges read from live state at scrape time.
+
+The counters and histograms are plain numbers here (a request adds to a few of them, on the event loop);
+prometheus_client renders them, with the gauges, when /metrics is scraped, and is imported only then: it is not
+part of an API start (~15 ms of imports). Counters carry no `_created` series.
 
 Label values are bounded: slot names, the fixed set of /v1 endpoints, status codes, outcomes, state names.
 """
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any
-
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
-from prometheus_client.registry import Collector
+from typing import TYPE_CHECKING, Any
 
 from hal0.events import Event
 from hal0.stats import SlotSample
+
+if TYPE_CHECKING:
+    from prometheus_client.core import Metric
 
 REQUEST_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
 TTFT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
@@ -52,6 +56,75 @@ class Hold:
         self.release()
 
 
+class CounterChild:
+    __slots__ = ("value",)
+
+    def __init__(self) -> None:
+        self.value = 0.0
+
+    def inc(self, amount: float = 1.0) -> None:
+        self.value += amount
+
+
+class HistogramChild:
+    __slots__ = ("_bounds", "counts", "sum")
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self._bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)  # the last is +Inf
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect.bisect_left(self._bounds, value)] += 1  # `le`: a value on a bound counts in it
+        self.sum += value
+
+
+class Family:
+    """One counter or histogram and its children by label values, rendered at scrape time."""
+
+    def __init__(self, name: str, doc: str, labels: Sequence[str] = (),
+                 buckets: tuple[float, ...] | None = None) -> None:
+        self.name = name
+        self.doc = doc
+        self.label_names = tuple(labels)
+        self.buckets = buckets
+        self.children: dict[tuple[str, ...], Any] = {}
+        if not self.label_names:
+            self.labels()  # an unlabelled one is reported from the start, at 0
+
+    def labels(self, *values: str) -> Any:
+        child = self.children.get(values)
+        if child is None:
+            child = self.children[values] = (
+                CounterChild() if self.buckets is None else HistogramChild(self.buckets))
+        return child
+
+    def snapshot(self) -> list[tuple[tuple[str, ...], Any]]:
+        """The children's figures as they are now (taken on the event loop; rendered in a thread)."""
+        if self.buckets is None:
+            return [(labels, child.value) for labels, child in list(self.children.items())]
+        return [(labels, (list(child.counts), child.sum)) for labels, child in list(self.children.items())]
+
+
+def _render(family: Family, figures: list[tuple[tuple[str, ...], Any]]) -> Metric:
+    from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
+
+    if family.buckets is None:
+        counter = CounterMetricFamily(family.name, family.doc, labels=family.label_names)
+        for labels, value in figures:
+            counter.add_metric(list(labels), value)
+        return counter
+    histogram = HistogramMetricFamily(family.name, family.doc, labels=family.label_names)
+    bounds = [repr(float(b)) for b in family.buckets] + ["+Inf"]  # 0.005, 1.0: as prometheus_client writes them
+    for labels, (counts, total) in figures:
+        cumulative, running = [], 0
+        for bound, n in zip(bounds, counts, strict=True):
+            running += n
+            cumulative.append((bound, running))
+        histogram.add_metric(list(labels), cumulative, total)
+    return histogram
+
+
 @dataclass(frozen=True, slots=True)
 class DeviceSample:
     """One memory pool admission budgets (`host`, `gpu:N`): its figures and what each slot holds there."""
@@ -81,28 +154,25 @@ class Metrics:
     def __init__(self, states: Sequence[str] = (), slots: Callable[[], Iterable[SlotSample]] | None = None,
                  write_failures: Callable[[], Mapping[str, int]] | None = None,
                  devices: Callable[[], Iterable[DeviceSample]] | None = None) -> None:
-        self.registry = CollectorRegistry(auto_describe=True)
-        r = self.registry
-        self.requests = Counter("hal0_requests", "Requests routed through /v1, by slot, endpoint and HTTP status "
-                                "(slot is empty when none was found)", ["slot", "endpoint", "status"], registry=r)
-        self.duration = Histogram("hal0_request_duration_seconds", "From a request's arrival to the last byte of "
-                                  "its answer (a cold load's wait included)", ["slot", "endpoint"],
-                                  buckets=REQUEST_BUCKETS, registry=r)
-        self.ttft = Histogram("hal0_time_to_first_token_seconds", "Streamed answers: from the request's arrival "
-                              "to its first event relayed", ["slot", "endpoint"], buckets=TTFT_BUCKETS, registry=r)
-        self.prompt_tokens = Counter("hal0_prompt_tokens", "Prompt tokens, as the backend's answers reported them",
-                                     ["slot"], registry=r)
-        self.completion_tokens = Counter("hal0_completion_tokens", "Generated tokens, as the backend's answers "
-                                         "reported them", ["slot"], registry=r)
-        self.loads = Counter("hal0_loads", "Slot loads by outcome (ok, error, cancelled)", ["slot", "outcome"],
-                             registry=r)
-        self.load_duration = Histogram("hal0_load_duration_seconds", "From a load's start (pull included) to its "
-                                       "slot passing the readiness probe", ["slot"], buckets=LOAD_BUCKETS,
-                                       registry=r)
-        self.evictions = Counter("hal0_evictions", "Slots unloaded to make room, by reason", ["slot", "reason"],
-                                 registry=r)
-        self.decisions = Counter("hal0_decisions", "Decision records by outcome", ["outcome"], registry=r)
-        self.pull_bytes = Counter("hal0_pull_bytes", "Bytes downloaded by model pulls", registry=r)
+        self.requests = Family("hal0_requests", "Requests routed through /v1, by slot, endpoint and HTTP status "
+                               "(slot is empty when none was found)", ["slot", "endpoint", "status"])
+        self.duration = Family("hal0_request_duration_seconds", "From a request's arrival to the last byte of "
+                               "its answer (a cold load's wait included)", ["slot", "endpoint"],
+                               buckets=REQUEST_BUCKETS)
+        self.ttft = Family("hal0_time_to_first_token_seconds", "Streamed answers: from the request's arrival "
+                           "to its first event relayed", ["slot", "endpoint"], buckets=TTFT_BUCKETS)
+        self.prompt_tokens = Family("hal0_prompt_tokens", "Prompt tokens, as the backend's answers reported them",
+                                    ["slot"])
+        self.completion_tokens = Family("hal0_completion_tokens", "Generated tokens, as the backend's answers "
+                                        "reported them", ["slot"])
+        self.loads = Family("hal0_loads", "Slot loads by outcome (ok, error, cancelled)", ["slot", "outcome"])
+        self.load_duration = Family("hal0_load_duration_seconds", "From a load's start (pull included) to its "
+                                    "slot passing the readiness probe", ["slot"], buckets=LOAD_BUCKETS)
+        self.evictions = Family("hal0_evictions", "Slots unloaded to make room, by reason", ["slot", "reason"])
+        self.decisions = Family("hal0_decisions", "Decision records by outcome", ["outcome"])
+        self.pull_bytes = Family("hal0_pull_bytes", "Bytes downloaded by model pulls")
+        self._families = (self.requests, self.duration, self.ttft, self.prompt_tokens, self.completion_tokens,
+                          self.loads, self.load_duration, self.evictions, self.decisions, self.pull_bytes)
         self._held: dict[str, int] = {}
         self._states = tuple(states)
         self._slots = slots or (lambda: ())
@@ -110,10 +180,7 @@ class Metrics:
         self._devices = devices or (lambda: ())
         self._load_began: dict[str, float | None] = {}
         self._pulled: dict[tuple[str, str], int] = {}
-        # labels() takes a lock and builds a key on every call; the children, once made, are kept.
-        self._children: dict[tuple[Any, ...], Any] = {}
         self._routes: dict[tuple[str, str, Any], _Route] = {}
-        r.register(_LiveCollector(self))
 
     def hold(self, slot: str) -> Hold:
         return Hold(self._held, slot)
@@ -121,15 +188,19 @@ class Metrics:
     def held(self, slot: str) -> int:
         return self._held.get(slot, 0)
 
-    def exposition(self) -> bytes:
-        return generate_latest(self.registry)
+    def snapshot(self) -> list[tuple[Family, list[tuple[tuple[str, ...], Any]]]]:
+        """The counters and histograms as they are now: taken where they change (the event loop), so a scrape
+        rendered in a thread never sees an observation half made."""
+        return [(family, family.snapshot()) for family in self._families]
 
-    def _child(self, metric: Any, *labels: str) -> Any:
-        key = (id(metric), *labels)
-        child = self._children.get(key)
-        if child is None:
-            child = self._children[key] = metric.labels(*labels)
-        return child
+    def exposition(self, snapshot: list[tuple[Family, list[tuple[tuple[str, ...], Any]]]] | None = None) -> bytes:
+        """The Prometheus text of `snapshot` (now, if None) and of the gauges read now."""
+        from prometheus_client import CollectorRegistry, generate_latest
+
+        rendered = [_render(family, figures) for family, figures in (snapshot or self.snapshot())]
+        registry = CollectorRegistry(auto_describe=False)
+        registry.register(_Collected(lambda: [*rendered, *self.live()]))
+        return generate_latest(registry)
 
     # -- the bus tap ------------------------------------------------------------------------------------------
     def observe(self, event: Event) -> None:
@@ -142,10 +213,10 @@ class Metrics:
 
     def _decision(self, d: dict[str, Any]) -> None:
         outcome = str(d.get("outcome") or "")
-        self._child(self.decisions, outcome).inc()
+        self.decisions.labels(outcome).inc()
         slot = d.get("slot") or ""
         if outcome == "evicted":
-            self._child(self.evictions, slot, str(d.get("reason") or "")[:REASON_MAX]).inc()
+            self.evictions.labels(slot, str(d.get("reason") or "")[:REASON_MAX]).inc()
             return
         key = (slot, d.get("endpoint") or "", d.get("status"))
         route = self._routes.get(key)
@@ -179,9 +250,9 @@ class Metrics:
         elif src in _LOADING:
             began = self._load_began.pop(slot, None)
             outcome = "ok" if dst == "ready" else "error" if dst == "error" else "cancelled"
-            self._child(self.loads, slot, outcome).inc()
+            self.loads.labels(slot, outcome).inc()
             if outcome == "ok" and began is not None:
-                self._child(self.load_duration, slot).observe(max(0.0, when - began))
+                self.load_duration.labels(slot).observe(max(0.0, when - began))
 
     def _pull(self, data: dict[str, Any]) -> None:
         ref, kind = str(data.get("ref") or ""), data.get("kind")
@@ -199,10 +270,12 @@ class Metrics:
         last = self._pulled.get(key)
         self._pulled[key] = done
         if last is not None and done > last:
-            self.pull_bytes.inc(done - last)
+            self.pull_bytes.labels().inc(done - last)
 
     # -- scrape time --------------------------------------------------------------------------------------------
     def live(self) -> Iterator[Metric]:
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
         state = GaugeMetricFamily("hal0_slot_state", "1 for the state each slot is in now, 0 for the others",
                                   labels=["slot", "state"])
         in_flight = GaugeMetricFamily("hal0_requests_in_flight", "Requests the slot's backend is serving now",
@@ -243,12 +316,14 @@ class Metrics:
         yield from (total, budget, free, slot_device)
 
 
-class _LiveCollector(Collector):
-    def __init__(self, metrics: Metrics) -> None:
-        self._metrics = metrics
+class _Collected:
+    """What one scrape renders, as the collector prometheus_client's registry asks for."""
+
+    def __init__(self, families: Callable[[], Iterable[Metric]]) -> None:
+        self._families = families
 
     def collect(self) -> Iterable[Metric]:
-        return self._metrics.live()
+        return self._families()
 
     def describe(self) -> Iterable[Metric]:
         return ()

@@ -28,8 +28,9 @@ EXPOSITION_TYPE = "text/plain; version=0.0.4; charset=utf-8"
             response_description="Prometheus' text format, version 0.0.4")
 async def metrics(request: Request) -> Response:
     registry: Metrics = request.app.state.metrics
-    # In a thread: the device figures read what each loaded backend holds (/proc, NVML), a few ms a scrape.
-    return Response(await asyncio.to_thread(registry.exposition), media_type=EXPOSITION_TYPE)
+    # In a thread: the device figures read what each loaded backend holds (/proc, NVML), a few ms a scrape. The
+    # counters are read here, on the loop that moves them.
+    return Response(await asyncio.to_thread(registry.exposition, registry.snapshot()), media_type=EXPOSITION_TYPE)
 
 
 @router.get("/api/stats", summary="Per-second aggregates per slot over the last 15 minutes")

@@ -115,11 +115,11 @@ async def sentinel_or_held(held: Awaitable[bool] | None, sentinel: Callable[[], 
     or, racing them, when none was answered within `wait_s`."""
     if held is None:
         return await sentinel()
-    answered = asyncio.ensure_future(held)
+    answered: asyncio.Future[Any] = asyncio.ensure_future(held)
     done, _ = await asyncio.wait((answered,), timeout=wait_s)
     if done:
         return _HELD_PASSED if answered.result() else await sentinel()
-    own = asyncio.ensure_future(sentinel())
+    own: asyncio.Future[ProbeResult] = asyncio.ensure_future(sentinel())
     try:
         racing: tuple[asyncio.Future[Any], ...] = (answered, own)
         done, _ = await asyncio.wait(racing, return_when=asyncio.FIRST_COMPLETED)
