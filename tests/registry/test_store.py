@@ -94,3 +94,19 @@ def test_a_folder_without_manifest_is_not_a_model(registry: Registry) -> None:
     with pytest.raises(ModelNotFound):
         registry.get("half")
     assert not (d / MANIFEST).exists()
+
+
+def test_a_manifest_is_read_once_until_its_file_is_replaced(registry: Registry, tmp_path: Path) -> None:
+    src = generate_gguf(tmp_path / "tiny.gguf", TINY)
+    registry.import_file("tiny", src)
+    first = registry.store.get("tiny")
+    assert registry.store.get("tiny") is first  # a load asks 3-4 times: one read
+    # Another process (a CLI import, a hand edit) replaces the file: the next get reads it again.
+    path = registry.store.manifest_path("tiny")
+    data = path.read_text().replace('"chat"', '"embed"')
+    (path.parent / "new.json").write_text(data)
+    (path.parent / "new.json").replace(path)
+    assert registry.store.get("tiny").slot_type == "embed"
+    path.unlink()
+    with pytest.raises(ModelNotFound):
+        registry.store.get("tiny")

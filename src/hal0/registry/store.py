@@ -167,6 +167,9 @@ def describe_files(directory: Path, files: Iterable[ModelFile]) -> tuple[str, di
 class ModelStore:
     def __init__(self, root: Path) -> None:
         self.root = root
+        #: Manifests read, by ref, with the identity of the file they were read from (a load reads one 3-4
+        #: times; a stat says whether the file is still that one).
+        self._read: dict[str, tuple[tuple[int, int, int], Manifest]] = {}
 
     def model_dir(self, ref: str) -> Path:
         return self.root / validate_ref(ref)
@@ -180,12 +183,21 @@ class ModelStore:
     def get(self, ref: str) -> Manifest:
         path = self.manifest_path(ref)
         try:
+            st = path.stat()
+            # Manifests are replaced by a rename (a new inode), never rewritten in place.
+            identity = (st.st_ino, st.st_mtime_ns, st.st_size)
+            known = self._read.get(ref)
+            if known is not None and known[0] == identity:
+                return known[1]
             data = json.loads(path.read_text())
         except FileNotFoundError:
+            self._read.pop(ref, None)
             raise ModelNotFound(f"model {ref!r} is not installed", detail={"ref": ref}) from None
         except (OSError, ValueError) as exc:
             raise RegistryError(f"manifest of {ref!r} is unreadable: {exc}", code="bad_manifest") from exc
-        return Manifest.from_dict(data)
+        manifest = Manifest.from_dict(data)
+        self._read[ref] = (identity, manifest)
+        return manifest
 
     def list_models(self) -> list[Manifest]:
         if not self.root.is_dir():
