@@ -13,6 +13,7 @@ import json
 import os
 import signal
 import tempfile
+import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -257,9 +258,12 @@ class LifecycleMachine(RuleBasedStateMachine):
 
     @invariant()
     def a_pulling_slot_has_its_pull_and_models_are_whole(self) -> None:
-        # A pull that just ended reaches its slot a few loop turns later: let those run first.
-        for _ in range(5):
-            self.run(asyncio.sleep(0))
+        # A pull that just ended reaches its slot a little later (admission reads the inventory in a thread
+        # before the move to starting): wait for that, within a bound far beyond any load of this machine.
+        deadline = time.monotonic() + 10
+        while (self.slot.state is SlotState.PULLING and self.slot.record.model not in self.registry.pulling()
+               and time.monotonic() < deadline):
+            self.run(asyncio.sleep(0.005))
         if self.slot.state is SlotState.PULLING:
             assert self.slot.record.model in self.registry.pulling(), self.slot.record
         if self.registry.exists(PULL_REF):
