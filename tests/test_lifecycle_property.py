@@ -187,10 +187,11 @@ class LifecycleMachine(RuleBasedStateMachine):
         self.run(go())
 
     @precondition(lambda self: self.slot.state in (SlotState.OFFLINE, SlotState.ERROR))
-    @rule()
-    def load_while_the_hub_is_slow(self) -> None:
-        """Give the cold slot the model it must pull (removing an installed copy), start its load, and return
-        once bytes flow: the next steps land while it pulls."""
+    @rule(then=st.sampled_from(["load", "unload", "restart", "reassign", "second_pull", "remove_pulled_model"]))
+    def load_while_the_hub_is_slow(self, then: str) -> None:
+        """Give the cold slot the model it must pull (removing an installed copy), start its load, and once
+        bytes flow do `then` at once, so every such step has an operation land mid-pull (which later steps,
+        drawn freely, may or may not do)."""
         self._note("load_while_the_hub_is_slow")
         self.hub.rate = SLOW_BPS
         served = self.hub.served
@@ -208,6 +209,11 @@ class LifecycleMachine(RuleBasedStateMachine):
                 await asyncio.sleep(0.01)
 
         self.run(go())
+        if self.slot.state is SlotState.PULLING:
+            if then == "reassign":
+                self.reassign(REF)
+            else:
+                getattr(self, then)()
 
     @precondition(lambda self: self.slot.state is SlotState.PULLING)
     @rule()
