@@ -21,6 +21,7 @@ from hal0.slots.state import LOADED
 if TYPE_CHECKING:
     from hal0.slots.slot import Slot
 
+
 class HeldAnswers:
     """The streamed requests a cold load released to its backend as soon as it took requests, standing in for the
     readiness sentinel: `answered` is True once one was answered 200, False once each of them reported that it
