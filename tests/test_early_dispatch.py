@@ -1,7 +1,7 @@
 """Requests held by a cold load go to the backend while its readiness sentinel is in flight, and nothing of
 their answers reaches the client until the probe passed.
 
-The dispatcher runs in this process (served by uvicorn on a loopback port, called with the official `openai`
+The dispatcher runs in this process (served by hal0.server on a loopback port, called with the official `openai`
 client) against a real llama-server; one provider wraps the llama.cpp provider to fail the readiness probe
 after the backend really answered, which no real backend does on demand.
 """
@@ -17,7 +17,6 @@ from typing import Any
 
 import openai
 import pytest
-import uvicorn
 
 from hal0.client import HttpClient
 from hal0.dispatch.decisions import DecisionLog
@@ -26,6 +25,7 @@ from hal0.events import EventBus
 from hal0.providers.base import Answering, ProbeResult
 from hal0.providers.llamacpp import LlamaCppProvider
 from hal0.registry.store import ModelStore
+from hal0.server import Server, listen
 from hal0.settings import load_settings
 from hal0.slots.manager import SlotManager
 from hal0.slots.state import SlotState
@@ -64,7 +64,7 @@ class Edge:
 
 @pytest.fixture
 async def edge_factory(tmp_path: Path, model_files: dict[str, Path]) -> AsyncIterator[Any]:
-    opened: list[tuple[uvicorn.Server, asyncio.Task[None], SlotManager, HttpClient]] = []
+    opened: list[tuple[Server, asyncio.Task[int], SlotManager, HttpClient]] = []
 
     async def make(provider: LlamaCppProvider, **env: str) -> Edge:
         lo, hi = free_port_range(4)
@@ -81,17 +81,16 @@ async def edge_factory(tmp_path: Path, model_files: dict[str, Path]) -> AsyncIte
         decisions = DecisionLog(settings.log_dir / "decisions.jsonl", manager.bus,
                                 settings.decision_log_max_bytes)
         port = free_port()
-        server = uvicorn.Server(uvicorn.Config(Dispatcher(settings, manager, session, decisions),
-                                               host="127.0.0.1", port=port, lifespan="off", log_level="warning"))
-        task = asyncio.create_task(server.serve())
+        server = Server(Dispatcher(settings, manager, session, decisions), lifespan=False)
+        task = asyncio.create_task(server.serve([listen("127.0.0.1", port)]))
         opened.append((server, task, manager, session))
-        while not server.started:
-            await asyncio.sleep(0.01)
+        async with asyncio.timeout(10):
+            await server.started.wait()
         return Edge(f"http://127.0.0.1:{port}/v1", manager, decisions, settings.log_dir)
 
     yield make
     for server, task, manager, session in opened:
-        server.should_exit = True
+        server.exit()
         await task
         await manager.get("primary").unload("test over")
         await manager.close()

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import socket
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -46,10 +45,12 @@ def _age(ts: float | None) -> str:
 
 # -- serve ------------------------------------------------------------------------------------------------
 def cmd_serve(args: argparse.Namespace) -> int:
-    import uvicorn
+    import logging
 
     from hal0.api.app import AppOptions, create_app
+    from hal0.server import Server, listen
 
+    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     settings = load_settings(overrides={"host": args.host, "port": args.port})
     if settings.host not in _LOOPBACK and not settings.api_keys:
         print(f"hal0: refusing to bind {settings.host}: set HAL0_API_KEYS first (only loopback is open "
@@ -64,39 +65,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(f"hal0: {exc.message}", file=sys.stderr)
         return 1
     try:
-        sock = _listen(settings.host, settings.port)
+        sock = listen(settings.host, settings.port)
     except OSError as exc:
         print(f"hal0: cannot listen on {settings.host}:{settings.port}: {exc.strerror or exc}", file=sys.stderr)
         return 1
-    from hal0.api.server import head_timeout_protocol
-
-    app = create_app(settings, AppOptions(demo=not args.no_demo))
-    # No websocket routes: ws="none" keeps uvicorn from importing a websocket library at every start.
-    config = uvicorn.Config(app, log_level=args.log_level, loop="uvloop", ws="none", lifespan="on",
-                            http=head_timeout_protocol(settings.header_timeout_s), access_log=False,
-                            timeout_graceful_shutdown=5,
-                            # Longer than clients keep idle connections (httpx/openai: 5 s), so the server
-                            # never closes one in the instant a client reuses it (a read error for the client).
-                            timeout_keep_alive=75)
+    server = Server(create_app(settings, AppOptions(demo=not args.no_demo)),
+                    head_timeout_s=settings.header_timeout_s, graceful_s=5)
     try:
-        uvicorn.Server(config).run(sockets=[sock])
+        return server.run([sock])
     finally:
         lock.release()
-    return 0
-
-
-def _listen(host: str, port: int) -> socket.socket:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        sock.bind((host, port))
-        sock.listen(2048)
-    except OSError:
-        sock.close()
-        raise
-    sock.set_inheritable(True)
-    return sock
 
 
 # -- slots ------------------------------------------------------------------------------------------------
@@ -321,7 +299,7 @@ def build_parser(only_serve: bool = False) -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int)
     serve.add_argument("--no-demo", action="store_true",
                        help="do not give `primary` the generated demo model on a first run")
-    serve.add_argument("--log-level", default="info")
+    serve.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error", "critical"))
     serve.set_defaults(func=cmd_serve, local=True)
     if only_serve:
         return parser

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import httpx
 import pytest
-import uvicorn
 from fastapi import FastAPI
 
 from hal0 import cli
@@ -20,6 +19,7 @@ from hal0.api.models import router
 from hal0.events import EventBus
 from hal0.registry.generate import TINY, generate_gguf
 from hal0.registry.pull import Registry
+from hal0.server import Server, listen
 from hal0.settings import Settings
 
 from .conftest import FileServer, sha256
@@ -63,15 +63,12 @@ async def api(settings: Settings, registry: Registry) -> AsyncIterator[Api]:
     app.state.settings, app.state.registry = settings, registry
     app.state.events, app.state.manager = bus, slots
     port = _free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
-                                           lifespan="off"))
-    task = asyncio.create_task(server.serve())
-    # Poll with a deadline: uvicorn offers no event for "listening".
+    server = Server(app, lifespan=False)
+    task = asyncio.create_task(server.serve([listen("127.0.0.1", port)]))
     async with asyncio.timeout(10):
-        while not server.started:
-            await asyncio.sleep(0.01)
+        await server.started.wait()
     yield Api(f"http://127.0.0.1:{port}", bus, slots, registry)
-    server.should_exit = True
+    server.exit()
     await task
 
 

@@ -121,7 +121,7 @@ class Hal0App:
                 return
             if path == "/api/health" and scope["method"] in ("GET", "HEAD") and self.state is not None:
                 # Liveness is polled by supervisors, doctor and scripts: answered here, not by the management app.
-                await _send_json(send, 200, health(self.state.manager))  # uvicorn drops the body of a HEAD
+                await _send_json(send, 200, health(self.state.manager))  # the server drops the body of a HEAD
                 return
             if self._max_body is not None and _declared_length(scope) > self._max_body:
                 await _too_large(send, self._max_body)

@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
-import uvicorn
 from starlette.applications import Starlette
 from starlette.datastructures import UploadFile
 from starlette.requests import Request
@@ -28,6 +27,7 @@ from starlette.routing import Route
 from hal0.backends.audio import AudioError, Samples, decode, resample
 from hal0.backends.layout import RUNTIME_EXTRAS, LayoutProblem, missing_modules, model_dir, stt_engine
 from hal0.errors import openai_error_body
+from hal0.server import Server, listen
 
 SAMPLE_RATE = 16000
 RESPONSE_FORMATS = ("json", "text", "verbose_json", "srt", "vtt")
@@ -303,7 +303,7 @@ def _prepare(data: bytes) -> Samples:
     return np.ascontiguousarray(samples, dtype=np.float32)
 
 
-async def _load(state: ServerState, server: uvicorn.Server, args: argparse.Namespace) -> None:
+async def _load(state: ServerState, server: Server, args: argparse.Namespace) -> None:
     started = time.monotonic()
     try:
         state.engine = await asyncio.to_thread(
@@ -312,19 +312,23 @@ async def _load(state: ServerState, server: uvicorn.Server, args: argparse.Names
     except Exception as exc:  # any failure of a third-party runtime ends the process with its reason
         state.load_error = f"{type(exc).__name__}: {exc}" if not isinstance(exc, RuntimeError) else str(exc)
         print(f"error: cannot load the speech-to-text model: {state.load_error}", file=sys.stderr, flush=True)
-        server.should_exit = True
+        server.exit()
         return
     state.loaded_in_s = round(time.monotonic() - started, 3)
     print(json.dumps({"event": "loaded", "engine": state.engine.name, "seconds": state.loaded_in_s}), flush=True)
 
 
 async def _serve(args: argparse.Namespace) -> int:
+    try:
+        sock = listen(args.host, args.port)
+    except OSError as exc:
+        print(f"error: cannot listen on {args.host}:{args.port}: {exc.strerror or exc}", file=sys.stderr)
+        return 1
     state = ServerState(Path(args.model), args.alias or Path(args.model).parent.name)
-    server = uvicorn.Server(uvicorn.Config(build_app(state), host=args.host, port=args.port, log_level="warning",
-                                           access_log=False, lifespan="off"))
+    server = Server(build_app(state), lifespan=False)
     load = asyncio.create_task(_load(state, server, args), name="load-model")
     try:
-        await server.serve()
+        await server.serve_with_signals([sock])
     finally:
         load.cancel()
         with contextlib.suppress(asyncio.CancelledError):

@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
@@ -38,6 +37,7 @@ from hal0.backends.audio import (
 )
 from hal0.backends.layout import RUNTIME_EXTRAS, KokoroFiles, LayoutProblem, kokoro_files, missing_modules
 from hal0.errors import openai_error_body
+from hal0.server import Server, listen
 
 SAMPLE_RATE = 24000
 MAX_INPUT_CHARS = 4096
@@ -249,14 +249,14 @@ async def _stream(state: ServerState, engine: KokoroEngine, req: SpeechRequest) 
         yield pcm16(samples)
 
 
-async def _load(state: ServerState, server: uvicorn.Server) -> None:
+async def _load(state: ServerState, server: Server) -> None:
     started = time.monotonic()
     try:
         state.engine = await asyncio.to_thread(load_engine, state.model_path)
     except Exception as exc:  # any failure of a third-party runtime ends the process with its reason
         state.load_error = f"{type(exc).__name__}: {exc}" if not isinstance(exc, RuntimeError) else str(exc)
         print(f"error: cannot load the text-to-speech model: {state.load_error}", file=sys.stderr, flush=True)
-        server.should_exit = True
+        server.exit()
         return
     state.loaded_in_s = round(time.monotonic() - started, 3)
     print(json.dumps({"event": "loaded", "engine": "kokoro", "voices": len(state.engine.voices),
@@ -264,13 +264,17 @@ async def _load(state: ServerState, server: uvicorn.Server) -> None:
 
 
 async def _serve(args: argparse.Namespace) -> int:
+    try:
+        sock = listen(args.host, args.port)
+    except OSError as exc:
+        print(f"error: cannot listen on {args.host}:{args.port}: {exc.strerror or exc}", file=sys.stderr)
+        return 1
     overrides = dict(item.split("=", 1) for item in args.voice_map)
     state = ServerState(Path(args.model), args.alias or Path(args.model).parent.name, overrides)
-    server = uvicorn.Server(uvicorn.Config(build_app(state), host=args.host, port=args.port, log_level="warning",
-                                           access_log=False, lifespan="off"))
+    server = Server(build_app(state), lifespan=False)
     load = asyncio.create_task(_load(state, server), name="load-model")
     try:
-        await server.serve()
+        await server.serve_with_signals([sock])
     finally:
         load.cancel()
         with contextlib.suppress(asyncio.CancelledError):

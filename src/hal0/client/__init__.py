@@ -1,6 +1,6 @@
 """hal0's HTTP/1.1 client: how the API talks to its backends (requests, probes, liveness) and to its peers.
 
-Small on purpose: one exchange per pooled connection, httptools (which uvicorn already brings) to parse answers,
+Small on purpose: one exchange per pooled connection, httptools (which hal0.server uses too) to parse answers,
 and nothing the request path does not use, so a restarted API imports it in a few milliseconds.
 """
 
