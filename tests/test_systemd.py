@@ -22,9 +22,8 @@ from hal0.providers.base import Command
 from hal0.settings import Settings, load_settings
 from hal0.setup_systemd import API_UNIT, doctor_checks, install_units, render_unit
 from hal0.supervisors.base import Handle, ProcessStatus
-from hal0.supervisors.choose import choose_supervisor
+from hal0.supervisors.choose import TEMPLATE_UNIT, choose_supervisor
 from hal0.supervisors.systemd import (
-    TEMPLATE_UNIT,
     SystemdSupervisor,
     dropin_path,
     quote_exec_argv,

@@ -5,10 +5,10 @@ A reader sees the old file or the new one, never half of either; `durable` adds 
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import os
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -25,12 +25,26 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+_temp_names = itertools.count()
+
+
+def _temp_beside(path: Path) -> tuple[int, Path]:
+    """A new private (0600) file in `path`'s folder, named for this process: what tempfile.mkstemp makes, without
+    importing tempfile (and shutil, random, bz2 and lzma with it) into every API start."""
+    while True:
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.{next(_temp_names)}.tmp")
+        try:
+            return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600), tmp
+        except FileExistsError:  # left by a process of this pid before: the next name
+            continue
+
+
 def atomic_write_bytes(path: Path, data: bytes, *, durable: bool = True, mode: int | None = None) -> None:
     """Replace `path` with `data` in one rename. `durable=False` skips the fsyncs: still never half-written,
     but a power cut may bring back the previous version. `mode` sets the permissions (the temp file starts
     private, 0600), before the rename, so the file is never seen with the wrong ones."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = _temp_beside(path)
     try:
         with os.fdopen(fd, "wb") as fh:
             if mode is not None:

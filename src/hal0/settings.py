@@ -6,7 +6,6 @@ no other module reads the environment.
 
 from __future__ import annotations
 
-import ipaddress
 import os
 import tomllib
 from collections.abc import Mapping
@@ -14,8 +13,6 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
-
-import platformdirs
 
 from hal0.errors import ConfigError
 
@@ -32,6 +29,8 @@ def _default_dirs(home: Path | None) -> tuple[Path, Path, Path]:
         return home / "config", home / "state", home / "logs"
     if _is_root():
         return Path("/etc/hal0"), Path("/var/lib/hal0"), Path("/var/log/hal0")
+    import platformdirs  # only for a user without HAL0_HOME
+
     return (
         Path(platformdirs.user_config_dir(_APP)),
         Path(platformdirs.user_data_dir(_APP)),
@@ -56,10 +55,24 @@ class PeerConfig:
 
 
 def is_loopback(host: str) -> bool:
-    if host == "localhost":
+    """127.0.0.0/8, ::1 or localhost (an IPv6 address may come in brackets)."""
+    if host in ("localhost", "127.0.0.1", "::1"):
         return True
+    return _address_is(host, "is_loopback")
+
+
+def is_unspecified(host: str) -> bool:
+    """0.0.0.0 or :: — every interface."""
+    if host in ("localhost", "127.0.0.1", "::1"):
+        return False
+    return _address_is(host, "is_unspecified")
+
+
+def _address_is(host: str, what: str) -> bool:
+    import ipaddress  # the common hosts are answered above without it
+
     try:
-        return ipaddress.ip_address(host).is_loopback
+        return bool(getattr(ipaddress.ip_address(host.strip("[]")), what))
     except ValueError:
         return False
 

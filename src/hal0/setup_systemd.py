@@ -19,8 +19,8 @@ from hal0.errors import ConfigError, Hal0Error
 from hal0.fsio import atomic_write_text
 from hal0.providers.llamacpp import build_kind_of, find_llama_server
 from hal0.settings import Settings
-from hal0.supervisors.choose import choose_supervisor
-from hal0.supervisors.systemd import TEMPLATE_UNIT, UNIT_DIR
+from hal0.supervisors.choose import TEMPLATE_UNIT, choose_supervisor
+from hal0.supervisors.systemd import UNIT_DIR
 
 API_UNIT = "hal0-api.service"
 UNITS = (TEMPLATE_UNIT, API_UNIT)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import shutil
 import sys
 import threading
 from pathlib import Path
@@ -18,23 +19,12 @@ from hal0.errors import (
     SourceNotFound,
     SourceUnauthorized,
 )
-from hal0.registry import store as store_mod
 from hal0.registry.pull import PullEvent, Registry, parse_source
 from hal0.settings import Settings
 
 from .conftest import FileServer, sha256
 
 SIZE = 256 * 1024
-
-
-class _FakeShutil:
-    """Only disk_usage is consulted before a download; report a nearly full disk."""
-
-    def __init__(self, usage: object) -> None:
-        self._usage = usage
-
-    def disk_usage(self, _path: object) -> object:
-        return self._usage
 
 
 def _leftovers(registry: Registry, ref: str) -> list[str]:
@@ -171,7 +161,8 @@ async def test_not_enough_disk_is_refused_before_writing(
     class Usage:
         free = 1024
 
-    monkeypatch.setattr(store_mod, "shutil", _FakeShutil(Usage()))
+    # Only disk_usage is consulted before a download: report a nearly full disk.
+    monkeypatch.setattr(shutil, "disk_usage", lambda _path: Usage())
     with pytest.raises(InsufficientDisk) as exc:
         await registry.pull("huge", f"{file_server.url}/files/huge.gguf")
     assert exc.value.code == "insufficient_disk"

@@ -8,10 +8,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
-import hmac
 import json
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
@@ -28,11 +27,7 @@ from hal0.fsio import WriteFailures
 from hal0.metrics import Metrics
 from hal0.peers import Peers
 from hal0.providers.base import Provider
-from hal0.providers.flm import FlmProvider
-from hal0.providers.kokoro import KokoroProvider
 from hal0.providers.llamacpp import LlamaCppProvider
-from hal0.providers.moonshine import MoonshineProvider
-from hal0.providers.rpc import RpcProvider
 from hal0.registry import catalog
 from hal0.registry.pull import PullEvent, Registry
 from hal0.settings import Settings
@@ -53,9 +48,50 @@ class AppOptions:
     demo: bool = False
 
 
-def build_providers(settings: Settings) -> dict[str, Provider]:
-    return {"llama.cpp": LlamaCppProvider(settings.llama_server), "moonshine": MoonshineProvider(),
-            "kokoro": KokoroProvider(), "flm": FlmProvider(), "rpc": RpcProvider(settings.llama_server)}
+class Providers(Mapping[str, Provider]):
+    """The providers by name, each built (its module imported) when a slot first asks for it: an API whose slots
+    run llama.cpp never imports the speech, NPU or RPC providers, and a restarted one serves sooner."""
+
+    def __init__(self, factories: dict[str, Callable[[], Provider]]) -> None:
+        self._factories = factories
+        self._built: dict[str, Provider] = {}
+
+    def __getitem__(self, name: str) -> Provider:
+        provider = self._built.get(name)
+        if provider is None:
+            provider = self._built[name] = self._factories[name]()
+        return provider
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._factories)
+
+    def __len__(self) -> int:
+        return len(self._factories)
+
+
+def build_providers(settings: Settings) -> Providers:
+    def moonshine() -> Provider:
+        from hal0.providers.moonshine import MoonshineProvider
+
+        return MoonshineProvider()
+
+    def kokoro() -> Provider:
+        from hal0.providers.kokoro import KokoroProvider
+
+        return KokoroProvider()
+
+    def flm() -> Provider:
+        from hal0.providers.flm import FlmProvider
+
+        return FlmProvider()
+
+    def rpc() -> Provider:
+        from hal0.providers.rpc import RpcProvider
+
+        return RpcProvider(settings.llama_server)
+
+    return Providers({"llama.cpp": lambda: LlamaCppProvider(settings.llama_server), "moonshine": moonshine,
+                      "kokoro": kokoro, "flm": flm, "rpc": rpc})
 
 
 def build_supervisor(settings: Settings) -> Supervisor:
@@ -155,6 +191,8 @@ class Hal0App:
         await send({"type": "lifespan.shutdown.complete"})
 
     def _authorized(self, scope: Scope) -> bool:
+        import hmac  # only an API with keys comes here
+
         for key, value in scope["headers"]:
             if key == b"authorization" and value[:7].lower() == b"bearer ":
                 given = value[7:].strip()

@@ -7,14 +7,17 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from typing import TYPE_CHECKING
 
-from hal0.hardware.estimate import MemoryEstimate
 from hal0.hardware.inventory import inventory
 from hal0.metrics import DeviceSample
 from hal0.slots.manager import SlotManager
 from hal0.slots.slot import Slot
 from hal0.slots.state import LOADED
 from hal0.stats import SlotSample, StatsRing
+
+if TYPE_CHECKING:
+    from hal0.hardware.estimate import MemoryEstimate
 
 log = logging.getLogger("hal0.metrics")
 

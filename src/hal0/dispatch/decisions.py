@@ -10,7 +10,6 @@ import json
 import os
 import threading
 import time
-import uuid
 from collections import deque
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -107,7 +106,7 @@ class DecisionLog:
     def record_eviction(self, eviction: Eviction) -> None:
         """An unload to make room (or under memory pressure) is a decision too: which slot, for which, why."""
         self.record(Decision(
-            request_id=f"evict-{uuid.uuid4().hex[:16]}", endpoint="evict", model=eviction.model,
+            request_id=f"evict-{os.urandom(8).hex()}", endpoint="evict", model=eviction.model,
             slot=eviction.slot, reason=eviction.reason, outcome="evicted",
             detail={"for_slot": eviction.for_slot, "message": eviction.message, **eviction.detail}))
 

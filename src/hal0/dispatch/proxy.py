@@ -11,9 +11,9 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import re
 import time
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from typing import Any, Protocol
 from urllib.parse import parse_qs
@@ -121,7 +121,7 @@ class Dispatcher:
                 request_id = value
             elif key == PREFETCH_HEADER and value.strip().lower() in (b"1", b"true", b"yes"):
                 prefetch = True
-        rid = request_id or uuid.uuid4().hex.encode()
+        rid = request_id or os.urandom(16).hex().encode()
         if path == "/v1/models" and method in ("GET", "HEAD"):
             await self._send_json(send, 200, self.models_listing(), rid)
             return

@@ -1,13 +1,6 @@
-"""The machine's hardware and what a backend costs on it: inventory, estimate before load, measured after.
+"""The machine's hardware and what a backend costs on it: `inventory` (what there is), `estimate` (before a
+load), `measure` (after), `budget` (what admission may hand out) and `placement` (which device a slot runs on).
 
-Admission calls `estimate(layout, LoadSettings)` and `measure(pid, log)`; the API shows `inventory()`.
+The package imports none of them, so admission's budgets do not bring the estimate's GGUF reader along: each is
+imported where it is used.
 """
-
-from hal0.hardware.estimate import DevicePart, LoadSettings, MemoryEstimate, estimate, file_size_rule
-from hal0.hardware.inventory import Gpu, HostMemory, Inventory, inventory, read_inventory
-from hal0.hardware.measure import MeasuredMemory, ProcessMemory, measure, parse_buffer_report
-
-__all__ = [
-    "DevicePart", "Gpu", "HostMemory", "Inventory", "LoadSettings", "MeasuredMemory", "MemoryEstimate",
-    "ProcessMemory", "estimate", "file_size_rule", "inventory", "measure", "parse_buffer_report", "read_inventory",
-]

@@ -7,7 +7,6 @@ authentication at all: whoever reaches its port runs tensors on it (and reads wh
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import logging
 import struct
 from dataclasses import dataclass
@@ -19,6 +18,7 @@ from hal0.errors import BinaryNotFound
 from hal0.providers.base import Answering, Command, LaunchSpec, ProbeResult
 from hal0.providers.llamacpp import find_llama_server
 from hal0.providers.speech import explain
+from hal0.settings import is_loopback
 
 log = logging.getLogger("hal0.providers.rpc")
 
@@ -38,23 +38,6 @@ _BUSY_S = 1.5
 #: round trip. A busy worker's full accept queue drops the connect instead (no answer at all), so waiting long
 #: would only hold up the slot's watch loop once a second.
 _GONE_S = 0.3
-
-
-def unspecified(host: str) -> bool:
-    """0.0.0.0 or :: — every interface."""
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_unspecified
-    except ValueError:
-        return False
-
-
-def loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
 
 
 def split_endpoint(endpoint: str) -> tuple[str, int]:
@@ -164,7 +147,7 @@ class RpcProvider:
         return frozenset()
 
     def command(self, spec: LaunchSpec) -> Command:
-        if not loopback(spec.host):
+        if not is_loopback(spec.host):
             log.warning("rpc slot %s binds %s:%d: ggml-rpc-server has NO authentication; anyone who reaches "
                         "this port can run work on this machine and read its tensors. Keep it on a network "
                         "you trust (a private LAN or VPN), firewalled to the main node.", spec.slot, spec.host,

@@ -1,6 +1,5 @@
-"""The model registry: models on disk, pulls, the catalog and loadouts."""
+"""The model registry: models on disk (`store`), pulls (`pull`), the catalog and loadouts.
 
-from hal0.registry.pull import PullEvent, Registry
-from hal0.registry.store import Manifest, ModelFile, validate_ref
-
-__all__ = ["Manifest", "ModelFile", "PullEvent", "Registry", "validate_ref"]
+The package imports none of them: a module that needs the store (every load reads a manifest) does not pay for
+the pull machinery, which only a pull uses.
+"""

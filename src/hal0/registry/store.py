@@ -13,9 +13,7 @@ import hashlib
 import json
 import os
 import re
-import shutil
 import time
-import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,7 +30,6 @@ from hal0.errors import (
     RegistryError,
 )
 from hal0.fsio import atomic_write_json
-from hal0.registry.gguf import is_gguf, read_gguf_metadata
 
 MAX_REF_LEN = 96
 _REF_RE = re.compile(r"^[a-z0-9][a-z0-9._-]*$")
@@ -78,6 +75,8 @@ def sha256_file(path: Path) -> str:
 
 
 def ensure_free_space(directory: Path, needed: int) -> None:
+    import shutil  # this module is read by every start (manifests, refs); shutil only by imports and pulls
+
     free = shutil.disk_usage(directory).free
     if needed + DISK_MARGIN_BYTES > free:
         raise InsufficientDisk(
@@ -151,6 +150,8 @@ def describe_files(directory: Path, files: Iterable[ModelFile]) -> tuple[str, di
     files = list(files)
     fmt = guess_format(files[0].name) if files else "unknown"
     path = directory / files[0].name if files else None
+    from hal0.registry.gguf import is_gguf, read_gguf_metadata  # only when a model is installed
+
     if path is not None and is_gguf(path):
         fmt = "gguf"
         try:
@@ -300,6 +301,8 @@ class ModelStore:
                     raise
         if not linked:
             ensure_free_space(directory, path.stat().st_size)
+            import shutil
+
             shutil.copyfile(path, partial)
         try:
             digest = sha256_file(partial)
@@ -325,7 +328,9 @@ class ModelStore:
         directory = self.model_dir(ref)
         if not directory.exists():
             return
-        trash = self.root / f".trash-{ref}-{uuid.uuid4().hex[:8]}"
+        import shutil
+
+        trash = self.root / f".trash-{ref}-{os.urandom(4).hex()}"
         os.replace(directory, trash)
         shutil.rmtree(trash, ignore_errors=True)
 

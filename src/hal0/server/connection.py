@@ -41,14 +41,10 @@ ASGI = {"version": "3.0", "spec_version": "2.3"}
 
 
 def _status_line(code: int) -> bytes:
-    try:
-        phrase = HTTPStatus(code).phrase
-    except ValueError:
-        phrase = ""
-    return f"HTTP/1.1 {code} {phrase}".rstrip().encode() + b"\r\n"
+    return f"HTTP/1.1 {code} ".encode() + b"\r\n"  # a code with no phrase (the space before it is not optional)
 
 
-_STATUS_LINES = {code: _status_line(code) for code in range(100, 600)}
+_STATUS_LINES = {s.value: f"HTTP/1.1 {s.value} {s.phrase}".encode() + b"\r\n" for s in HTTPStatus}
 _DAYS = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")
 _MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
 _date: tuple[int, bytes] = (0, b"")

@@ -11,7 +11,7 @@ import errno
 import logging
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -90,7 +90,7 @@ def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
 
 class SlotManager:
     def __init__(self, settings: Settings, bus: EventBus, supervisor: Supervisor,
-                 providers: dict[str, Provider], client: HttpClient, models: ModelSource,
+                 providers: Mapping[str, Provider], client: HttpClient, models: ModelSource,
                  failures: WriteFailures | None = None, evicted: Callable[[Eviction], None] | None = None,
                  read_inventory: Callable[[float], Inventory] = inventory) -> None:
         self.settings = settings

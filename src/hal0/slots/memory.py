@@ -12,12 +12,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from hal0.hardware.budget import HOST, Holding, gpu_device
-from hal0.hardware.estimate import GPU_CONTEXT_BYTES, LoadSettings, MemoryEstimate, estimate_file
-from hal0.hardware.measure import MeasuredMemory, measure, parse_buffer_report, read_log_tail
 from hal0.hardware.placement import ALL_LAYERS, Placement, has_flag
 from hal0.slots.state import LOADED, SlotState
 
 if TYPE_CHECKING:
+    from hal0.hardware.estimate import MemoryEstimate
+    from hal0.hardware.measure import MeasuredMemory
     from hal0.slots.slot import ModelSource, Slot
 
 #: States in which a backend process exists or is being started: it holds (or is about to hold) memory.
@@ -34,6 +34,8 @@ def placement_of(device: str | None) -> Placement:
 def split(est: MemoryEstimate, placement: Placement) -> dict[str, int]:
     """An estimate per device: host buffers and the process baseline on `host`; the GPU buffers and one GPU
     context per GPU, shared evenly over the GPUs of a split (llama.cpp's layer split; an approximation)."""
+    from hal0.hardware.estimate import GPU_CONTEXT_BYTES  # the estimate's modules: imported by the first load
+
     gpu_bytes = sum(d.total_bytes for name, d in est.devices.items() if name != "CPU")
     context = GPU_CONTEXT_BYTES if gpu_bytes else 0
     host = est.devices["CPU"].total_bytes + est.baseline_bytes - context
@@ -67,6 +69,8 @@ class SlotMemory:
         if path is None:
             return None
         placement = placement if placement is not None else placement_of(slot.record.device)
+        from hal0.hardware.estimate import LoadSettings, estimate_file
+
         settings = LoadSettings.from_args(slot.config.ctx_size, slot.config.args)
         if placement.explicit and not has_flag(slot.config.args, "-ngl", "--gpu-layers", "--n-gpu-layers"):
             settings = replace(settings, gpu_layers=placement.gpu_layers if placement.gpus else 0)
@@ -85,6 +89,8 @@ class SlotMemory:
         pid = slot.record.pid
         if pid is None or slot.state not in LOADED:
             return None
+        from hal0.hardware.measure import MeasuredMemory, measure, parse_buffer_report, read_log_tail
+
         key = (slot.name, pid)
         buffers = self._reports.get(key)
         if buffers is None:

@@ -10,7 +10,7 @@ import contextlib
 import dataclasses
 import os
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -21,9 +21,8 @@ from hal0.events import EventBus
 from hal0.hardware.placement import Placement
 from hal0.kinds import MODEL_LESS_TYPES
 from hal0.providers.base import LaunchSpec, Liveness, ProbeResult, Provider, in_flight_limit, parallel
-from hal0.providers.rpc import check_workers, unspecified, worker_gone
 from hal0.redact import redact_argv, redact_env
-from hal0.settings import Settings
+from hal0.settings import Settings, is_unspecified
 from hal0.slots.config import SlotConfig
 from hal0.slots.lease import HeldAnswers, Lease
 from hal0.slots.memory import SlotMemory
@@ -120,7 +119,7 @@ class SlotContext:
     store: StateStore
     bus: EventBus
     supervisor: Supervisor
-    providers: dict[str, Provider]
+    providers: Mapping[str, Provider]
     client: HttpClient
     models: ModelSource
     allocate_port: Callable[[Slot], int]
@@ -176,7 +175,7 @@ class Slot:
     @property
     def base_url(self) -> str:
         host = self.config.host or "127.0.0.1"
-        if unspecified(host):
+        if is_unspecified(host):
             host = "127.0.0.1"
         return f"http://{f'[{host}]' if ':' in host and not host.startswith('[') else host}:{self.record.port}"
 
@@ -740,6 +739,8 @@ class Slot:
         """Before a llama-server with `rpc` workers starts: every worker answers the RPC HELLO, else the load fails
         naming the ones that do not. A worker busy with a client is one too: it serves one llama-server at a time,
         and ours would hang on it until the other one lets go."""
+        from hal0.providers.rpc import check_workers  # only slots with rpc workers come here
+
         bad = [c for c in await check_workers(self.config.rpc, busy_ok=False) if not c.ok]
         if bad:
             raise BackendError(
@@ -752,6 +753,10 @@ class Slot:
     async def _lost_worker(self, *, held: bool = False) -> bool:
         """A loaded slot whose rpc worker went away: llama-server would abort on its next request (or already
         did). Stop it and say which worker it was. True when that happened."""
+        if not self.config.rpc:
+            return False
+        from hal0.providers.rpc import worker_gone
+
         gone = await asyncio.gather(*(worker_gone(endpoint) for endpoint in self.config.rpc))
         for endpoint, why in zip(self.config.rpc, gone, strict=True):
             if why is None:

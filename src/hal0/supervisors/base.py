@@ -6,7 +6,6 @@ A supervisor says whether a process is alive; it never says whether it is ready 
 from __future__ import annotations
 
 import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -89,6 +88,8 @@ def rotate_log(path: Path, max_bytes: int = LOG_MAX_BYTES, keep: int = LOG_KEEP)
         older = path.with_name(f"{path.name}.{i}")
         if older.exists():
             os.replace(older, path.with_name(f"{path.name}.{i + 1}"))
+    import shutil  # a rotation is rare; every start imports this module
+
     shutil.copyfile(path, path.with_name(f"{path.name}.1"))
     with path.open("r+b") as fh:
         fh.truncate(0)

@@ -9,7 +9,10 @@ from pathlib import Path
 from hal0.settings import Settings
 from hal0.supervisors.base import Supervisor
 from hal0.supervisors.embedded import EmbeddedSupervisor
-from hal0.supervisors.systemd import TEMPLATE_UNIT, UNIT_DIR, SystemdSupervisor
+
+#: The slots' template unit (`hal0-slot@<name>.service`); hal0.supervisors.systemd, which drives it, is imported
+#: only where systemd is chosen.
+TEMPLATE_UNIT = "hal0-slot@.service"
 
 #: Where systemd looks for system units, highest priority first (systemd.unit(5)).
 UNIT_SEARCH_PATH = (
@@ -40,12 +43,19 @@ def installed_template(root: Path = Path("/")) -> Path | None:
 
 
 def choose_supervisor(settings: Settings, *, root: Path = Path("/"),
-                      unit_dir: Path = UNIT_DIR) -> tuple[Supervisor, str]:
+                      unit_dir: Path | None = None) -> tuple[Supervisor, str]:
     """The supervisor for these settings on this machine, and why it was chosen."""
-    embedded = EmbeddedSupervisor(settings.slots_state_dir, settings.log_dir)
-    systemd = SystemdSupervisor(unit_dir, stop_timeout_s=settings.stop_timeout_s)
+
+    def embedded() -> Supervisor:
+        return EmbeddedSupervisor(settings.slots_state_dir, settings.log_dir)
+
+    def systemd() -> Supervisor:
+        from hal0.supervisors.systemd import UNIT_DIR, SystemdSupervisor
+
+        return SystemdSupervisor(unit_dir or UNIT_DIR, stop_timeout_s=settings.stop_timeout_s)
+
     if settings.supervisor == "embedded":
-        return embedded, "supervisor = embedded in settings"
+        return embedded(), "supervisor = embedded in settings"
     pid1, how = systemd_is_pid1(root)
     template = installed_template(root)
     if settings.supervisor == "systemd":
@@ -54,10 +64,10 @@ def choose_supervisor(settings: Settings, *, root: Path = Path("/"),
             caveats.append(f"but systemd does not seem to be running ({how})")
         if template is None:
             caveats.append(f"but {TEMPLATE_UNIT} is not installed (run `hal0 setup --systemd`)")
-        return systemd, " ".join(["supervisor = systemd in settings", *caveats])
+        return systemd(), " ".join(["supervisor = systemd in settings", *caveats])
     if not pid1:
-        return embedded, f"auto: systemd is not the init system ({how})"
+        return embedded(), f"auto: systemd is not the init system ({how})"
     if template is None:
-        return embedded, (f"auto: systemd is the init system ({how}) but {TEMPLATE_UNIT} is not installed "
-                          "(`hal0 setup --systemd` installs it)")
-    return systemd, f"auto: systemd is the init system ({how}) and {template} is installed"
+        return embedded(), (f"auto: systemd is the init system ({how}) but {TEMPLATE_UNIT} is not installed "
+                            "(`hal0 setup --systemd` installs it)")
+    return systemd(), f"auto: systemd is the init system ({how}) and {template} is installed"

@@ -22,7 +22,6 @@ from hal0.providers.base import Command
 from hal0.supervisors.base import Handle, ProcessStatus
 
 UNIT_DIR = Path("/etc/systemd/system")
-TEMPLATE_UNIT = "hal0-slot@.service"
 DROPIN_NAME = "10-hal0.conf"
 #: Bound on one systemctl/journalctl call; they talk to PID 1 over a local socket and answer in milliseconds.
 SYSTEMCTL_TIMEOUT_S = 30.0
