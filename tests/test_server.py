@@ -191,6 +191,8 @@ async def test_a_failing_app_gets_500_before_its_answer_and_a_closed_connection_
         if scope["path"] == "/late":
             await send({"type": "http.response.start", "status": 200, "headers": []})
             await send({"type": "http.response.body", "body": b"partial", "more_body": True})
+        elif scope["path"] == "/started":
+            await send({"type": "http.response.start", "status": 200, "headers": []})  # no body bytes yet
         elif scope["path"] == "/quiet":
             return  # returns without an answer
         elif scope["path"] == "/fine":
@@ -204,6 +206,9 @@ async def test_a_failing_app_gets_500_before_its_answer_and_a_closed_connection_
         assert early.startswith(b"HTTP/1.1 500 ") and early.endswith(b"Internal Server Error")
         quiet = await exchange(port, b"GET /quiet HTTP/1.1\r\nHost: x\r\n\r\n")
         assert quiet.startswith(b"HTTP/1.1 500 ")
+        # A head not yet written when the app fails (it waits for the body's first bytes) becomes a 500.
+        started = await exchange(port, b"GET /started HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert started.startswith(b"HTTP/1.1 500 ") and b"200" not in started
         late = await exchange(port, b"GET /late HTTP/1.1\r\nHost: x\r\n\r\n")
         # The head went out: the client sees a body cut short (no closing chunk), never a second status line.
         assert late.startswith(b"HTTP/1.1 200 OK") and b"partial" in late and not late.endswith(b"0\r\n\r\n")

@@ -45,8 +45,12 @@ def _age(ts: float | None) -> str:
 
 # -- serve ------------------------------------------------------------------------------------------------
 def cmd_serve(args: argparse.Namespace) -> int:
+    import gc
     import logging
 
+    # The collector is off while the API imports and starts (what that makes lives as long as the process, and
+    # walking it again and again cost ~5 ms of every start); `serving` freezes it all and turns it back on.
+    gc.disable()
     from hal0.api.app import AppOptions, create_app
     from hal0.server import Server, listen
 

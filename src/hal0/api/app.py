@@ -292,6 +292,7 @@ async def serving(edge: Hal0App) -> AsyncIterator[None]:
         # way, so a full collection under load walks only what requests made (with the management app
         # imported, one took 14 ms on the event loop; after the freeze, well under 1 ms).
         gc.freeze()
+        gc.enable()  # `hal0 serve` starts with it off
         yield
     finally:
         if sampler is not None:

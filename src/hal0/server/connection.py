@@ -300,6 +300,7 @@ class Exchange:
         self._chunked = False
         self._left: int | None = None  # content-length bytes still to send
         self._head_only = scope["method"] == "HEAD"
+        self._pending: bytes | None = None  # the response head, not written yet
 
     def wake(self) -> None:
         waiters, self._waiters = self._waiters, []
@@ -331,8 +332,9 @@ class Exchange:
         transport = self.conn.transport
         if transport is None or transport.is_closing():
             return
-        if not self.started:
+        if not self.started or self._pending is not None:  # nothing of the answer is on the wire yet
             self.started = self.complete = True
+            self._pending = None
             transport.write(_plain(500, "Internal Server Error"))
         transport.close()
 
@@ -370,7 +372,10 @@ class Exchange:
                 raise RuntimeError(f"expected 'http.response.start', got {kind!r}")
             self.started = True
             self._continue = False
-            transport.write(self._head(message))
+            # Held until the body's first bytes, so that a small answer leaves in one write (one segment, one
+            # wake-up of the client), and sent on the loop's next turn if the app has no body bytes yet.
+            self._pending = self._head(message)
+            conn.loop.call_soon(self._flush)
             return
         if self.complete:
             raise RuntimeError(f"{kind!r} sent after the response was complete")
@@ -378,28 +383,37 @@ class Exchange:
             raise RuntimeError(f"expected 'http.response.body', got {kind!r}")
         body: bytes = message.get("body", b"")
         more = message.get("more_body", False)
+        data = b""
         if self._head_only:
             pass
         elif self._chunked:
-            if body and more:
-                transport.write(b"%x\r\n%b\r\n" % (len(body), body))
-            elif body:
-                transport.write(b"%x\r\n%b\r\n0\r\n\r\n" % (len(body), body))
+            if body:
+                data = b"%x\r\n%b\r\n0\r\n\r\n" % (len(body), body) if not more else b"%x\r\n%b\r\n" % (
+                    len(body), body)
             elif not more:
-                transport.write(b"0\r\n\r\n")
+                data = b"0\r\n\r\n"
         else:
             if self._left is not None:
                 if len(body) > self._left:
                     raise RuntimeError("response body longer than its content-length")
                 self._left -= len(body)
-            if body:
-                transport.write(body)
+            data = body
+        if self._pending is not None:
+            data, self._pending = self._pending + data, None
+        if data:
+            transport.write(data)
         if not more:
             if self._left and not self._head_only:
                 raise RuntimeError("response body shorter than its content-length")
             self.complete = True
             self.wake()
             conn.answered(self)
+
+    def _flush(self) -> None:
+        transport = self.conn.transport
+        if self._pending is not None and transport is not None and not transport.is_closing():
+            transport.write(self._pending)
+        self._pending = None
 
     def _head(self, message: Message) -> bytes:
         status: int = message["status"]
