@@ -16,7 +16,9 @@ import pytest
 from hal0.dispatch.resolve import resolve_remote
 from hal0.errors import ConfigError
 from hal0.events import EventBus
-from hal0.peers import HOP_HEADER, Peers, PeerStatus, PeerView, RemoteSlot
+from hal0.peers.follow import Peers
+from hal0.peers.forward import HOP_HEADER
+from hal0.peers.view import PeerStatus, PeerView, RemoteSlot
 from hal0.settings import PeerConfig, load_settings, parse_peers
 from tests.conftest import Hal0, wait_until
 

@@ -25,7 +25,6 @@ from hal0.errors import anthropic_error_body, openai_error_body
 from hal0.events import EventBus
 from hal0.fsio import WriteFailures
 from hal0.metrics import Metrics
-from hal0.peers import Peers
 from hal0.providers.base import Provider
 from hal0.providers.llamacpp import LlamaCppProvider
 from hal0.registry import catalog
@@ -270,7 +269,11 @@ async def serving(edge: Hal0App) -> AsyncIterator[None]:
                      lambda: dict(failures.counts), lambda: samples.device_samples(manager))
     bus.tap(meters.observe)
     bus.tap(stats.observe)
-    followed = Peers(settings.peers, bus)
+    followed = None
+    if settings.peers:  # the following machinery is imported only where there is someone to follow
+        from hal0.peers.follow import Peers
+
+        followed = Peers(settings.peers, bus)
     edge.state = SimpleNamespace(settings=settings, events=bus, client=client, registry=registry,
                                  manager=manager, decisions=decisions, stats=stats, metrics=meters,
                                  peers=followed)
@@ -281,7 +284,8 @@ async def serving(edge: Hal0App) -> AsyncIterator[None]:
         edge.dispatcher = dispatcher
         sampler = asyncio.create_task(samples.sample_every_second(manager, stats), name="stats-sampler")
         # Peers are followed from here to shutdown: their tasks are cancelled and awaited in `finally`.
-        followed.start()
+        if followed is not None:
+            followed.start()
         if edge.options.demo:
             from hal0.demo import ensure_demo_model
 
@@ -300,7 +304,8 @@ async def serving(edge: Hal0App) -> AsyncIterator[None]:
             with contextlib.suppress(asyncio.CancelledError):
                 await sampler
         edge.dispatcher = None
-        await followed.aclose()
+        if followed is not None:
+            await followed.aclose()
         await dispatcher.close()
         await manager.close()
         decisions.close()

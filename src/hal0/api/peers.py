@@ -6,12 +6,12 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 
-from hal0.peers import Peers
+from hal0.peers.follow import Peers
 
 router = APIRouter(prefix="/api", tags=["peers"])
 
 
 @router.get("/peers", summary="Peers: status (connecting, up, down), why, and their slots")
 async def list_peers(request: Request) -> dict[str, Any]:
-    peers: Peers = request.app.state.peers
-    return {"data": peers.to_list()}
+    peers: Peers | None = request.app.state.peers  # None: no peers configured
+    return {"data": peers.to_list() if peers is not None else []}

@@ -15,7 +15,7 @@ import os
 import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import parse_qs
 
 from hal0.client import HttpClient, HttpError, Response, Timeout
@@ -38,11 +38,15 @@ from hal0.errors import (
 )
 from hal0.kinds import ENDPOINT_TYPES
 from hal0.metrics import Metrics
-from hal0.peers import HOP_HEADER, PeerBackend, Peers, RemoteSlot
+from hal0.peers.forward import HOP_HEADER, PeerBackend
+from hal0.peers.view import RemoteSlot
 from hal0.settings import Settings
 from hal0.slots.manager import SlotManager
 from hal0.slots.slot import Slot
 from hal0.slots.state import LOADED
+
+if TYPE_CHECKING:
+    from hal0.peers.follow import Peers
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]

@@ -8,13 +8,15 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from hal0.errors import InvalidRequest, ModelNotFound
 from hal0.kinds import ENDPOINT_TYPES
-from hal0.peers.view import RemoteSlot
 from hal0.slots.slot import Slot
 from hal0.slots.state import LOADED
+
+if TYPE_CHECKING:
+    from hal0.peers.view import RemoteSlot
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,7 +1,5 @@
-"""Other hal0 nodes: their slots followed live, and the requests this node forwards to them."""
+"""Other hal0 nodes: their slots followed live (`follow`, `view`), and the requests this node forwards to them
+(`forward`).
 
-from hal0.peers.follow import Peers
-from hal0.peers.forward import HOP_HEADER, PeerBackend
-from hal0.peers.view import PeerStatus, PeerView, RemoteSlot
-
-__all__ = ["HOP_HEADER", "PeerBackend", "PeerStatus", "PeerView", "Peers", "RemoteSlot"]
+The package imports none of them: an API with no peers configured never imports the following machinery.
+"""
