@@ -48,13 +48,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import gc
     import logging
 
-    # The collector is off while the API imports and starts (what that makes lives as long as the process, and
-    # walking it again and again cost ~5 ms of every start); `serving` freezes it all and turns it back on.
-    gc.disable()
-    from hal0.api.app import AppOptions, create_app
-    from hal0.server import Server, listen
+    from hal0.server import listen
 
-    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     settings = load_settings(overrides={"host": args.host, "port": args.port})
     if settings.host not in _LOOPBACK and not settings.api_keys:
         print(f"hal0: refusing to bind {settings.host}: set HAL0_API_KEYS first (only loopback is open "
@@ -73,6 +68,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except OSError as exc:
         print(f"hal0: cannot listen on {settings.host}:{settings.port}: {exc.strerror or exc}", file=sys.stderr)
         return 1
+    # Listening from here on: a client that connects while the API imports and starts waits in the socket's
+    # backlog and is answered as soon as it serves, instead of being refused (a restart looks like a pause).
+    # The collector is off meanwhile (what the start makes lives as long as the process, and walking it again
+    # and again cost ~5 ms of every start); `serving` freezes it all and turns it back on.
+    gc.disable()
+    from hal0.api.app import AppOptions, create_app
+    from hal0.server import Server
+
+    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     server = Server(create_app(settings, AppOptions(demo=not args.no_demo)),
                     head_timeout_s=settings.header_timeout_s, graceful_s=5)
     try:
