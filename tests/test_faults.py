@@ -126,6 +126,30 @@ def test_a_request_to_a_frozen_backend_fails_within_the_request_timeout(
             os.kill(pid, signal.SIGCONT)
 
 
+@pytest.mark.slow
+def test_a_backend_frozen_while_the_api_was_down_fails_its_adoption_without_holding_the_api_back(
+        hal0: Hal0, model_files: dict[str, Path]) -> None:
+    ready_primary(hal0, model_files)
+    pid = hal0.state("primary")["pid"]
+    hal0.kill(signal.SIGKILL)
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        started = time.monotonic()
+        hal0.start()
+        # The adoption probe gets as long as the liveness watch gives a loaded backend, not a load's 30 s, and
+        # the frozen process is stopped at once (SIGTERM with SIGCONT), so the API serves within seconds.
+        assert time.monotonic() - started < 15
+        view = hal0.slot("primary")
+        assert view["state"] == "error" and view["error"]["code"] == "adoption_probe_failed", view
+        assert str(pid) in view["error"]["message"]
+        wait_until(lambda: not alive(pid), 5, "the frozen backend to be stopped")
+        assert chat(hal0).status_code == 200
+        assert backend_pids(hal0.home) == [hal0.state("primary")["pid"]] != [pid]
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGCONT)
+
+
 # -- ports -------------------------------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_a_foreign_process_on_a_slot_port_is_never_adopted_nor_killed(hal0: Hal0,

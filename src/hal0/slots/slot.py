@@ -43,6 +43,9 @@ LIVENESS_INTERVAL_S = 1.0
 LIVENESS_TIMEOUT_S = 1.5
 LIVENESS_FAILURES = 3
 _LIVENESS_TIMEOUT = Timeout(total=LIVENESS_TIMEOUT_S)
+#: How long the probe of a backend found again after an API restart may take: as long as the liveness watch
+#: lets a loaded backend stay silent before it is called unresponsive.
+ADOPTION_PROBE_S = LIVENESS_TIMEOUT_S * LIVENESS_FAILURES
 #: How often a loaded slot's memory figures (its snapshot's `memory`) are read again.
 MEMORY_REFRESH_S = 5.0
 #: How long after the move to ready the watch first reads what the backend holds.
@@ -575,12 +578,22 @@ class Slot:
             self.start_load()
             return
         provider = self._ctx.providers.get(self.config.provider)
-        probe = await provider.probe(self._ctx.client, self.base_url, self.config.type) if provider else None
+        probe = None
+        if provider is not None:
+            # A loaded backend gets the time the liveness watch would give it, not a load's probe timeout: the
+            # API's start waits for every adoption, and a backend frozen while the API was down must not hold
+            # it back for half a minute.
+            try:
+                async with asyncio.timeout(ADOPTION_PROBE_S):
+                    probe = await provider.probe(self._ctx.client, self.base_url, self.config.type)
+            except TimeoutError:
+                probe = ProbeResult(False, "timeout", None, f"no answer within {ADOPTION_PROBE_S:g}s")
         self.last_probe = probe
         if probe is None or not probe.ok:
             await self._ctx.supervisor.stop(self.name, handle, self._ctx.settings.stop_timeout_s)
+            why = f": {probe.stage} {probe.message}".rstrip() if probe is not None else ""
             await self._fail("adoption_probe_failed",
-                             f"backend pid {rec.pid} is alive but does not answer its probe", probe=probe)
+                             f"backend pid {rec.pid} is alive but does not answer its probe{why}", probe=probe)
             return
         if rec.state is S.SERVING:
             self._transition(S.READY, "adopted after an API restart (requests in flight were lost)")

@@ -165,6 +165,9 @@ class EmbeddedSupervisor:
         pid = handle.pid
         try:
             os.killpg(pid, signal.SIGTERM)
+            # A stopped (frozen) process acts on its SIGTERM only once it runs again: as systemd does, SIGCONT
+            # follows, so a frozen backend ends now instead of at the SIGKILL after `timeout`.
+            os.killpg(pid, signal.SIGCONT)
         except ProcessLookupError:
             pass
         deadline = time.monotonic() + timeout
