@@ -9,7 +9,6 @@ import logging
 import time
 from typing import TYPE_CHECKING
 
-from hal0.hardware.inventory import inventory
 from hal0.metrics import DeviceSample
 from hal0.slots.manager import SlotManager
 from hal0.slots.slot import Slot
@@ -41,6 +40,8 @@ def memory_totals(manager: SlotManager, slot: Slot) -> tuple[int | None, int | N
 
 def device_samples(manager: SlotManager) -> list[DeviceSample]:
     """Each budgeted memory pool and what every slot holds there (for the scrape, in its thread)."""
+    from hal0.hardware.inventory import inventory
+
     holdings = manager.holdings()
     return [DeviceSample(d, b.total_bytes, b.budget_bytes, b.free_bytes,
                          {h.slot: h.bytes[d] for h in holdings if h.bytes.get(d)})

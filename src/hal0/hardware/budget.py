@@ -9,10 +9,12 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from hal0.hardware.inventory import Inventory
 from hal0.settings import Settings
+
+if TYPE_CHECKING:
+    from hal0.hardware.inventory import Inventory
 
 MIB = 1 << 20
 GIB = 1 << 30

@@ -13,7 +13,7 @@ import socket
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from hal0.client import HttpClient
 from hal0.errors import (
@@ -38,7 +38,6 @@ from hal0.hardware.budget import (
     gpu_device,
     plan,
 )
-from hal0.hardware.inventory import Inventory, inventory
 from hal0.hardware.placement import ALL_LAYERS, Placement, requested_gpus
 from hal0.kinds import BUILTIN_SLOTS
 from hal0.providers.base import Provider
@@ -50,6 +49,9 @@ from hal0.slots.state import ACTIVE, BUSY, LOADED, SlotState
 from hal0.slots.store import CorruptState, SlotError, SlotRecord, StateStore
 from hal0.supervisors.base import Supervisor
 
+if TYPE_CHECKING:
+    from hal0.hardware.inventory import Inventory
+
 log = logging.getLogger("hal0.slots")
 
 MIB = 1 << 20
@@ -57,6 +59,13 @@ MIB = 1 << 20
 PRESSURE_INTERVAL_S = 1.0
 #: How often an admission waiting for serving slots to finish looks again.
 ADMISSION_POLL_S = 0.05
+
+
+def _read_inventory(max_age_s: float) -> Inventory:
+    # Imported by the first reading (in a thread, a second after the start), not by every start of the API.
+    from hal0.hardware.inventory import inventory
+
+    return inventory(max_age_s)
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,7 +101,7 @@ class SlotManager:
     def __init__(self, settings: Settings, bus: EventBus, supervisor: Supervisor,
                  providers: Mapping[str, Provider], client: HttpClient, models: ModelSource,
                  failures: WriteFailures | None = None, evicted: Callable[[Eviction], None] | None = None,
-                 read_inventory: Callable[[float], Inventory] = inventory) -> None:
+                 read_inventory: Callable[[float], Inventory] | None = None) -> None:
         self.settings = settings
         self.bus = bus
         self.configs = ConfigStore(settings.slots_config_dir)
@@ -104,7 +113,7 @@ class SlotManager:
         self.slots: dict[str, Slot] = {}
         self.budget_settings = BudgetSettings.from_settings(settings)
         self._evicted = evicted
-        self._inventory = read_inventory
+        self._inventory = read_inventory or _read_inventory
         #: The last inventory read (monotonic time, figures): the pressure watcher reads one every second, and
         #: an admission within a second of it takes it as it is, without a hop to a thread (~0.5 ms of a load).
         self._last_inventory: tuple[float, Inventory] | None = None
