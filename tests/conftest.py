@@ -211,7 +211,8 @@ class Hal0:
         folder.mkdir(parents=True, exist_ok=True)
         (folder / f"{name}.toml").write_text(text)
 
-    def start(self, *extra: str, env: dict[str, str] | None = None) -> Hal0:
+    def start(self, *extra: str, env: dict[str, str] | None = None, wait: bool = True) -> Hal0:
+        """Run `hal0 serve`; with `wait`, until GET /api/health answers 200."""
         self.home.mkdir(parents=True, exist_ok=True)
         log = self.log.open("ab")
         self.proc = subprocess.Popen(
@@ -220,6 +221,8 @@ class Hal0:
             env={**self.env, **(env or {})}, stdout=log, stderr=subprocess.STDOUT,
         )
         log.close()
+        if not wait:
+            return self
 
         def up() -> bool:
             assert self.proc is not None

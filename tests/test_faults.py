@@ -135,7 +135,17 @@ def test_a_backend_frozen_while_the_api_was_down_fails_its_adoption_without_hold
     os.kill(pid, signal.SIGSTOP)
     try:
         started = time.monotonic()
-        hal0.start()
+        hal0.start(wait=False)
+        # The API listens before it imports and adopts: a client that connects meanwhile is not refused, its
+        # request waits in the backlog and is answered once the API serves (here after the frozen backend's
+        # adoption probe has run out, seconds later).
+        sock = wait_until(lambda: _connected(hal0.port), 10, "the API's port to accept connections")
+        connected = time.monotonic()
+        with sock:
+            sock.settimeout(30)
+            sock.sendall(b"GET /api/health HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert sock.recv(64).startswith(b"HTTP/1.1 200 ")
+        assert time.monotonic() - connected > 2, "the connection was accepted only once the API served"
         # The adoption probe gets as long as the liveness watch gives a loaded backend, not a load's 30 s, and
         # the frozen process is stopped at once (SIGTERM with SIGCONT), so the API serves within seconds.
         assert time.monotonic() - started < 15
@@ -148,6 +158,13 @@ def test_a_backend_frozen_while_the_api_was_down_fails_its_adoption_without_hold
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGCONT)
+
+
+def _connected(port: int) -> socket.socket | None:
+    try:
+        return socket.create_connection(("127.0.0.1", port), timeout=1)
+    except OSError:
+        return None
 
 
 # -- ports -------------------------------------------------------------------------------------------------------

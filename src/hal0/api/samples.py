@@ -63,8 +63,11 @@ def _memory_totals(manager: SlotManager, slots: list[Slot]) -> list[tuple[int | 
 
 async def sample_every_second(manager: SlotManager, stats: StatsRing) -> None:
     """Record each slot's state and memory once a second, on the second. Memory is read in a thread: the estimate
-    reads a GGUF header once per model (the measured figures are the slot's own, see `memory_totals`)."""
+    reads a GGUF header once per model (the measured figures are the slot's own, see `memory_totals`). The first
+    sample comes one to two seconds after the start: the first reading (its imports, the GGUF headers) would
+    otherwise compete with the requests a restarted API has waiting."""
     failing = False
+    await asyncio.sleep(2.0 - time.time() % 1.0 + 0.001)
     while True:
         slots = manager.ordered()
         try:
