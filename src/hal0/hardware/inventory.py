@@ -207,3 +207,12 @@ def inventory(max_age_s: float = CACHE_TTL_S) -> Inventory:
         if _cached is None or now - _cached[0] > max_age_s:
             _cached = (now, read_inventory())
         return _cached[1]
+
+
+def cached_inventory(max_age_s: float) -> Inventory | None:
+    """The last reading if it is at most `max_age_s` old, else None. Never reads, never waits for the lock (a
+    reading in a thread holds it while NVML answers): for the event loop, before it hands `inventory` to a thread."""
+    last = _cached
+    if last is not None and time.monotonic() - last[0] <= max_age_s:
+        return last[1]
+    return None

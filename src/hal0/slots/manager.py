@@ -61,13 +61,6 @@ PRESSURE_INTERVAL_S = 1.0
 ADMISSION_POLL_S = 0.05
 
 
-def _read_inventory(max_age_s: float) -> Inventory:
-    # Imported by the first reading (in a thread, a second after the start), not by every start of the API.
-    from hal0.hardware.inventory import inventory
-
-    return inventory(max_age_s)
-
-
 @dataclass(frozen=True, slots=True)
 class Eviction:
     """A slot unloaded to make room: for which slot (or for memory pressure), and why. `reason` is one of a few
@@ -113,10 +106,8 @@ class SlotManager:
         self.slots: dict[str, Slot] = {}
         self.budget_settings = BudgetSettings.from_settings(settings)
         self._evicted = evicted
-        self._inventory = read_inventory or _read_inventory
-        #: The last inventory read (monotonic time, figures): the pressure watcher reads one every second, and
-        #: an admission within a second of it takes it as it is, without a hop to a thread (~0.5 ms of a load).
-        self._last_inventory: tuple[float, Inventory] | None = None
+        #: None: the machine's (hal0.hardware.inventory, imported by the first reading, not by every start).
+        self._inventory = read_inventory
         self._mutate = asyncio.Lock()
         self._room = asyncio.Lock()
         self._pressure_task: asyncio.Task[None] | None = None
@@ -395,15 +386,14 @@ class SlotManager:
             raise self._insufficient(slot, placement, need, budgets, holdings, verdict.short)
 
     async def _read_inventory(self, max_age_s: float) -> Inventory:
-        """The inventory at most `max_age_s` old: the last one read, or a new reading in a thread (NVML and sysfs
-        can take milliseconds)."""
-        last = self._last_inventory
-        if last is not None and time.monotonic() - last[0] <= max_age_s:
-            return last[1]
-        read_at = time.monotonic()
-        inv = await asyncio.to_thread(self._inventory, 0.0)  # a new reading: its age is known from here
-        self._last_inventory = (read_at, inv)
-        return inv
+        """The inventory at most `max_age_s` old: the cached reading as it is (the pressure watcher takes one every
+        second), or a new one in a thread (NVML and sysfs can take milliseconds; the hop alone ~0.5 ms of a load)."""
+        if self._inventory is not None:
+            return await asyncio.to_thread(self._inventory, max_age_s)
+        from hal0.hardware.inventory import cached_inventory, inventory
+
+        cached = cached_inventory(max_age_s)
+        return cached if cached is not None else await asyncio.to_thread(inventory, max_age_s)
 
     def _insufficient(self, slot: Slot, placement: Placement, need: dict[str, int],
                       budgets: dict[str, DeviceBudget], holdings: list[Holding],
