@@ -124,8 +124,18 @@ class Container:
         def init_pid() -> int | None:
             if proc.poll() is not None:
                 raise RuntimeError(f"systemd-nspawn exited with {proc.returncode}: {self._log.read_text()[-2000:]}")
-            for kid in Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split():
-                if Path(f"/proc/{kid}/comm").read_text().strip() == "systemd":
+            try:
+                kids = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+            except FileNotFoundError:
+                return None  # nspawn itself just exited: the next poll says how
+            for kid in kids:
+                # nspawn forks short-lived helpers before the container's init: one can exit between the listing
+                # and this read (seen once in CI), which is "not systemd", not a failure.
+                try:
+                    comm = Path(f"/proc/{kid}/comm").read_text().strip()
+                except FileNotFoundError:
+                    continue
+                if comm == "systemd":
                     return int(kid)
             return None
 
