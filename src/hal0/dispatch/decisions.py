@@ -11,7 +11,7 @@ import os
 import threading
 import time
 from collections import deque
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import IO, Any
 
@@ -45,7 +45,17 @@ class Decision:
     detail: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        # Field by field (2 us), not dataclasses.asdict (~28 us, a recursive deep copy), once per request. The
+        # containers are copied one level: what a request's record holds is built for it and not changed after.
+        out = {name: getattr(self, name) for name in _DECISION_FIELDS}
+        out["candidates"] = [dict(c) for c in self.candidates]
+        for name in ("error", "detail"):
+            if out[name] is not None:
+                out[name] = dict(out[name])
+        return out
+
+
+_DECISION_FIELDS = tuple(f.name for f in fields(Decision))
 
 
 class DecisionLog:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import re
 import tomllib
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -135,10 +135,13 @@ class SlotConfig:
                                          code="invalid_rpc")
 
     def to_dict(self) -> dict[str, Any]:
-        out = asdict(self)
+        # Field by field, not dataclasses.asdict (25 us, a deep copy): every state change of a slot (two for
+        # each request) puts this in the event it publishes.
+        out = {name: getattr(self, name) for name in _FIELDS}
         out["aliases"] = list(self.aliases)
         out["args"] = list(self.args)
         out["rpc"] = list(self.rpc)
+        out["env"] = dict(self.env)
         return out
 
     def to_toml(self) -> str:
@@ -168,6 +171,9 @@ class SlotConfig:
             return cls(**values)
         except TypeError as exc:
             raise InvalidRequest(str(exc), code="invalid_field") from exc
+
+
+_FIELDS = tuple(f.name for f in fields(SlotConfig))
 
 
 class ConfigStore:
