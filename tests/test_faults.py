@@ -308,6 +308,22 @@ def test_a_full_disk_fails_pulls_and_state_writes_cleanly(hal0: Hal0, model_file
         resp = hal0.client.post("/api/slots/primary/load")
         assert resp.status_code == 200 and resp.json()["state"] == "ready", resp.text
         assert len(backend_pids(disk)) == 1
+
+        # A load with the disk full: the backend is spawned before its move to starting is written (see
+        # `Supervisor.spawns_at_once`), so what cannot be written ends it again. Refused with 507, nothing left
+        # running, state.json and the API still say offline.
+        assert hal0.client.post("/api/slots/primary/unload").status_code == 200
+        offline = state_of("primary")
+        fill(disk)
+        resp = hal0.client.post("/api/slots/primary/load")
+        assert resp.status_code == 507 and resp.json()["error"]["code"] == "disk_full", resp.text
+        assert backend_pids(disk) == []
+        assert state_of("primary") == offline
+        assert hal0.slot("primary")["state"] == "offline" and hal0.slot("primary")["seq"] >= offline["seq"]
+        (disk / "filler").unlink()
+        resp = hal0.client.post("/api/slots/primary/load")
+        assert resp.status_code == 200 and resp.json()["state"] == "ready", resp.text
+        assert len(backend_pids(disk)) == 1
         hal0.stop()
         for pidfile in (disk / "state" / "slots").glob("*/backend.pid"):
             with contextlib.suppress(OSError, ValueError, KeyError):

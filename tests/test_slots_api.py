@@ -265,6 +265,40 @@ def test_state_json_and_the_event_stream_agree_on_pid_and_port_after_spawn_and_a
     assert backend_pids(hal0.home) == [pid]
 
 
+@pytest.mark.llama
+@pytest.mark.slow
+@pytest.mark.parametrize("pidfile", ["written", "empty"])
+def test_a_backend_spawned_by_an_api_that_died_before_recording_it_is_stopped_by_the_next(
+        hal0: Hal0, model_files: dict[str, Path], pidfile: str) -> None:
+    """The embedded supervisor spawns first and the slot writes its move to starting (with the pid) after: an
+    API killed in between leaves state.json as it was before the load, and a backend nothing records. The next
+    API finds it by the pidfile (`written`: killed after the spawn; `empty`: before the pid was written, found
+    by its mark) and stops it; the slot loads again, on the same port, with one backend."""
+    hal0.add_model("tiny", model_files["tiny"])
+    hal0.start()
+    assign(hal0, "primary", "tiny")
+    before = hal0.state("primary")
+    assert before["state"] == "offline"
+    assert hal0.client.post("/api/slots/primary/load", params={"wait": "false"}).status_code == 200
+    pid = wait_until(lambda: hal0.state("primary")["pid"], 30, "primary's backend pid")
+    os.kill(pid, signal.SIGSTOP)  # held where it was spawned, while the API dies
+    try:
+        hal0.kill()
+        slot_dir = hal0.home / "state" / "slots" / "primary"
+        (slot_dir / "state.json").write_text(json.dumps(before))
+        if pidfile == "empty":
+            (slot_dir / "backend.pid").write_text("")
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    hal0.start()
+    wait_until(lambda: not alive(pid), 30, "the unrecorded backend to be stopped")
+    assert hal0.slot("primary")["state"] == "offline"
+    assert not (slot_dir / "backend.pid").exists()
+    resp = load(hal0, "primary")
+    assert resp.status_code == 200 and resp.json()["state"] == "ready", resp.text
+    assert backend_pids(hal0.home) == [hal0.state("primary")["pid"]]
+
+
 # -- failures are explained ------------------------------------------------------------------------------------
 @pytest.mark.llama
 def test_a_corrupt_gguf_puts_the_slot_in_error_with_llama_cpps_own_message(hal0: Hal0,

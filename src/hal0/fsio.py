@@ -43,8 +43,11 @@ def atomic_write_bytes(path: Path, data: bytes, *, durable: bool = True, mode: i
     """Replace `path` with `data` in one rename. `durable=False` skips the fsyncs: still never half-written,
     but a power cut may bring back the previous version. `mode` sets the permissions (the temp file starts
     private, 0600), before the rename, so the file is never seen with the wrong ones."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = _temp_beside(path)
+    try:
+        fd, tmp = _temp_beside(path)
+    except FileNotFoundError:  # the folder is made by the first write only: a mkdir is a system call each time
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = _temp_beside(path)
     try:
         with os.fdopen(fd, "wb") as fh:
             if mode is not None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import logging
 import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
@@ -31,6 +32,7 @@ from hal0.slots.store import SlotError, SlotRecord, StateStore, WriteMode
 from hal0.supervisors.base import Handle, ProcessStatus, Supervisor
 
 S = SlotState
+log = logging.getLogger("hal0.slots")
 
 #: First probe interval; probing backs off from here while the backend warms up.
 PROBE_FIRST_S = 0.005
@@ -161,6 +163,9 @@ class Slot:
         #: read by the watch FIRST_MEMORY_READ_S later and every MEMORY_REFRESH_S while loaded (off the request
         #: path, where reading /proc on every serving/ready move would cost), so SSE carries them.
         self.memory: dict[str, Any] | None = None
+        #: The record as state.json last has it, while a move made in memory waits for its write (the move to
+        #: starting, written with the pid right after the spawn: see `_start_and_warm`).
+        self._persisted: SlotRecord | None = None
 
     # -- views ---------------------------------------------------------------------------------------
     @property
@@ -200,22 +205,29 @@ class Slot:
     # -- transitions ---------------------------------------------------------------------------------
     # The record has one owner: every change of it, a move of state (`_transition`) or of a field alone
     # (`_update`), goes through `_commit`, which writes state.json and publishes the event, so neither misses one.
-    def _transition(self, dst: SlotState, reason: str = "", **changes: Any) -> None:
+    def _transition(self, dst: SlotState, reason: str = "", *, write: bool = True, **changes: Any) -> None:
+        """Move to `dst`. `write=False` makes the move in memory and publishes it, and the next commit writes it
+        (until then `_persisted` keeps what state.json holds): for the move to starting, whose write would
+        otherwise stand between a cold request and the spawn of its backend."""
         check_transition(self.record.state, dst)
-        self._commit(dst, reason, changes)
+        self._commit(dst, reason, changes, write=write)
 
     def _update(self, reason: str, **changes: Any) -> None:
         """Fields of the record change, its state does not (a port allocated, the pid of a spawned or adopted
         backend): written and published like a transition, as a `changed` event that names the fields."""
         rec = self.record
         changes = {k: v for k, v in changes.items() if getattr(rec, k) != v}
-        if changes:
+        if changes or self._persisted is not None:
             self._commit(None, reason, changes)
 
-    def _commit(self, dst: SlotState | None, reason: str, changes: dict[str, Any]) -> None:
+    def _commit(self, dst: SlotState | None, reason: str, changes: dict[str, Any], *, write: bool = True) -> None:
         rec = self.record
         src = rec.state
-        before = dataclasses.replace(rec)
+        mode = _write_mode(dst if dst is not None else src)
+        # A written-behind record cannot fail here (the writer thread retries it): no copy to roll back to.
+        before = None if mode == "behind" and self._persisted is None else dataclasses.replace(rec)
+        if not write and self._persisted is None:
+            self._persisted = before
         rec.seq += 1
         if dst is not None:
             rec.state = dst
@@ -227,14 +239,25 @@ class Slot:
                 self.memory = None
         for key, value in changes.items():
             setattr(rec, key, value)
-        try:
-            # See _write_mode: only what a power cut should not erase waits for an fsync.
-            self._ctx.store.write(rec, mode=_write_mode(rec.state))
-        except DiskFull:
-            # Not persisted means not happened: memory keeps agreeing with state.json.
-            for f in dataclasses.fields(rec):
-                setattr(rec, f.name, getattr(before, f.name))
-            raise
+        if write:
+            try:
+                # See _write_mode: only what a power cut should not erase waits for an fsync.
+                self._ctx.store.write(rec, mode=mode)
+            except DiskFull:
+                # Not persisted means not happened: memory keeps agreeing with state.json, also about a move
+                # already published but not yet written, which is published again as what it is now.
+                persisted, self._persisted = self._persisted, None
+                assert before is not None
+                seq = rec.seq
+                for f in dataclasses.fields(rec):
+                    setattr(rec, f.name, getattr(persisted or before, f.name))
+                if persisted is not None:
+                    rec.seq = seq  # the events' numbers never go back
+                    self._ctx.bus.publish("slot", {"slot": self.name, "event": "changed", "changed": ["state"],
+                                                   "seq": rec.seq, "time": time.time(),
+                                                   "reason": f"not written: {reason}", "record": self.snapshot()})
+                raise
+            self._persisted = None
         entry: dict[str, Any]
         if dst is None:
             entry = {"slot": self.name, "event": "changed", "changed": sorted(changes), "seq": rec.seq,
@@ -410,9 +433,13 @@ class Slot:
                 port = self._ctx.allocate_port(self)
             except Hal0Error as exc:
                 refused = exc
+        # Where the supervisor spawns at once, the move to starting is written with the backend's pid, right
+        # after the spawn: a state write before it is ~0.8 ms of a cold request's first token (a write after a
+        # quiet spell, on ext4). The supervisor's own mark covers an API that stops in between (`unrecorded`).
         self._transition(S.STARTING, f"load requested (on {placement.device})", model=cfg.model,
                          provider=cfg.provider, pid=None, supervisor=self._ctx.supervisor.kind,
-                         device=placement.device, **({} if port is None else {"port": port}))
+                         device=placement.device, write=not self._ctx.supervisor.spawns_at_once,
+                         **({} if port is None else {"port": port}))
         if provider is None:
             await self._fail("provider_unavailable",
                              f"provider {cfg.provider!r} is not available in this hal0 installation")
@@ -441,7 +468,8 @@ class Slot:
             self._update(f"backend started (pid {handle.pid}{f', unit {handle.unit}' if handle.unit else ''})",
                          pid=handle.pid, unit=handle.unit)
         except DiskFull:
-            # A backend its record does not know would outlive every unload: stop it.
+            # A backend its record does not know would outlive every unload: stop it (the slot is back to what
+            # state.json says, see `_commit`).
             await self._ctx.supervisor.stop(self.name, handle, self._ctx.settings.stop_timeout_s)
             raise
         await self._warm(handle, started)
@@ -549,6 +577,7 @@ class Slot:
             self._transition(S.OFFLINE, "pull interrupted by an API restart")
             return
         if rec.state not in ACTIVE:
+            await self._stop_unrecorded()
             return
         handle = Handle(rec.pid, rec.unit)
         if handle.pid is None and handle.unit is None:
@@ -604,6 +633,17 @@ class Slot:
                                            "record": self.snapshot()})
         self._last_activity = time.monotonic()
         self._ensure_watch()
+
+    async def _stop_unrecorded(self) -> None:
+        """A backend the earlier API spawned and stopped before writing the move to starting (see
+        `_start_and_warm`): nothing knows its port or its load, so it is stopped; the next request loads the
+        slot again."""
+        handle = await self._ctx.supervisor.unrecorded(self.name)
+        if handle is None:
+            return
+        status = await self._ctx.supervisor.stop(self.name, handle, self._ctx.settings.stop_timeout_s)
+        log.warning("slot %s: stopped backend pid %s, started by an API that stopped before recording it (%s)",
+                    self.name, handle.pid, status.detail or "stopped")
 
     # -- requests ----------------------------------------------------------------------------------------
     def lease(self, timeout: Timeout, *, grace_s: float, early: bool = False, stream: bool = False) -> Lease:

@@ -37,6 +37,10 @@ class Supervisor(Protocol):
     never waits on `systemctl`, the journal or a log file. Only `log_path` (a name) is plain."""
 
     kind: str
+    #: `start` returns once the process exists, waiting on no other program: a slot then writes its move to
+    #: starting with the pid, after the spawn, and `unrecorded` finds what an API stopped in between left running.
+    #: False: the move is written first (a `systemctl start` takes a while, and the unit is found by its name).
+    spawns_at_once: bool
 
     async def start(self, slot: str, command: Command) -> Handle: ...
 
@@ -53,6 +57,11 @@ class Supervisor(Protocol):
     async def recorded_handle(self, slot: str) -> Handle | None:
         """The supervisor's own record of a slot's backend (pidfile, unit), for a state.json written too
         early to hold it: an API that died right after a start still finds its backend."""
+        ...
+
+    async def unrecorded(self, slot: str) -> Handle | None:
+        """A live backend of `slot` started by an API that stopped before the slot's record said so (where
+        `spawns_at_once`); None, the usual answer, in one look."""
         ...
 
     def log_path(self, slot: str) -> Path: ...

@@ -6,6 +6,8 @@ Each backend gets its own session (so an API crash or Ctrl-C never reaches it), 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import errno
 import json
 import os
 import signal
@@ -13,7 +15,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from hal0.errors import BackendError
+from hal0.errors import BackendError, DiskFull, Hal0Error
 from hal0.fsio import atomic_write_json
 from hal0.providers.base import Command
 from hal0.redact import redact_argv
@@ -45,6 +47,7 @@ MARK_ENV = "HAL0_SLOT_STATE"
 
 class EmbeddedSupervisor:
     kind = "embedded"
+    spawns_at_once = True
 
     def __init__(self, state_root: Path, log_dir: Path) -> None:
         self._state_root = state_root
@@ -71,25 +74,65 @@ class EmbeddedSupervisor:
                MARK_ENV: self._mark(slot)}
         if log_due(log_path):  # the copy goes to a thread; the stat that tells does not (a thread hop is ~1 ms)
             await asyncio.to_thread(rotate_log, log_path)
-        with log_path.open("ab") as log:
-            log.write(f"\n=== hal0: starting slot {slot} at {time.strftime('%Y-%m-%dT%H:%M:%S')}: "
-                      f"{' '.join(redact_argv(command.argv))}\n".encode())
-            log.flush()
+        pidfile = self._pidfile(slot)
+        # An empty pidfile first: a start is under way. The slot writes its move to starting after this returns
+        # (`spawns_at_once`), so an API that stops in between leaves the next one this to go by (`unrecorded`).
+        # One open, not a state write.
+        try:
+            try:
+                os.close(os.open(pidfile, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644))
+            except FileNotFoundError:
+                pidfile.parent.mkdir(parents=True, exist_ok=True)
+                os.close(os.open(pidfile, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644))
+        except OSError as exc:
+            raise _write_error(slot, "pidfile", pidfile, exc) from exc
+        shown = redact_argv(command.argv)
+        header = f"\n=== hal0: starting slot {slot} at {time.strftime('%Y-%m-%dT%H:%M:%S')}: {' '.join(shown)}\n"
+        try:
+            log = log_path.open("ab")
+        except OSError as exc:
+            self._forget(slot)
+            raise _write_error(slot, "log", log_path, exc) from exc
+        with log:
+            try:
+                log.write(header.encode())
+                log.flush()
+            except OSError as exc:
+                self._forget(slot)
+                raise _write_error(slot, "log", log_path, exc) from exc
             try:
                 proc = subprocess.Popen(  # noqa: ASYNC220 - a detached child, spawned in microseconds
                     command.argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                     env=env, start_new_session=True, close_fds=True,
                 )
             except OSError as exc:
+                self._forget(slot)
                 raise BackendError(
                     f"cannot start the backend of slot {slot}: {exc.strerror or exc}",
-                    code="spawn_failed", detail={"argv": redact_argv(command.argv), "errno": exc.errno},
+                    code="spawn_failed", detail={"argv": shown, "errno": exc.errno},
                 ) from exc
         self._children[slot] = proc
         # No fsync: the pidfile only matters while the process lives, and a power cut ends both.
-        record = {"pid": proc.pid, "start_time": _proc_start_time(proc.pid), "argv": redact_argv(command.argv)}
-        atomic_write_json(self._pidfile(slot), record, durable=False)
+        record = {"pid": proc.pid, "start_time": _proc_start_time(proc.pid), "argv": shown}
+        try:
+            atomic_write_json(pidfile, record, durable=False)
+        except OSError as exc:
+            # A backend without its pidfile could not be told from a stranger by the next API: not kept.
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            self._forget(slot)
+            raise _write_error(slot, "pidfile", pidfile, exc) from exc
         return Handle(pid=proc.pid)
+
+    async def unrecorded(self, slot: str) -> Handle | None:
+        if not self._pidfile(slot).exists():  # no start under way, nothing left running: the usual case
+            return None
+        handle = await self.recorded_handle(slot)  # the pidfile, or (left empty) the backend's mark in /proc
+        if handle is not None and self._adopt(slot, handle).alive:
+            return handle
+        self._forget(slot)
+        return None
 
     async def status(self, slot: str, handle: Handle) -> ProcessStatus:
         return self._status(slot, handle)
@@ -203,6 +246,15 @@ class EmbeddedSupervisor:
 
     async def log_tail(self, slot: str, lines: int = 40) -> list[str]:
         return await asyncio.to_thread(tail_file, self.log_path(slot), lines)
+
+
+def _write_error(slot: str, what: str, path: Path, exc: OSError) -> Hal0Error:
+    """What a start says when the pidfile or the log cannot be written: nothing was left running."""
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return DiskFull(f"cannot write the {what} of slot {slot}: {exc.strerror}; free some disk space",
+                        detail={"path": str(path)})
+    return BackendError(f"cannot write the {what} of slot {slot}: {exc.strerror or exc}", code="spawn_failed",
+                        detail={"path": str(path)})
 
 
 def _describe_exit(code: int) -> str:

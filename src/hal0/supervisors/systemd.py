@@ -185,6 +185,7 @@ class SystemdSupervisor:
     `timeout_s` and killed past it."""
 
     kind = "systemd"
+    spawns_at_once = False
 
     def __init__(
         self,
@@ -252,6 +253,9 @@ class SystemdSupervisor:
         if not dropin_path(self._unit_dir, slot).is_file():
             return ProcessStatus(False, handle.pid, detail=f"{handle.unit} has no hal0 drop-in")
         return await self.status(slot, handle)
+
+    async def unrecorded(self, slot: str) -> Handle | None:
+        return None  # the move to starting is written before the unit is started, and names it
 
     async def recorded_handle(self, slot: str) -> Handle | None:
         if not dropin_path(self._unit_dir, slot).is_file():
