@@ -33,6 +33,15 @@ def _proc_start_time(pid: int) -> int | None:
     return int(fields[19])
 
 
+def _start_time_between(before_ns: int, after_ns: int) -> int | None:
+    """The start time `_proc_start_time` reads, for a process forked between two CLOCK_BOOTTIME readings that
+    fall in one clock tick: that tick (the kernel stamps a fork with the same clock and shows it floored to
+    ticks). None otherwise. Spares reading /proc/PID/stat right after a spawn, which waits for the child's
+    exec to finish (~3 ms for llama-server, on the event loop)."""
+    tick = 1_000_000_000 // os.sysconf("SC_CLK_TCK")
+    return before_ns // tick if before_ns // tick == after_ns // tick else None
+
+
 def _proc_state(pid: int) -> str | None:
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
@@ -68,7 +77,6 @@ class EmbeddedSupervisor:
 
     async def start(self, slot: str, command: Command) -> Handle:
         log_path = self.log_path(slot)
-        log_path.parent.mkdir(parents=True, exist_ok=True)
         # A backend never needs hal0's own API keys: keep them out of its environment.
         env = {**{k: v for k, v in os.environ.items() if k != "HAL0_API_KEYS"}, **command.env,
                MARK_ENV: self._mark(slot)}
@@ -89,7 +97,11 @@ class EmbeddedSupervisor:
         shown = redact_argv(command.argv)
         header = f"\n=== hal0: starting slot {slot} at {time.strftime('%Y-%m-%dT%H:%M:%S')}: {' '.join(shown)}\n"
         try:
-            log = log_path.open("ab")
+            try:
+                log = log_path.open("ab")
+            except FileNotFoundError:  # the first start of the slot: its log folder is made here
+                log_path.parent.mkdir(parents=True, exist_ok=True)
+                log = log_path.open("ab")
         except OSError as exc:
             self._forget(slot)
             raise _write_error(slot, "log", log_path, exc) from exc
@@ -101,10 +113,12 @@ class EmbeddedSupervisor:
                 self._forget(slot)
                 raise _write_error(slot, "log", log_path, exc) from exc
             try:
+                clock_before = time.clock_gettime_ns(time.CLOCK_BOOTTIME)
                 proc = subprocess.Popen(  # noqa: ASYNC220 - a detached child, spawned in microseconds
                     command.argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                     env=env, start_new_session=True, close_fds=True,
                 )
+                clock_after = time.clock_gettime_ns(time.CLOCK_BOOTTIME)
             except OSError as exc:
                 self._forget(slot)
                 raise BackendError(
@@ -113,7 +127,9 @@ class EmbeddedSupervisor:
                 ) from exc
         self._children[slot] = proc
         # No fsync: the pidfile only matters while the process lives, and a power cut ends both.
-        record = {"pid": proc.pid, "start_time": _proc_start_time(proc.pid), "argv": shown}
+        start_time = _start_time_between(clock_before, clock_after)
+        record = {"pid": proc.pid, "start_time": start_time if start_time is not None else _proc_start_time(proc.pid),
+                  "argv": shown}
         try:
             atomic_write_json(pidfile, record, durable=False)
         except OSError as exc:
