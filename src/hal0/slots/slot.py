@@ -26,6 +26,7 @@ from hal0.redact import redact_argv, redact_env
 from hal0.settings import Settings, is_unspecified
 from hal0.slots.config import SlotConfig
 from hal0.slots.lease import HeldAnswers, Lease
+from hal0.slots.logwatch import LogWatch, size_of
 from hal0.slots.memory import SlotMemory
 from hal0.slots.state import ACTIVE, LOADED, LOADING, SlotState, check_transition
 from hal0.slots.store import SlotError, SlotRecord, StateStore, WriteMode
@@ -52,8 +53,6 @@ ADOPTION_PROBE_S = LIVENESS_TIMEOUT_S * LIVENESS_FAILURES
 MEMORY_REFRESH_S = 5.0
 #: How long after the move to ready the watch first reads what the backend holds.
 FIRST_MEMORY_READ_S = 0.05
-#: While warming, how often the backend's log is checked for new output (a stat call, nothing more).
-LOG_POLL_S = 0.001
 LOG_TAIL_LINES = 30
 
 
@@ -87,13 +86,6 @@ def _watch_exit(pid: int | None, exited: asyncio.Event) -> int | None:
 
     loop.add_reader(fd, on_exit)
     return fd
-
-
-def _size(path: Path) -> int:
-    try:
-        return path.stat().st_size
-    except OSError:
-        return -1
 
 
 class ModelSource(Protocol):
@@ -480,54 +472,43 @@ class Slot:
         budget = self.config.warmup_budget_s or self._ctx.settings.warmup_budget_s
         interval = PROBE_FIRST_S
         self.last_probe = None
-        log_path = self._ctx.supervisor.log_path(self.name)
-        while True:
-            status = await self._ctx.supervisor.status(self.name, handle)
-            if not status.alive:
-                await self._died(status, provider)
-                return
-            # Taken before the probe: a line the backend logs while the probe is in flight is news too.
-            log_size = _size(log_path)
-            probe = await provider.probe(self._ctx.client, self.base_url, self.config.type,
-                                         answering=self._release_held)
-            self.last_probe = probe
-            if self.state is S.STARTING and (probe.ok or probe.stage != "connect"):
-                self._transition(S.WARMING, "backend process is up; waiting for its probe")
-            if probe.ok:
+        # A backend announces readiness in its log: the next probe follows a write to it at once, instead of
+        # waiting out the backoff (see `LogWatch`).
+        async with LogWatch(self._ctx.supervisor.log_path(self.name)) as news:
+            while True:
                 status = await self._ctx.supervisor.status(self.name, handle)
                 if not status.alive:
                     await self._died(status, provider)
                     return
-                self._last_activity = time.monotonic()
-                if self._ctx.memory is not None:
-                    # What it holds is read by the watch, once the requests this load releases are on their way.
-                    self.memory = self._ctx.memory.view(self, measure=False)
-                self._transition(S.READY, f"probe passed after {time.monotonic() - started:.3f}s",
-                                 loaded_at=time.time())
-                self._ensure_watch()
-                return
-            if time.monotonic() - started > budget:
-                await self._ctx.supervisor.stop(self.name, handle, self._ctx.settings.stop_timeout_s)
-                await self._fail("warmup_timeout",
-                                 f"backend did not pass its readiness probe within {budget:g}s "
-                                 f"(last probe: {probe.stage} {probe.status or ''} {probe.message})".strip(),
-                                 probe=probe)
-                return
-            await self._wait_for_news(log_path, log_size, interval)
-            interval = min(interval * PROBE_BACKOFF, PROBE_MAX_S)
-
-    @staticmethod
-    async def _wait_for_news(log_path: Path, size: int, interval: float) -> None:
-        """Sleep up to `interval`, but wake as soon as the backend writes to its log: a backend announces
-        readiness there ("server is listening", "all slots are idle"), so the next probe follows within
-        milliseconds instead of waiting out the backoff."""
-        if _size(log_path) != size:
-            return
-        deadline = time.monotonic() + interval
-        while (left := deadline - time.monotonic()) > 0:
-            await asyncio.sleep(min(LOG_POLL_S, left))
-            if _size(log_path) != size:
-                return
+                # Taken before the probe: a line the backend logs while the probe is in flight is news too.
+                log_size = size_of(news.path)
+                probe = await provider.probe(self._ctx.client, self.base_url, self.config.type,
+                                             answering=self._release_held)
+                self.last_probe = probe
+                if self.state is S.STARTING and (probe.ok or probe.stage != "connect"):
+                    self._transition(S.WARMING, "backend process is up; waiting for its probe")
+                if probe.ok:
+                    status = await self._ctx.supervisor.status(self.name, handle)
+                    if not status.alive:
+                        await self._died(status, provider)
+                        return
+                    self._last_activity = time.monotonic()
+                    if self._ctx.memory is not None:
+                        # What it holds is read by the watch, once the requests this load releases are on their way.
+                        self.memory = self._ctx.memory.view(self, measure=False)
+                    self._transition(S.READY, f"probe passed after {time.monotonic() - started:.3f}s",
+                                     loaded_at=time.time())
+                    self._ensure_watch()
+                    return
+                if time.monotonic() - started > budget:
+                    await self._ctx.supervisor.stop(self.name, handle, self._ctx.settings.stop_timeout_s)
+                    await self._fail("warmup_timeout",
+                                     f"backend did not pass its readiness probe within {budget:g}s "
+                                     f"(last probe: {probe.stage} {probe.status or ''} {probe.message})".strip(),
+                                     probe=probe)
+                    return
+                await news.grown(log_size, interval)
+                interval = min(interval * PROBE_BACKOFF, PROBE_MAX_S)
 
     async def _died(self, status: ProcessStatus, provider: Provider) -> None:
         if status.stopped_cleanly and self.state in LOADED:

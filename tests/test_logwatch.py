@@ -1,0 +1,52 @@
+"""A warming slot's wait for its backend's log to grow: woken by the write itself, not by the end of the wait."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+from hal0.slots.logwatch import LogWatch, size_of
+
+#: Far longer than any test may take: a wait that returns did so because of the write.
+FOREVER_S = 3600.0
+
+
+async def _write_later(path: Path, text: str) -> None:
+    await asyncio.sleep(0.05)
+    with path.open("a") as fh:
+        fh.write(text)
+
+
+def test_a_write_to_the_log_ends_the_wait_through_inotify(tmp_path: Path) -> None:
+    log = tmp_path / "slot.log"
+    log.write_text("loading\n")
+
+    async def main() -> None:
+        async with LogWatch(log) as watch:
+            assert watch.inotify
+            size = size_of(log)
+            writer = asyncio.create_task(_write_later(log, "model loaded\n"))
+            await asyncio.wait_for(watch.grown(size, FOREVER_S), 30)
+            await writer
+            # Already grown past what the caller saw: no wait at all, and a wait after it sees the next write.
+            await asyncio.wait_for(watch.grown(size, FOREVER_S), 1)
+            writer = asyncio.create_task(_write_later(log, "all slots are idle\n"))
+            await asyncio.wait_for(watch.grown(size_of(log), FOREVER_S), 30)
+            await writer
+
+    asyncio.run(main())
+
+
+def test_without_inotify_the_size_is_polled(tmp_path: Path) -> None:
+    log = tmp_path / "later" / "slot.log"  # not there yet: nothing to watch, so polled
+
+    async def main() -> None:
+        async with LogWatch(log) as watch:
+            assert not watch.inotify
+            await watch.grown(size_of(log), 0.01)  # nothing written: returns after the interval
+            log.parent.mkdir()
+            writer = asyncio.create_task(_write_later(log, "model loaded\n"))
+            await asyncio.wait_for(watch.grown(-1, FOREVER_S), 30)
+            await writer
+
+    asyncio.run(main())
