@@ -19,6 +19,7 @@ from typing import Any
 import httpx
 import pytest
 
+from hal0.supervisors.base import LOG_MAX_BYTES
 from tests.conftest import Hal0, alive, backend_pids, wait_until
 
 
@@ -294,6 +295,33 @@ def test_a_backend_spawned_by_an_api_that_died_before_recording_it_is_stopped_by
     wait_until(lambda: not alive(pid), 30, "the unrecorded backend to be stopped")
     assert hal0.slot("primary")["state"] == "offline"
     assert not (slot_dir / "backend.pid").exists()
+    resp = load(hal0, "primary")
+    assert resp.status_code == 200 and resp.json()["state"] == "ready", resp.text
+    assert backend_pids(hal0.home) == [hal0.state("primary")["pid"]]
+
+
+@pytest.mark.llama
+@pytest.mark.slow
+def test_an_unload_while_the_move_to_starting_is_not_yet_written_leaves_nothing_running(
+        hal0: Hal0, model_files: dict[str, Path]) -> None:
+    """The move to starting is made in memory first and written with the pid after the spawn. A backend log past
+    its cap is rotated in a thread before the spawn, which holds the load in that state for a while: an unload
+    that lands then (or anywhere else in the load) leaves the slot offline in memory and on disk, with no
+    backend and no pidfile."""
+    hal0.add_model("tiny", model_files["tiny"])
+    hal0.start()
+    assign(hal0, "primary", "tiny")
+    log = hal0.home / "logs" / "slots" / "primary.log"
+    for _ in range(3):
+        log.parent.mkdir(parents=True, exist_ok=True)
+        with log.open("wb") as fh:  # past the cap: the next start copies it aside first (tens of ms)
+            fh.truncate(LOG_MAX_BYTES * 4)
+        assert hal0.client.post("/api/slots/primary/load", params={"wait": "false"}).status_code == 200
+        assert hal0.client.post("/api/slots/primary/unload").status_code == 200
+        assert hal0.slot("primary")["state"] == "offline"
+        assert hal0.state("primary")["state"] == "offline" and hal0.state("primary")["pid"] is None
+        assert backend_pids(hal0.home) == []
+        assert not (hal0.home / "state" / "slots" / "primary" / "backend.pid").exists()
     resp = load(hal0, "primary")
     assert resp.status_code == 200 and resp.json()["state"] == "ready", resp.text
     assert backend_pids(hal0.home) == [hal0.state("primary")["pid"]]

@@ -216,8 +216,8 @@ class Slot:
         rec = self.record
         src = rec.state
         mode = _write_mode(dst if dst is not None else src)
-        # A written-behind record cannot fail here (the writer thread retries it): no copy to roll back to.
-        before = None if mode == "behind" and self._persisted is None else dataclasses.replace(rec)
+        # A record written behind cannot fail here (the writer thread retries it): no copy to roll back to.
+        before = None if write and mode == "behind" and self._persisted is None else dataclasses.replace(rec)
         if not write and self._persisted is None:
             self._persisted = before
         rec.seq += 1
