@@ -87,21 +87,13 @@ class EmbeddedSupervisor:
         # (`spawns_at_once`), so an API that stops in between leaves the next one this to go by (`unrecorded`).
         # One open, not a state write.
         try:
-            try:
-                os.close(os.open(pidfile, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644))
-            except FileNotFoundError:
-                pidfile.parent.mkdir(parents=True, exist_ok=True)
-                os.close(os.open(pidfile, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644))
+            os.close(_open_in_folder(pidfile, os.O_TRUNC))
         except OSError as exc:
             raise _write_error(slot, "pidfile", pidfile, exc) from exc
         shown = redact_argv(command.argv)
         header = f"\n=== hal0: starting slot {slot} at {time.strftime('%Y-%m-%dT%H:%M:%S')}: {' '.join(shown)}\n"
         try:
-            try:
-                log = log_path.open("ab")
-            except FileNotFoundError:  # the first start of the slot: its log folder is made here
-                log_path.parent.mkdir(parents=True, exist_ok=True)
-                log = log_path.open("ab")
+            log = os.fdopen(_open_in_folder(log_path, os.O_APPEND), "ab")
         except OSError as exc:
             self._forget(slot)
             raise _write_error(slot, "log", log_path, exc) from exc
@@ -262,6 +254,16 @@ class EmbeddedSupervisor:
 
     async def log_tail(self, slot: str, lines: int = 40) -> list[str]:
         return await asyncio.to_thread(tail_file, self.log_path(slot), lines)
+
+
+def _open_in_folder(path: Path, flags: int) -> int:
+    """`path` opened for writing (created if missing, with `flags`); its folder is made only when missing (a
+    slot's first start), not with a system call at every start."""
+    try:
+        return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC | flags, 0o644)
+    except FileNotFoundError:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC | flags, 0o644)
 
 
 def _write_error(slot: str, what: str, path: Path, exc: OSError) -> Hal0Error:
