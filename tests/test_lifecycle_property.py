@@ -94,7 +94,7 @@ class LifecycleMachine(RuleBasedStateMachine):
         self.session = HttpClient()
         self.manager = SlotManager(self.settings, self.bus, EmbeddedSupervisor(
             self.settings.slots_state_dir, self.settings.log_dir), {"llama.cpp": LlamaCppProvider(self.binary)},
-            self.session, RegistryModels(self.registry, self.bus))
+            self.session, RegistryModels(self.settings, self.bus, self.registry))
         await self.manager.start()
         self.sub = self.bus.subscription(["slot"])
 

@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from hal0 import __version__
 from hal0.client import HttpClient
@@ -27,14 +27,16 @@ from hal0.fsio import WriteFailures
 from hal0.metrics import Metrics
 from hal0.providers.base import Provider
 from hal0.providers.llamacpp import LlamaCppProvider
-from hal0.registry import catalog
-from hal0.registry.pull import PullEvent, Registry
+from hal0.registry.store import ModelStore
 from hal0.settings import Settings
 from hal0.slots.manager import SlotManager
 from hal0.slots.state import SlotState
 from hal0.stats import StatsRing
 from hal0.supervisors.base import Supervisor
 from hal0.supervisors.choose import choose_supervisor
+
+if TYPE_CHECKING:
+    from hal0.registry.pull import PullEvent, Registry
 
 ASGIApp = Any
 
@@ -100,29 +102,51 @@ def build_supervisor(settings: Settings) -> Supervisor:
 
 
 class RegistryModels:
-    """The registry as the slots' ModelSource: installed files, catalog pulls published on the bus."""
+    """The registry as the slots' ModelSource: installed files, catalog pulls published on the bus.
 
-    def __init__(self, registry: Registry, bus: EventBus) -> None:
-        self._registry = registry
+    Installed files are read from the store; the pull machinery (its module and the catalog's) is imported and
+    built on first use — a pull, a ref that is not installed, the management app — so an API restarted over
+    installed models serves without it."""
+
+    def __init__(self, settings: Settings, bus: EventBus, registry: Registry | None = None) -> None:
+        self._settings = settings
         self._bus = bus
+        self._registry = registry
+        self.store = registry.store if registry is not None else ModelStore(settings.models_dir)
+
+    def registry(self) -> Registry:
+        if self._registry is None:
+            from hal0.registry.pull import Registry
+
+            settings = self._settings
+            self._registry = Registry(settings, hf_endpoint=settings.hf_endpoint,
+                                      hf_token=settings.hf_token or None, store=self.store)
+        return self._registry
 
     def path(self, ref: str) -> Path | None:
-        if not self._registry.exists(ref):
+        if not self.store.exists(ref):
             return None
-        return self._registry.model_path(ref)
+        return self.store.primary_path(ref)
 
     def pullable(self, ref: str) -> bool:
+        from hal0.registry import catalog
+
         return catalog.lookup(ref) is not None
 
     async def pull(self, ref: str) -> Path:
-        await self._registry.pull(ref, on_event=self._publish)
-        return self._registry.model_path(ref)
+        await self.registry().pull(ref, on_event=self._publish)
+        return self.store.primary_path(ref)
 
     def check(self, ref: str) -> None:
-        self._registry.store.check(ref)
+        self.store.check(ref)
 
     def cancel_pull(self, ref: str) -> None:
-        self._registry.cancel(ref)
+        if self._registry is not None:  # never built: nothing is pulling
+            self._registry.cancel(ref)
+
+    async def aclose(self) -> None:
+        if self._registry is not None:
+            await self._registry.aclose()
 
     def _publish(self, event: PullEvent) -> None:
         self._bus.publish("pull", event.to_dict())
@@ -176,6 +200,7 @@ class Hal0App:
             from hal0.api.management import management_app
 
             assert self.state is not None, "the management app is built once the shared objects exist"
+            self.state.registry = self.state.models.registry()  # /api/models and /api/catalog read it
             self._management = management_app(self.state)
             gc.freeze()  # FastAPI's modules and routes, too: see `serving`
         return self._management
@@ -257,12 +282,12 @@ async def serving(edge: Hal0App) -> AsyncIterator[None]:
     settings.ensure_dirs()
     bus = EventBus()
     client = HttpClient()
-    registry = Registry(settings, hf_endpoint=settings.hf_endpoint, hf_token=settings.hf_token or None)
+    models = RegistryModels(settings, bus)
     failures = WriteFailures()
     decisions = DecisionLog(settings.log_dir / "decisions.jsonl", bus, settings.decision_log_max_bytes,
                             failures=failures)
     manager = SlotManager(settings, bus, build_supervisor(settings), build_providers(settings), client,
-                          RegistryModels(registry, bus), failures, evicted=decisions.record_eviction)
+                          models, failures, evicted=decisions.record_eviction)
     stats = StatsRing()
     # Imported here, not at the top: the samplers read /api's memory views only when asked (a scrape, a tick).
     from hal0.api import samples
@@ -276,7 +301,7 @@ async def serving(edge: Hal0App) -> AsyncIterator[None]:
         from hal0.peers.follow import Peers
 
         followed = Peers(settings.peers, bus)
-    edge.state = SimpleNamespace(settings=settings, events=bus, client=client, registry=registry,
+    edge.state = SimpleNamespace(settings=settings, events=bus, client=client, models=models,
                                  manager=manager, decisions=decisions, stats=stats, metrics=meters,
                                  peers=followed)
     dispatcher = Dispatcher(settings, manager, client, decisions, meters, followed)
@@ -291,7 +316,7 @@ async def serving(edge: Hal0App) -> AsyncIterator[None]:
         if edge.options.demo:
             from hal0.demo import ensure_demo_model
 
-            await ensure_demo_model(registry.store, manager)
+            await ensure_demo_model(models.store, manager)
         log.info("hal0 %s serving on %s (supervisor: %s)", __version__, settings.base_url,
                  manager.supervisor.kind)
         # What exists now (modules, the app, the slots) lives as long as the process: out of the collector's
@@ -311,7 +336,7 @@ async def serving(edge: Hal0App) -> AsyncIterator[None]:
         await dispatcher.close()
         await manager.close()
         decisions.close()
-        await registry.aclose()
+        await models.aclose()
         bus.close()
         await client.close()
 

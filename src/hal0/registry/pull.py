@@ -353,9 +353,9 @@ class Registry:
 
     def __init__(self, settings: Settings, *, hf_endpoint: str | None = None, hf_token: str | None = None,
                  retries: int = 2, retry_delay: float = 1.0, progress_interval: float = 0.25,
-                 timeout: float = 30.0) -> None:
+                 timeout: float = 30.0, store: ModelStore | None = None) -> None:
         self.settings = settings
-        self.store = ModelStore(settings.models_dir)
+        self.store = store if store is not None else ModelStore(settings.models_dir)
         self.hf_endpoint = (hf_endpoint or DEFAULT_HF_ENDPOINT).rstrip("/")
         self._hf_token = hf_token
         self._retries = retries
@@ -378,8 +378,7 @@ class Registry:
 
     def model_path(self, ref: str) -> Path:
         """The file a backend loads for `ref` (its first file)."""
-        manifest = self.store.get(ref)
-        return self.store.file_path(ref, manifest.primary_file.name)
+        return self.store.primary_path(ref)
 
     def import_file(self, ref: str, path: Path, *, link: bool = False, slot_type: str | None = None,
                     provider: str | None = None) -> Manifest:

@@ -211,6 +211,10 @@ class ModelStore:
                 out.append(self.get(child.name))
         return out
 
+    def primary_path(self, ref: str) -> Path:
+        """The file a backend loads for `ref` (its manifest's primary file)."""
+        return self.file_path(ref, self.get(ref).primary_file.name)
+
     def file_path(self, ref: str, name: str) -> Path:
         return self.model_dir(ref) / validate_filename(name)
 
