@@ -148,7 +148,9 @@ async def test_a_failed_probe_drops_the_early_answer_and_explains_the_failure(ed
 async def test_a_held_stream_stands_in_for_the_sentinel(edge_factory: Any, llama_server: str) -> None:
     edge = await edge_factory(LlamaCppProvider(llama_server))
     client = openai.AsyncOpenAI(base_url=edge.url, api_key="unused", max_retries=0)
-    stream = await client.chat.completions.create(model="tiny", max_tokens=3, stream=True,
+    # Greedy and past any end-of-text: the tiny model's sampled tokens can all be empty pieces.
+    stream = await client.chat.completions.create(model="tiny", max_tokens=8, stream=True, temperature=0,
+                                                  extra_body={"ignore_eos": True},
                                                   messages=[{"role": "user", "content": "hello"}])
     chunks = [chunk async for chunk in stream]
     assert any(c.choices and c.choices[0].delta.content for c in chunks)
