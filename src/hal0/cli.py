@@ -5,17 +5,20 @@ Human tables by default, `--json` for machines; the CLI and the dashboard read t
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
+from types import SimpleNamespace
+from typing import TYPE_CHECKING, Any
 
 from hal0.errors import Hal0Error
 from hal0.instance import InstanceLock
 from hal0.kinds import SLOT_TYPES
 from hal0.settings import load_settings
+
+if TYPE_CHECKING:  # argparse is imported where the parser is built: `hal0 serve` starts without it
+    import argparse
 
 _LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
@@ -44,7 +47,47 @@ def _age(ts: float | None) -> str:
 
 
 # -- serve ------------------------------------------------------------------------------------------------
-def cmd_serve(args: argparse.Namespace) -> int:
+#: `hal0 serve`'s options, for argparse (`build_parser`) and for the start's own reading of them
+#: (`_serve_options`): (flag, dest, conversion or None for a switch, default, choices, help).
+_SERVE_OPTIONS: tuple[tuple[str, str, Callable[[str], Any] | None, Any, tuple[str, ...] | None, str | None], ...] = (
+    ("--host", "host", str, None, None, None),
+    ("--port", "port", int, None, None, None),
+    ("--no-demo", "no_demo", None, False, None, "do not give `primary` the generated demo model on a first run"),
+    ("--log-level", "log_level", str, "info", ("debug", "info", "warning", "error", "critical"), None),
+)
+
+
+def _serve_options(argv: Sequence[str]) -> SimpleNamespace | None:
+    """`hal0 serve`'s arguments read without argparse, whose import and parser are ~5 ms of every restart: the
+    plain spellings only (`--port 8080`, `--port=8080`, `--no-demo`). Anything else (help, a bad value, an
+    abbreviation, an option argparse would not take as a value) returns None, and argparse answers it."""
+    by_flag = {flag: (dest, convert, choices) for flag, dest, convert, _, choices, _ in _SERVE_OPTIONS}
+    values = {dest: default for _, dest, _, default, _, _ in _SERVE_OPTIONS}
+    rest = iter(argv)
+    for arg in rest:
+        flag, eq, inline = arg.partition("=")
+        if flag not in by_flag:
+            return None
+        dest, convert, choices = by_flag[flag]
+        if convert is None:
+            if eq:
+                return None
+            values[dest] = True
+            continue
+        raw = inline if eq else next(rest, None)
+        if raw is None or (not eq and raw.startswith("-")):
+            return None
+        try:
+            value = convert(raw)
+        except ValueError:
+            return None
+        if choices is not None and value not in choices:
+            return None
+        values[dest] = value
+    return SimpleNamespace(command="serve", url=None, json=False, func=cmd_serve, local=True, **values)
+
+
+def cmd_serve(args: argparse.Namespace | SimpleNamespace) -> int:
     import gc
     import logging
 
@@ -294,23 +337,22 @@ def cmd_setup(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser(only_serve: bool = False) -> argparse.ArgumentParser:
-    """The CLI's parser; `only_serve` builds `hal0 serve` alone (the ~40 other subcommands cost a restarted API
-    ~8 ms to define)."""
+def build_parser() -> argparse.ArgumentParser:
+    """The CLI's parser (`hal0 serve` with the plain spellings of its options starts without it)."""
+    import argparse
+
     parser = argparse.ArgumentParser(prog="hal0", description="Control plane for local AI inference.")
     parser.add_argument("--url", help="API address (default: from settings, http://127.0.0.1:8080)")
     parser.add_argument("--json", action="store_true", help="print JSON instead of tables")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     serve = sub.add_parser("serve", help="run the API on 127.0.0.1:8080 (and re-adopt running slots)")
-    serve.add_argument("--host")
-    serve.add_argument("--port", type=int)
-    serve.add_argument("--no-demo", action="store_true",
-                       help="do not give `primary` the generated demo model on a first run")
-    serve.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error", "critical"))
+    for flag, dest, convert, default, choices, help_text in _SERVE_OPTIONS:
+        if convert is None:
+            serve.add_argument(flag, dest=dest, action="store_true", help=help_text)
+        else:
+            serve.add_argument(flag, dest=dest, type=convert, default=default, choices=choices, help=help_text)
     serve.set_defaults(func=cmd_serve, local=True)
-    if only_serve:
-        return parser
 
     slot = sub.add_parser("slot", help="list and drive slots").add_subparsers(dest="slot_cmd", required=True)
     p = slot.add_parser("list", help="every slot and its state")
@@ -393,6 +435,8 @@ def build_parser(only_serve: bool = False) -> argparse.ArgumentParser:
 def _accept_globals_anywhere(parser: argparse.ArgumentParser) -> None:
     """`--url` and `--json` also after the subcommand (`hal0 slot unload NAME --url URL`): every subcommand
     takes them too, defaulting to nothing, so a value given before the subcommand is kept."""
+    import argparse
+
     for action in parser._actions:
         if not isinstance(action, argparse._SubParsersAction):
             continue
@@ -406,7 +450,11 @@ def _accept_globals_anywhere(parser: argparse.ArgumentParser) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser(only_serve=argv[:1] == ["serve"]).parse_args(argv)
+    args: argparse.Namespace | SimpleNamespace | None = None
+    if argv[:1] == ["serve"]:
+        args = _serve_options(argv[1:])
+    if args is None:
+        args = build_parser().parse_args(argv)
     try:
         if not getattr(args, "local", False):
             # Imported here: `hal0 serve` (local) starts without the HTTP client library.

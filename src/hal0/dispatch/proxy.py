@@ -39,14 +39,14 @@ from hal0.errors import (
 from hal0.kinds import ENDPOINT_TYPES
 from hal0.metrics import Metrics
 from hal0.peers.forward import HOP_HEADER, PeerBackend
-from hal0.peers.view import RemoteSlot
 from hal0.settings import Settings
 from hal0.slots.manager import SlotManager
 from hal0.slots.slot import Slot
 from hal0.slots.state import LOADED
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # the peers' views are imported only where peers are configured (`Peers`)
     from hal0.peers.follow import Peers
+    from hal0.peers.view import RemoteSlot
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]

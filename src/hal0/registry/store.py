@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import errno
-import hashlib
 import json
 import os
 import re
@@ -67,6 +66,8 @@ def guess_format(name: str) -> str:
 
 
 def sha256_file(path: Path) -> str:
+    import hashlib  # only imports, pulls and checks hash: a start reads manifests, never a digest
+
     digest = hashlib.sha256()
     with path.open("rb") as fh:
         while chunk := fh.read(_CHUNK):
@@ -88,6 +89,7 @@ def ensure_free_space(directory: Path, needed: int) -> None:
 
 @dataclass(frozen=True, slots=True)
 class ModelFile:
+    """One file of an installed model, as its manifest records it."""
     name: str
     size: int
     sha256: str
@@ -109,6 +111,7 @@ class ModelFile:
 
 @dataclass(frozen=True, slots=True)
 class Manifest:
+    """An installed model: its ref, where it came from, its files and the hints for a slot."""
     ref: str
     source: str
     files: tuple[ModelFile, ...]
