@@ -19,6 +19,7 @@ log = logging.getLogger("hal0.events")
 
 @dataclass(frozen=True, slots=True)
 class Event:
+    """One published event: its id in the bus's order, its topic, what it says, when."""
     id: int
     topic: str
     data: dict[str, Any]

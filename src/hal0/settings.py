@@ -79,6 +79,7 @@ def _address_is(host: str, what: str) -> bool:
 
 @dataclass(frozen=True, slots=True)
 class Settings:
+    """hal0's settings: defaults, then hal0.toml, then `HAL0_*` variables (`load_settings`)."""
     config_dir: Path
     state_dir: Path
     log_dir: Path

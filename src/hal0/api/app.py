@@ -45,6 +45,7 @@ log = logging.getLogger("hal0")
 
 @dataclass(frozen=True, slots=True)
 class AppOptions:
+    """How `hal0 serve` builds the app."""
     #: Register and assign the generated demo model to `primary` on a first run.
     demo: bool = False
 

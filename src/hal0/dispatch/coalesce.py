@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True, slots=True)
 class BufferedResponse:
+    """A whole upstream answer, kept to hand to every waiter of a coalesced request."""
     status: int
     headers: tuple[tuple[bytes, bytes], ...]
     body: bytes

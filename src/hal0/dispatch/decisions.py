@@ -22,6 +22,7 @@ from hal0.slots.manager import Eviction
 
 @dataclass(slots=True)
 class Decision:
+    """One routing choice, as logged and streamed: the request, the candidates, the slot, the outcome."""
     request_id: str
     endpoint: str
     model: str | None

@@ -21,6 +21,7 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True, slots=True)
 class Candidate:
+    """A local slot considered for a request, and how it matched."""
     slot: str
     ref: str | None
     state: str
@@ -35,6 +36,7 @@ class Candidate:
 
 @dataclass(frozen=True, slots=True)
 class Resolution:
+    """The slot a request goes to, why, and every candidate that was weighed."""
     slot: Slot
     reason: str
     candidates: tuple[Candidate, ...]
@@ -109,6 +111,7 @@ _REMOTE_STATE_RANK = {"ready": 0, "idle": 0, "serving": 1, "warming": 2, "starti
 
 @dataclass(frozen=True, slots=True)
 class RemoteCandidate:
+    """A peer's slot considered for a request no local slot serves."""
     slot: RemoteSlot
     matched_by: str
 

@@ -22,6 +22,7 @@ _DECODER = json.JSONDecoder()
 
 @dataclass(frozen=True, slots=True)
 class Usage:
+    """The tokens one answer counted: prompt and completion."""
     prompt_tokens: int
     completion_tokens: int
 

@@ -57,6 +57,7 @@ class BudgetSettings:
 
 @dataclass(frozen=True, slots=True)
 class DeviceBudget:
+    """One memory pool hal0 loads onto (the host, a GPU): its size, what is kept back, what loads may use."""
     device: str
     total_bytes: int
     reserve_bytes: int

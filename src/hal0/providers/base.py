@@ -54,6 +54,7 @@ class LaunchSpec:
 
 @dataclass(frozen=True, slots=True)
 class Command:
+    """A backend's command line and the environment it adds."""
     argv: tuple[str, ...]
     env: dict[str, str] = field(default_factory=dict)
 
@@ -66,6 +67,7 @@ Answering = Callable[[], Awaitable[bool] | None]
 
 @dataclass(frozen=True, slots=True)
 class ProbeResult:
+    """What a readiness probe found, and at which stage it stopped when it failed."""
     ok: bool
     stage: str
     status: int | None = None

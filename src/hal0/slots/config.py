@@ -40,6 +40,7 @@ def validate_slot_name(name: str) -> str:
 
 @dataclass(frozen=True, slots=True)
 class SlotConfig:
+    """A slot's config (`config/slots/<name>.toml`): what it runs, on which port, how long it stays."""
     name: str
     type: str = "chat"
     provider: str = ""

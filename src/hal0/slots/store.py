@@ -34,6 +34,7 @@ RETRY_BEHIND_S = 1.0
 
 @dataclass(slots=True)
 class SlotError:
+    """Why a slot is in error: a stable code, a message for people, the details."""
     code: str
     message: str
     detail: dict[str, Any] = field(default_factory=dict)
@@ -41,6 +42,7 @@ class SlotError:
 
 @dataclass(slots=True)
 class SlotRecord:
+    """A slot's `state.json`: its state and what the backend in it is (pid, port, model)."""
     name: str
     state: SlotState = SlotState.OFFLINE
     seq: int = 0

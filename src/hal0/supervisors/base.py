@@ -23,6 +23,7 @@ class Handle:
 
 @dataclass(frozen=True, slots=True)
 class ProcessStatus:
+    """What the supervisor knows of a backend process: alive or not, and how it ended."""
     alive: bool
     pid: int | None = None
     #: Known when the process has ended and its status could be collected.
