@@ -50,6 +50,14 @@ def rss_mb(pid: int) -> tuple[float, float]:
     return int(fields["VmRSS"].split()[0]) / 1024, int(fields["VmHWM"].split()[0]) / 1024
 
 
+def rss_parts_mb(pid: int) -> dict[str, float]:
+    """What `pid`'s resident set is made of, in MB: `anon` its own memory (heap, stacks), `file` pages mapped from
+    files (interpreter, libraries: shared with every process that maps the same file), `shmem` shared memory."""
+    fields = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines() if ":" in line)
+    return {name: int(fields[key].split()[0]) / 1024
+            for name, key in (("anon", "RssAnon"), ("file", "RssFile"), ("shmem", "RssShmem"))}
+
+
 def cpu_s(pid: int) -> float:
     """User + system CPU seconds used by `pid` so far (its own threads, not its children)."""
     stat = Path(f"/proc/{pid}/stat").read_text()

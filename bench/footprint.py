@@ -23,6 +23,7 @@ from bench.common import (
     make_models,
     med,
     rss_mb,
+    rss_parts_mb,
     save,
     session,
     timed_small,
@@ -92,9 +93,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 await timed_small(http, hal0.url, "primary")
                 await timed_small(http, hal0.url, "primary")
             await asyncio.sleep(min(args.idle_s, 3.0))
-            v1_only = sample(hal0.pid)[1]
-            print(f"{'hal0':<8} idle, used only through /v1: RSS {v1_only:6.1f} MB")
-            results["hal0_v1_only"] = {"rss_mb": v1_only}
+            v1_only, parts = sample(hal0.pid)[1], rss_parts_mb(hal0.pid)
+            print(f"{'hal0':<8} idle, used only through /v1: RSS {v1_only:6.1f} MB ({_parts(parts)})")
+            results["hal0_v1_only"] = {"rss_mb": v1_only, "rss_parts_mb": parts}
             await hal0.load("primary")
             await router.load("tiny")
             planes: dict[str, tuple[str, str, int]] = {"hal0": (hal0.url, "primary", hal0.pid),
@@ -111,7 +112,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             # Idle: all at once, in the same window (nothing else is sent to any of them).
             before = {name: sample(pid)[0] for name, (_, _, pid) in planes.items()}
             await asyncio.sleep(args.idle_s)
-            idle = {name: {"cpu_pct": (sample(pid)[0] - before[name]) / args.idle_s * 100, "rss_mb": sample(pid)[1]}
+            idle = {name: {"cpu_pct": (sample(pid)[0] - before[name]) / args.idle_s * 100, "rss_mb": sample(pid)[1],
+                           "rss_parts_mb": rss_parts_mb(pid)}
                     for name, (_, _, pid) in planes.items()}
             loads: dict[str, list[dict[str, float]]] = {name: [] for name in planes}
             names = list(planes)
@@ -123,7 +125,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 rows = loads[name]
                 load = {k: med([r[k] for r in rows]) for k in rows[0]}
                 results[name] = {"idle": idle[name], "load": load, "rounds": rows}
-                print(f"{name:<8} idle: RSS {idle[name]['rss_mb']:6.1f} MB, CPU {idle[name]['cpu_pct']:5.2f} % | "
+                print(f"{name:<8} idle: RSS {idle[name]['rss_mb']:6.1f} MB ({_parts(idle[name]['rss_parts_mb'])}), "
+                      f"CPU {idle[name]['cpu_pct']:5.2f} % | "
                       f"c={args.concurrency}: RSS {load['rss_mb']:6.1f} MB, CPU {load['cpu_pct']:5.1f} %, "
                       f"{load['cpu_ms_per_request']:.2f} CPU ms/request, {load['requests_per_s']:.0f} requests/s")
         finally:
@@ -140,6 +143,10 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         print(f"  {'met ' if met else 'MISS'}  {what}")
     results["verdicts"] = verdicts
     return results
+
+
+def _parts(parts: dict[str, float]) -> str:
+    return ", ".join(f"{name} {mb:.1f}" for name, mb in parts.items())
 
 
 def parser() -> argparse.ArgumentParser:
