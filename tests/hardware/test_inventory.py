@@ -96,3 +96,21 @@ def test_nvml_lists_the_gpus_where_there_are_some() -> None:
     if reason is not None:
         pytest.skip(f"NVML path not exercised here: {reason}")
     assert gpus and all(g.vendor == "nvidia" and g.memory_total_bytes > 0 for g in gpus)
+
+
+def test_nvml_is_started_once_and_again_after_a_failure() -> None:
+    """One NVML session serves every reading (no init and shutdown each second); after a failed query the next
+    reading starts it again."""
+    from hal0.hardware import nvml
+
+    first, reason = read_nvml()
+    if reason is not None:
+        pytest.skip(f"NVML path not exercised here: {reason}")
+    started = nvml._started
+    assert started is not None
+    again, _ = read_nvml()
+    assert nvml._started is started and [g.name for g in again] == [g.name for g in first]
+    nvml.failed()
+    assert nvml._started is None
+    after, reason = read_nvml()
+    assert reason is None and nvml._started is not None and len(after) == len(first)

@@ -150,14 +150,11 @@ def read_amdgpu(drm_root: Path = Path("/sys/class/drm")) -> list[Gpu]:
 
 def read_nvml() -> tuple[list[Gpu], str | None]:
     """NVIDIA GPUs through NVML; ([], reason) when the binding or the driver is not there."""
-    try:
-        import pynvml
-    except ImportError:
-        return [], "nvidia-ml-py is not installed (pip install 'hal0[gpu]')"
-    try:
-        pynvml.nvmlInit()
-    except pynvml.NVMLError as exc:
-        return [], f"NVML did not start: {exc}"
+    from hal0.hardware.nvml import failed, nvml
+
+    pynvml, reason = nvml()
+    if pynvml is None:
+        return [], reason
     try:
         gpus = []
         for i in range(pynvml.nvmlDeviceGetCount()):
@@ -168,9 +165,8 @@ def read_nvml() -> tuple[list[Gpu], str | None]:
                             memory_total_bytes=int(mem.total), memory_used_bytes=int(mem.used), source="nvml"))
         return gpus, None
     except pynvml.NVMLError as exc:
+        failed()
         return [], f"NVML query failed: {exc}"
-    finally:
-        pynvml.nvmlShutdown()
 
 
 def read_npus(dev_root: Path = Path("/dev")) -> list[str]:

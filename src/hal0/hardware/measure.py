@@ -117,13 +117,10 @@ def read_process_memory(pid: int, proc_root: Path = Path("/proc")) -> ProcessMem
 
 def read_nvml_process_memory(pid: int) -> dict[str, int]:
     """GPU memory NVML accounts to `pid`, per GPU index; {} without NVML or a GPU."""
-    try:
-        import pynvml
-    except ImportError:
-        return {}
-    try:
-        pynvml.nvmlInit()
-    except pynvml.NVMLError:
+    from hal0.hardware.nvml import failed, nvml
+
+    pynvml, _ = nvml()
+    if pynvml is None:
         return {}
     out: dict[str, int] = {}
     try:
@@ -133,9 +130,7 @@ def read_nvml_process_memory(pid: int) -> dict[str, int]:
                 if p.pid == pid and p.usedGpuMemory is not None:
                     out[f"nvml:{i}"] = out.get(f"nvml:{i}", 0) + int(p.usedGpuMemory)
     except pynvml.NVMLError:
-        return out
-    finally:
-        pynvml.nvmlShutdown()
+        failed()
     return out
 
 
