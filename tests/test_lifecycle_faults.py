@@ -265,6 +265,10 @@ def test_connections_that_never_finish_their_request_head_are_closed(hal0: Hal0)
                     break
             except TimeoutError:
                 pass
+            except ConnectionResetError:
+                # Closed with a dribbled byte still unread on the API's side: the kernel resets, not finishes.
+                closed_at = time.monotonic()
+                break
         assert closed_at is not None, "a dribbling head was never cut off"
         for sock in socks:
             sock.settimeout(10)
