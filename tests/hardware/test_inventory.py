@@ -110,7 +110,33 @@ def test_nvml_is_started_once_and_again_after_a_failure() -> None:
     assert started is not None
     again, _ = read_nvml()
     assert nvml._started is started and [g.name for g in again] == [g.name for g in first]
-    nvml.failed()
+    nvml.failed(RuntimeError("a driver that went away"))
     assert nvml._started is None
     after, reason = read_nvml()
     assert reason is None and nvml._started is not None and len(after) == len(first)
+
+
+def test_a_question_without_an_answer_here_keeps_the_nvml_session(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Which failures start NVML again: hal0's own rule, checked with a stand-in for the binding (NVML itself runs
+    only where there is an NVIDIA driver; the test above exercises it there)."""
+    from hal0.hardware import nvml
+
+    class Binding:
+        NVML_ERROR_NOT_SUPPORTED, NVML_ERROR_NO_PERMISSION, NVML_ERROR_NOT_FOUND, NVML_ERROR_GPU_IS_LOST = 3, 4, 6, 15
+        NVMLError = RuntimeError
+        shutdowns = 0
+
+        def nvmlShutdown(self) -> None:
+            Binding.shutdowns += 1
+
+    class Failure(Exception):
+        def __init__(self, value: int) -> None:
+            self.value = value
+
+    binding = Binding()
+    monkeypatch.setattr(nvml, "_started", binding)
+    for unanswered in (3, 4, 6):
+        nvml.failed(Failure(unanswered))
+        assert nvml._started is binding and Binding.shutdowns == 0
+    nvml.failed(Failure(15))
+    assert nvml._started is None and Binding.shutdowns == 1

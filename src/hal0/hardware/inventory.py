@@ -165,7 +165,7 @@ def read_nvml() -> tuple[list[Gpu], str | None]:
                             memory_total_bytes=int(mem.total), memory_used_bytes=int(mem.used), source="nvml"))
         return gpus, None
     except pynvml.NVMLError as exc:
-        failed()
+        failed(exc)
         return [], f"NVML query failed: {exc}"
 
 

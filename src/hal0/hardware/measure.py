@@ -129,8 +129,8 @@ def read_nvml_process_memory(pid: int) -> dict[str, int]:
             for p in pynvml.nvmlDeviceGetComputeRunningProcesses(h):
                 if p.pid == pid and p.usedGpuMemory is not None:
                     out[f"nvml:{i}"] = out.get(f"nvml:{i}", 0) + int(p.usedGpuMemory)
-    except pynvml.NVMLError:
-        failed()
+    except pynvml.NVMLError as exc:
+        failed(exc)
     return out
 
 

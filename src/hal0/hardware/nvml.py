@@ -31,11 +31,19 @@ def nvml() -> tuple[Any, str | None]:
         return pynvml, None
 
 
-def failed() -> None:
-    """A query failed: stop NVML, so that the next use starts it again (a driver reloaded, a GPU reset)."""
+#: Errors that say a question has no answer on this GPU or for this user, not that the session went bad (a GPU
+#: that does not list its processes would otherwise start NVML again at every reading).
+_UNANSWERED = ("NVML_ERROR_NOT_SUPPORTED", "NVML_ERROR_NO_PERMISSION", "NVML_ERROR_NOT_FOUND")
+
+
+def failed(exc: Exception) -> None:
+    """A query failed with `exc`: stop NVML, so that the next use starts it again (a driver reloaded, a GPU
+    reset), unless the error only says the question has no answer here."""
     global _started
     with _lock:
         if _started is None:
+            return
+        if getattr(exc, "value", None) in {getattr(_started, name, None) for name in _UNANSWERED}:
             return
         try:
             _started.nvmlShutdown()
