@@ -41,21 +41,25 @@ def free_port() -> int:
         return port
 
 
-def rss_mb(pid: int) -> tuple[float, float]:
-    """(current, peak) resident set size of `pid` in MB."""
+def _status_mb(pid: int, *keys: str) -> list[float]:
+    """The kB fields `keys` of /proc/PID/status, in MB."""
     fields = {}
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         key, _, value = line.partition(":")
         fields[key] = value.strip()
-    return int(fields["VmRSS"].split()[0]) / 1024, int(fields["VmHWM"].split()[0]) / 1024
+    return [int(fields[key].split()[0]) / 1024 for key in keys]
+
+
+def rss_mb(pid: int) -> tuple[float, float]:
+    """(current, peak) resident set size of `pid` in MB."""
+    current, peak = _status_mb(pid, "VmRSS", "VmHWM")
+    return current, peak
 
 
 def rss_parts_mb(pid: int) -> dict[str, float]:
     """What `pid`'s resident set is made of, in MB: `anon` its own memory (heap, stacks), `file` pages mapped from
     files (interpreter, libraries: shared with every process that maps the same file), `shmem` shared memory."""
-    fields = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines() if ":" in line)
-    return {name: int(fields[key].split()[0]) / 1024
-            for name, key in (("anon", "RssAnon"), ("file", "RssFile"), ("shmem", "RssShmem"))}
+    return dict(zip(("anon", "file", "shmem"), _status_mb(pid, "RssAnon", "RssFile", "RssShmem"), strict=True))
 
 
 def cpu_s(pid: int) -> float:
