@@ -1,7 +1,7 @@
 """The memory estimate on a GPU machine: NVML inventory, per-process GPU memory, estimate vs CUDA buffer report.
 
 `python3 bench/gpu_memory.py --llama-server /path/to/cuda/llama-server --out results.json [--sizes 1 4 8]`
-with hal0's src on PYTHONPATH. Needs only python3, numpy and nvidia-ml-py: the models (~1-8 GB of F16 zeros,
+with hal0's src on PYTHONPATH. Needs only python3, numpy and the NVIDIA driver: the models (~1-8 GB of F16 zeros,
 written as sparse files) come from a GGUF writer here, since the gguf package may not be installed there.
 """
 

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import ctypes
+import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
 
 from hal0.hardware.inventory import read_amdgpu, read_host_memory, read_inventory, read_npus, read_nvml
+from hal0.hardware.measure import read_nvml_process_memory
 
 # A /proc/meminfo head as the kernel writes it (Documentation/filesystems/proc.rst, "meminfo").
 MEMINFO = """MemTotal:       65536000 kB
@@ -116,27 +120,86 @@ def test_nvml_is_started_once_and_again_after_a_failure() -> None:
     assert reason is None and nvml._started is not None and len(after) == len(first)
 
 
-def test_a_question_without_an_answer_here_keeps_the_nvml_session(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Which failures start NVML again: hal0's own rule, checked with a stand-in for the binding (NVML itself runs
-    only where there is an NVIDIA driver; the test above exercises it there)."""
+@pytest.fixture(scope="module")
+def standin_source(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The stand-in for libnvidia-ml.so.1 (nvml_standin.c), built with the machine's C compiler: as it is, and as a
+    driver from before nvmlDeviceGetComputeRunningProcesses_v3."""
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        pytest.skip("no C compiler to build the NVML stand-in")
+    out = tmp_path_factory.mktemp("nvml")
+    built = {}
+    for name, flags in (("current", []), ("before_v3", ["-DNO_V3"])):
+        built[name] = out / f"libnvidia-ml-{name}.so"
+        subprocess.run([cc, "-shared", "-fPIC", "-O1", *flags, "-o", str(built[name]),
+                        str(Path(__file__).with_name("nvml_standin.c"))], check=True)
+    return built
+
+
+def _driver(standin_source: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+            build: str = "current") -> ctypes.CDLL:
+    """A fresh copy of the stand-in (its own counters: a copy is another library to the loader) as hal0's NVML,
+    with no session started; the handle lets the test count inits and make calls fail."""
     from hal0.hardware import nvml
 
-    class Binding:
-        NVML_ERROR_NOT_SUPPORTED, NVML_ERROR_NO_PERMISSION, NVML_ERROR_NOT_FOUND, NVML_ERROR_GPU_IS_LOST = 3, 4, 6, 15
-        NVMLError = RuntimeError
-        shutdowns = 0
+    lib = tmp_path / "libnvidia-ml.so.1"
+    shutil.copy(standin_source[build], lib)
+    monkeypatch.setattr(nvml, "LIBRARY", str(lib))
+    monkeypatch.setattr(nvml, "_started", None)
+    return ctypes.CDLL(str(lib))
 
-        def nvmlShutdown(self) -> None:
-            Binding.shutdowns += 1
 
-    class Failure(Exception):
-        def __init__(self, value: int) -> None:
-            self.value = value
+def test_the_gpus_and_their_processes_come_from_the_drivers_library(
+        standin_source: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    driver = _driver(standin_source, tmp_path, monkeypatch)
+    gpus, reason = read_nvml()
+    assert reason is None
+    assert [(g.index, g.vendor, g.name, g.memory_total_bytes, g.memory_used_bytes, g.source) for g in gpus] == [
+        (0, "nvidia", "NVIDIA H200", 150754820096, 4294967296 + 12345, "nvml"),
+        (1, "nvidia", "NVIDIA GeForce RTX 4090", 25757220864, 0, "nvml")]
+    # Three processes when asked how many, four when listed (one started in between): all four come back.
+    assert read_nvml_process_memory(4000) == {"nvml:0": 1 << 30}
+    assert read_nvml_process_memory(4003) == {"nvml:0": 4 << 30}
+    assert read_nvml_process_memory(4001) == {}  # the driver does not account it (NVML_VALUE_NOT_AVAILABLE)
+    assert read_nvml_process_memory(99) == {}
+    assert driver.standin_inits() == 1 and driver.standin_shutdowns() == 0
 
-    binding = Binding()
-    monkeypatch.setattr(nvml, "_started", binding)
-    for unanswered in (3, 4, 6):
-        nvml.failed(Failure(unanswered))
-        assert nvml._started is binding and Binding.shutdowns == 0
-    nvml.failed(Failure(15))
-    assert nvml._started is None and Binding.shutdowns == 1
+
+def test_a_driver_before_the_v3_process_call_is_asked_with_v2(
+        standin_source: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    _driver(standin_source, tmp_path, monkeypatch, build="before_v3")
+    assert read_nvml_process_memory(4000) == {"nvml:0": 1 << 30}
+
+
+def test_a_failed_query_starts_nvml_again_unless_it_has_no_answer_here(
+        standin_source: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from hal0.hardware import nvml
+
+    driver = _driver(standin_source, tmp_path, monkeypatch)
+    assert read_nvml()[1] is None
+    for unanswered in (3, 4, 6):  # not supported, no permission, not found: the session stays
+        driver.standin_fail_next(unanswered)
+        assert read_nvml_process_memory(4000) == {}
+        assert nvml._started is not None and driver.standin_shutdowns() == 0
+    driver.standin_fail_next(15)
+    gpus, reason = read_nvml()
+    assert gpus == [] and reason == "NVML query failed: GPU is lost"
+    assert nvml._started is None and driver.standin_shutdowns() == 1
+    gpus, reason = read_nvml()
+    assert reason is None and len(gpus) == 2 and driver.standin_inits() == 2
+
+
+def test_without_a_driver_nvml_says_why(standin_source: dict[str, Path], tmp_path: Path,
+                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    from hal0.hardware import nvml
+
+    driver = _driver(standin_source, tmp_path, monkeypatch)
+    driver.standin_fail_init(9)
+    gpus, reason = read_nvml()
+    assert gpus == [] and reason == "NVML did not start: stand-in error 9" and nvml._started is None
+    assert read_nvml_process_memory(4000) == {}
+    monkeypatch.setattr(nvml, "LIBRARY", str(tmp_path / "absent" / "libnvidia-ml.so.1"))
+    gpus, reason = read_nvml()
+    assert gpus == [] and reason is not None and reason.startswith("no NVIDIA driver here")
+    inv = read_inventory(proc_root=_proc(tmp_path), sys_root=tmp_path / "sys", dev_root=tmp_path / "dev")
+    assert inv.skipped["nvml"] == reason and inv.gpus == ()

@@ -149,22 +149,21 @@ def read_amdgpu(drm_root: Path = Path("/sys/class/drm")) -> list[Gpu]:
 
 
 def read_nvml() -> tuple[list[Gpu], str | None]:
-    """NVIDIA GPUs through NVML; ([], reason) when the binding or the driver is not there."""
-    from hal0.hardware.nvml import failed, nvml
+    """NVIDIA GPUs through NVML; ([], reason) when there is no NVIDIA driver or NVML does not answer."""
+    from hal0.hardware.nvml import NvmlError, failed, nvml
 
-    pynvml, reason = nvml()
-    if pynvml is None:
+    lib, reason = nvml()
+    if lib is None:
         return [], reason
     try:
         gpus = []
-        for i in range(pynvml.nvmlDeviceGetCount()):
-            h = pynvml.nvmlDeviceGetHandleByIndex(i)
-            mem = pynvml.nvmlDeviceGetMemoryInfo(h)
-            name = pynvml.nvmlDeviceGetName(h)
-            gpus.append(Gpu(index=i, vendor="nvidia", name=name.decode() if isinstance(name, bytes) else str(name),
-                            memory_total_bytes=int(mem.total), memory_used_bytes=int(mem.used), source="nvml"))
+        for i in range(lib.count()):
+            h = lib.handle(i)
+            total, _, used = lib.memory(h)
+            gpus.append(Gpu(index=i, vendor="nvidia", name=lib.name(h), memory_total_bytes=total,
+                            memory_used_bytes=used, source="nvml"))
         return gpus, None
-    except pynvml.NVMLError as exc:
+    except NvmlError as exc:
         failed(exc)
         return [], f"NVML query failed: {exc}"
 

@@ -117,19 +117,18 @@ def read_process_memory(pid: int, proc_root: Path = Path("/proc")) -> ProcessMem
 
 def read_nvml_process_memory(pid: int) -> dict[str, int]:
     """GPU memory NVML accounts to `pid`, per GPU index; {} without NVML or a GPU."""
-    from hal0.hardware.nvml import failed, nvml
+    from hal0.hardware.nvml import NvmlError, failed, nvml
 
-    pynvml, _ = nvml()
-    if pynvml is None:
+    lib, _ = nvml()
+    if lib is None:
         return {}
     out: dict[str, int] = {}
     try:
-        for i in range(pynvml.nvmlDeviceGetCount()):
-            h = pynvml.nvmlDeviceGetHandleByIndex(i)
-            for p in pynvml.nvmlDeviceGetComputeRunningProcesses(h):
-                if p.pid == pid and p.usedGpuMemory is not None:
-                    out[f"nvml:{i}"] = out.get(f"nvml:{i}", 0) + int(p.usedGpuMemory)
-    except pynvml.NVMLError as exc:
+        for i in range(lib.count()):
+            for p in lib.processes(lib.handle(i)):
+                if p.pid == pid and p.used_bytes is not None:
+                    out[f"nvml:{i}"] = out.get(f"nvml:{i}", 0) + p.used_bytes
+    except NvmlError as exc:
         failed(exc)
     return out
 
