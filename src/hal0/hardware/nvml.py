@@ -121,7 +121,7 @@ def nvml() -> tuple[Nvml | None, str | None]:
         try:
             binding = Nvml(ctypes.CDLL(LIBRARY))
         except OSError as exc:
-            return None, f"no NVIDIA driver here ({LIBRARY} did not load: {exc})"
+            return None, f"no NVIDIA driver here ({exc})"
         except AttributeError as exc:
             return None, f"{LIBRARY} lacks a call hal0 needs: {exc}"
         try:
