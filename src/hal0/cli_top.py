@@ -15,10 +15,10 @@ import termios
 import time
 import tty
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TextIO
 
 from hal0.cli_models import human_bytes
+from hal0.datatypes import datatype
 
 if TYPE_CHECKING:
     from hal0.cli_http import ApiClient
@@ -30,7 +30,7 @@ COLUMNS = ("SLOT", "STATE", "MODEL", "REQ/S", "TTFT P50", "TOK/S", "IN FLIGHT", 
 _ENTER, _LEAVE, _HOME = "\x1b[?1049h\x1b[?25l", "\x1b[?25h\x1b[?1049l", "\x1b[H\x1b[2J"
 
 
-@dataclass(frozen=True, slots=True)
+@datatype(frozen=True, slots=True)
 class Row:
     slot: str
     state: str

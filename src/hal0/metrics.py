@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import bisect
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
+from hal0.datatypes import datatype
 from hal0.events import Event
 from hal0.stats import SlotSample
 
@@ -125,7 +125,7 @@ def _render(family: Family, figures: list[tuple[tuple[str, ...], Any]]) -> Metri
     return histogram
 
 
-@dataclass(frozen=True, slots=True)
+@datatype(frozen=True, slots=True)
 class DeviceSample:
     """One memory pool admission budgets (`host`, `gpu:N`): its figures and what each slot holds there."""
 
@@ -136,7 +136,7 @@ class DeviceSample:
     held_bytes: Mapping[str, int]
 
 
-@dataclass(frozen=True, slots=True)
+@datatype(frozen=True, slots=True)
 class _Route:
     """The metric children one slot, endpoint and status update on every request."""
 

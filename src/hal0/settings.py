@@ -9,11 +9,12 @@ from __future__ import annotations
 import os
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import field, fields, replace
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from hal0.datatypes import datatype
 from hal0.errors import ConfigError
 
 _APP = "hal0"
@@ -38,7 +39,7 @@ def _default_dirs(home: Path | None) -> tuple[Path, Path, Path]:
     )
 
 
-@dataclass(frozen=True, slots=True)
+@datatype(frozen=True, slots=True)
 class PeerConfig:
     """Another hal0 node this one follows and forwards to: its base URL and the API key it wants."""
 
@@ -77,7 +78,7 @@ def _address_is(host: str, what: str) -> bool:
         return False
 
 
-@dataclass(frozen=True, slots=True)
+@datatype(frozen=True, slots=True)
 class Settings:
     """hal0's settings: defaults, then hal0.toml, then `HAL0_*` variables (`load_settings`)."""
     config_dir: Path

@@ -11,10 +11,10 @@ import shutil
 import socket
 import subprocess
 import sys
-from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
+from hal0.datatypes import datatype
 from hal0.errors import ConfigError, Hal0Error
 from hal0.fsio import atomic_write_text
 from hal0.providers.llamacpp import build_kind_of, find_llama_server
@@ -142,7 +142,7 @@ def install_units(settings: Settings, *, root: Path = Path("/"), dry_run: bool =
 
 
 # -- doctor ------------------------------------------------------------------------------------------------
-@dataclass(frozen=True, slots=True)
+@datatype(frozen=True, slots=True)
 class Check:
     name: str
     ok: bool

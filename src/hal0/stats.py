@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
-from dataclasses import dataclass
 from typing import Any, TypedDict
 
+from hal0.datatypes import datatype
 from hal0.events import Event
 
 WINDOW_S = 900
@@ -43,7 +43,7 @@ class StatsView(TypedDict):
     slots: dict[str, SlotStats]
 
 
-@dataclass(frozen=True, slots=True)
+@datatype(frozen=True, slots=True)
 class SlotSample:
     """One slot as the once-a-second sample sees it."""
 

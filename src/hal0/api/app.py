@@ -11,13 +11,13 @@ import gc
 import json
 import logging
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any
 
 from hal0 import __version__
 from hal0.client import HttpClient
+from hal0.datatypes import datatype
 from hal0.dispatch.backend_errors import anthropic_path
 from hal0.dispatch.decisions import DecisionLog
 from hal0.dispatch.proxy import Dispatcher, Receive, Scope, Send
@@ -43,7 +43,7 @@ ASGIApp = Any
 log = logging.getLogger("hal0")
 
 
-@dataclass(frozen=True, slots=True)
+@datatype(frozen=True, slots=True)
 class AppOptions:
     """How `hal0 serve` builds the app."""
     #: Register and assign the generated demo model to `primary` on a first run.

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import io
 import struct
-from dataclasses import dataclass
 
 import numpy as np
 from numpy.typing import NDArray
+
+from hal0.datatypes import datatype
 
 Samples = NDArray[np.float32]
 
@@ -37,7 +38,7 @@ class AudioError(ValueError):
         self.code = code
 
 
-@dataclass(frozen=True, slots=True)
+@datatype(frozen=True, slots=True)
 class Decoded:
     samples: Samples
     sample_rate: int

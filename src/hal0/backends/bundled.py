@@ -11,16 +11,16 @@ import hashlib
 import importlib.util
 import os
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
 
+from hal0.datatypes import datatype
 from hal0.errors import ChecksumMismatch, RegistryError
 from hal0.registry.store import PARTIAL_SUFFIX, Manifest, ModelFile, ModelStore, ensure_free_space, sha256_file
 
 _CHUNK = 4 * 1024 * 1024
 
 
-@dataclass(frozen=True, slots=True)
+@datatype(frozen=True, slots=True)
 class BundledFile:
     name: str
     #: (package, path inside the package) of each part, joined in order.
@@ -29,7 +29,7 @@ class BundledFile:
     sha256_from: tuple[str, str] | None = None
 
 
-@dataclass(frozen=True, slots=True)
+@datatype(frozen=True, slots=True)
 class BundledModel:
     ref: str
     slot_type: str

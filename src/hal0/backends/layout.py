@@ -5,8 +5,9 @@ and by the servers (to pick the engine). Pure file checks; nothing heavy is impo
 from __future__ import annotations
 
 import importlib.util
-from dataclasses import dataclass
 from pathlib import Path
+
+from hal0.datatypes import datatype
 
 #: Moonshine's on-device runtime reads these (the layout of download.moonshine.ai/model/<name>/quantized/).
 MOONSHINE_FILES = ("encoder_model.ort", "decoder_model_merged.ort", "tokenizer.bin")
@@ -23,7 +24,7 @@ RUNTIME_MODULES = {
 RUNTIME_EXTRAS = {"moonshine": "hal0[speech]", "whisper": "hal0[speech]", "kokoro": "hal0[speech]"}
 
 
-@dataclass(frozen=True, slots=True)
+@datatype(frozen=True, slots=True)
 class LayoutProblem:
     """Why a folder is not a model this provider can serve."""
 
@@ -53,7 +54,7 @@ def stt_engine(directory: Path) -> str | LayoutProblem:
         f"tokenizer.json (found: {', '.join(have) or 'nothing'})", missing)
 
 
-@dataclass(frozen=True, slots=True)
+@datatype(frozen=True, slots=True)
 class KokoroFiles:
     model: Path
     voices: Path

@@ -13,7 +13,7 @@ import json
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -26,6 +26,7 @@ from starlette.routing import Route
 
 from hal0.backends.audio import AudioError, Samples, decode, resample
 from hal0.backends.layout import RUNTIME_EXTRAS, LayoutProblem, missing_modules, model_dir, stt_engine
+from hal0.datatypes import datatype
 from hal0.errors import openai_error_body
 from hal0.server import Server, listen
 
@@ -34,7 +35,7 @@ RESPONSE_FORMATS = ("json", "text", "verbose_json", "srt", "vtt")
 EXIT_LOAD_FAILED = 3
 
 
-@dataclass(frozen=True, slots=True)
+@datatype(frozen=True, slots=True)
 class Segment:
     id: int
     start: float
@@ -45,7 +46,7 @@ class Segment:
     words: tuple[tuple[float, float, str], ...] = ()
 
 
-@dataclass(frozen=True, slots=True)
+@datatype(frozen=True, slots=True)
 class Transcript:
     text: str
     language: str
@@ -53,7 +54,7 @@ class Transcript:
     segments: tuple[Segment, ...] = ()
 
 
-@dataclass(frozen=True, slots=True)
+@datatype(frozen=True, slots=True)
 class Options:
     language: str | None = None
     prompt: str | None = None
@@ -206,7 +207,7 @@ def error(status: int, code: str, message: str) -> JSONResponse:
 
 
 # -- the server ----------------------------------------------------------------------------------------------
-@dataclass
+@datatype
 class ServerState:
     model_path: Path
     alias: str

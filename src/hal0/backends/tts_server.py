@@ -14,7 +14,7 @@ import re
 import sys
 import time
 from collections.abc import AsyncIterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import field
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +36,7 @@ from hal0.backends.audio import (
     wav_stream_header,
 )
 from hal0.backends.layout import RUNTIME_EXTRAS, KokoroFiles, LayoutProblem, kokoro_files, missing_modules
+from hal0.datatypes import datatype
 from hal0.errors import openai_error_body
 from hal0.server import Server, listen
 
@@ -121,7 +122,7 @@ def load_engine(model_path: Path) -> KokoroEngine:
     return KokoroEngine(files)
 
 
-@dataclass(frozen=True, slots=True)
+@datatype(frozen=True, slots=True)
 class SpeechRequest:
     text: str
     voice: str
@@ -172,7 +173,7 @@ def error(status: int, code: str, message: str) -> JSONResponse:
     return JSONResponse(openai_error_body(status, code, message), status)
 
 
-@dataclass
+@datatype
 class ServerState:
     model_path: Path
     alias: str

@@ -10,12 +10,12 @@ import asyncio
 import json as jsonlib
 import os
 from collections.abc import Generator, Iterable, Mapping
-from dataclasses import dataclass
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 from hal0.client.connection import Connection, Response
 from hal0.client.errors import ConnectFailed, ConnectTimeout, Disconnected
+from hal0.datatypes import datatype
 
 if TYPE_CHECKING:
     import ssl as _ssl_types
@@ -28,7 +28,7 @@ _PORTS = {"http": 80, "https": 443}
 IDLE_PER_SERVER = 64
 
 
-@dataclass(frozen=True, slots=True)
+@datatype(frozen=True, slots=True)
 class Timeout:
     """`connect`: to open a connection; `read`: each wait for the next bytes of the answer (a long stream is fine,
     a silent server is not); `total`: the whole exchange, connect to the last body byte. None: no limit."""

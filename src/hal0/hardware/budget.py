@@ -8,9 +8,10 @@ admissions from spending the same bytes.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import field
 from typing import TYPE_CHECKING, Any
 
+from hal0.datatypes import datatype
 from hal0.settings import Settings
 
 if TYPE_CHECKING:
@@ -35,7 +36,7 @@ def default_reserve(device: str, total_bytes: int) -> int:
     return min(max(total_bytes // 20, 512 * MIB), 2 * GIB)
 
 
-@dataclass(frozen=True, slots=True)
+@datatype(frozen=True, slots=True)
 class BudgetSettings:
     """The memory settings, in bytes (None: the default)."""
 
@@ -55,7 +56,7 @@ class BudgetSettings:
                    {index: mb * MIB for index, mb in gpu_budget_mb})
 
 
-@dataclass(frozen=True, slots=True)
+@datatype(frozen=True, slots=True)
 class DeviceBudget:
     """One memory pool hal0 loads onto (the host, a GPU): its size, what is kept back, what loads may use."""
     device: str
@@ -89,7 +90,7 @@ def device_budgets(inv: Inventory, settings: BudgetSettings) -> dict[str, Device
     return out
 
 
-@dataclass(frozen=True, slots=True)
+@datatype(frozen=True, slots=True)
 class Holding:
     """What one slot holds (or, while it loads, is about to hold) on each device."""
 
@@ -110,7 +111,7 @@ class Holding:
                 "measured": self.measured, "state": self.state, "pinned": self.pinned}
 
 
-@dataclass(frozen=True, slots=True)
+@datatype(frozen=True, slots=True)
 class Plan:
     """An admission's outcome: `fits` after unloading `evict` (least recently used first); else `wait` (it fits
     once these serving slots finish) or neither (it cannot fit at all: `short` says by how much, per device)."""

@@ -8,10 +8,11 @@ fitted on the CPU build's `sched_reserve` report, see docs/performance.md for th
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass, field
+from dataclasses import field
 from pathlib import Path
 from typing import Any
 
+from hal0.datatypes import datatype
 from hal0.registry.gguf import GGUFLayout, read_gguf_layout
 
 MIB = 1 << 20
@@ -38,7 +39,7 @@ CACHE_TYPE_BYTES: dict[str, float] = {
 }
 
 
-@dataclass(frozen=True)
+@datatype(frozen=True)
 class LoadSettings:
     """The parts of a slot's settings that decide memory; `from_args` reads them from llama-server arguments."""
 
@@ -89,7 +90,7 @@ class LoadSettings:
         return cls(**opts)
 
 
-@dataclass(frozen=True)
+@datatype(frozen=True)
 class DevicePart:
     """Bytes on one device (`CPU` is host memory)."""
 
@@ -108,7 +109,7 @@ class DevicePart:
                 "total_bytes": self.total_bytes}
 
 
-@dataclass(frozen=True)
+@datatype(frozen=True)
 class MemoryEstimate:
     """All the memory a backend will hold: its buffers per device plus the process's own baseline."""
 

@@ -9,14 +9,16 @@ from __future__ import annotations
 import os
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, field
 from pathlib import Path
 from typing import Any
+
+from hal0.datatypes import datatype
 
 CACHE_TTL_S = 2.0
 
 
-@dataclass(frozen=True)
+@datatype(frozen=True)
 class HostMemory:
     total_bytes: int
     available_bytes: int
@@ -26,7 +28,7 @@ class HostMemory:
     cgroup_max_bytes: int | None
 
 
-@dataclass(frozen=True)
+@datatype(frozen=True)
 class Gpu:
     index: int
     vendor: str  # "nvidia" or "amd"
@@ -39,7 +41,7 @@ class Gpu:
     source: str = ""  # "nvml" or the sysfs device path
 
 
-@dataclass(frozen=True)
+@datatype(frozen=True)
 class Inventory:
     cpu_model: str
     cpu_cores: int

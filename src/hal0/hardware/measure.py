@@ -5,9 +5,11 @@ where NVML is there, its per-process GPU memory.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import field
 from pathlib import Path
 from typing import Any
+
+from hal0.datatypes import datatype
 
 MIB = 1 << 20
 # e.g. `load_tensors:   CPU_Mapped model buffer size =     9.70 MiB`, `llama_kv_cache:  CUDA0 KV buffer size = ...`,
@@ -25,14 +27,14 @@ def device_of(buffer_name: str) -> str:
     return "CPU" if buffer_name in _HOST or buffer_name.endswith("_Host") else buffer_name
 
 
-@dataclass(frozen=True)
+@datatype(frozen=True)
 class ProcessMemory:
     rss_bytes: int
     pss_bytes: int | None
     anon_bytes: int | None
 
 
-@dataclass(frozen=True)
+@datatype(frozen=True)
 class MeasuredMemory:
     """Buffers as llama-server reported them (per device and kind), plus the process as the kernel sees it."""
 

@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import ctypes
 import threading
-from dataclasses import dataclass
+
+from hal0.datatypes import datatype
 
 #: The driver's library; a module attribute so that tests can point it at a stand-in.
 LIBRARY = "libnvidia-ml.so.1"
@@ -44,7 +45,7 @@ class _ProcessInfo(ctypes.Structure):  # nvmlProcessInfo_t (v2 and v3 alike)
                 ("gpuInstanceId", ctypes.c_uint), ("computeInstanceId", ctypes.c_uint)]
 
 
-@dataclass(frozen=True)
+@datatype(frozen=True)
 class GpuProcess:
     pid: int
     used_bytes: int | None  # None where the driver does not account it (NVML_VALUE_NOT_AVAILABLE)

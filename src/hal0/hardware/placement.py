@@ -7,8 +7,8 @@ user's word. A placement becomes a visibility variable for the build's runtime a
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
 
+from hal0.datatypes import datatype
 from hal0.errors import InvalidRequest
 
 DEVICE_PATTERN = re.compile(r"^(auto|cpu|gpu|gpu:\d{1,2}(,\d{1,2}){0,15})$")
@@ -32,7 +32,7 @@ def requested_gpus(device: str) -> tuple[int, ...] | None:
     return tuple(dict.fromkeys(int(i) for i in device[4:].split(",")))
 
 
-@dataclass(frozen=True, slots=True)
+@datatype(frozen=True, slots=True)
 class Placement:
     """A resolved device: which GPUs (none: the CPU) and how many layers go there. `explicit` is False for
     `auto` on a machine without a usable GPU: the backend's command stays as the user wrote it."""

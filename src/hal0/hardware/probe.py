@@ -7,13 +7,13 @@ from __future__ import annotations
 
 import subprocess
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
+from hal0.datatypes import datatype
 from hal0.hardware.measure import ProcessMemory, parse_buffer_report, read_nvml_process_memory, read_process_memory
 
 
-@dataclass(frozen=True)
+@datatype(frozen=True)
 class ProbeReport:
     buffers: dict[str, dict[str, int]]  # device -> kind -> bytes, as llama-server printed them
     process: ProcessMemory | None  # once it listens

@@ -10,11 +10,11 @@ import contextlib
 import json
 import logging
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
 
 from hal0.client import HttpClient, HttpError, Response, Timeout
+from hal0.datatypes import datatype
 from hal0.events import EventBus
 from hal0.peers.view import PeerView, RemoteSlot
 from hal0.settings import PeerConfig
@@ -38,7 +38,7 @@ class StreamRefused(Exception):
     """The peer answered its event stream with an error (a wrong key, an old hal0)."""
 
 
-@dataclass(frozen=True, slots=True)
+@datatype(frozen=True, slots=True)
 class SseEvent:
     id: int | None
     topic: str

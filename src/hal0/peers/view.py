@@ -7,10 +7,11 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import field
 from enum import StrEnum
 from typing import Any
 
+from hal0.datatypes import datatype
 from hal0.settings import PeerConfig
 
 #: How long a peer that a forwarded request could not connect to is tried after the others.
@@ -23,7 +24,7 @@ class PeerStatus(StrEnum):
     DOWN = "down"
 
 
-@dataclass(frozen=True, slots=True)
+@datatype(frozen=True, slots=True)
 class RemoteSlot:
     """One slot of a peer, as much of it as routing needs."""
 
@@ -56,7 +57,7 @@ class RemoteSlot:
                 "aliases": list(self.aliases), "state": self.state}
 
 
-@dataclass(slots=True)
+@datatype(slots=True)
 class PeerView:
     config: PeerConfig
     status: PeerStatus = PeerStatus.CONNECTING

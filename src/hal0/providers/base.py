@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import field
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 from hal0.client import HttpClient
+from hal0.datatypes import datatype
 from hal0.hardware.placement import Placement
 
 #: Requests one backend takes at once when its arguments do not say (llama-server's own default is 4).
@@ -34,7 +35,7 @@ def parallel(args: tuple[str, ...], default: int = DEFAULT_PARALLEL) -> int:
     return default if given is None else max(default, given)
 
 
-@dataclass(frozen=True, slots=True)
+@datatype(frozen=True, slots=True)
 class LaunchSpec:
     """Everything a provider needs to build a backend's command line."""
 
@@ -52,7 +53,7 @@ class LaunchSpec:
     rpc: tuple[str, ...] = ()
 
 
-@dataclass(frozen=True, slots=True)
+@datatype(frozen=True, slots=True)
 class Command:
     """A backend's command line and the environment it adds."""
     argv: tuple[str, ...]
@@ -65,7 +66,7 @@ class Command:
 Answering = Callable[[], Awaitable[bool] | None]
 
 
-@dataclass(frozen=True, slots=True)
+@datatype(frozen=True, slots=True)
 class ProbeResult:
     """What a readiness probe found, and at which stage it stopped when it failed."""
     ok: bool

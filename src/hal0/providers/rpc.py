@@ -9,11 +9,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import struct
-from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
 from hal0.client import HttpClient
+from hal0.datatypes import datatype
 from hal0.errors import BinaryNotFound
 from hal0.providers.base import Answering, Command, LaunchSpec, ProbeResult
 from hal0.providers.llamacpp import find_llama_server
@@ -48,7 +48,7 @@ def split_endpoint(endpoint: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
-@dataclass(frozen=True, slots=True)
+@datatype(frozen=True, slots=True)
 class WorkerCheck:
     endpoint: str
     ok: bool

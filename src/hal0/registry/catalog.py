@@ -8,15 +8,15 @@ is ever made up.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
+from hal0.datatypes import datatype
 from hal0.registry.store import validate_ref
 
 _MB = 1000 * 1000
 
 
-@dataclass(frozen=True, slots=True)
+@datatype(frozen=True, slots=True)
 class CatalogFile:
     source: str
     size: int | None = None
@@ -26,7 +26,7 @@ class CatalogFile:
         return {"source": self.source, "size": self.size, "sha256": self.sha256}
 
 
-@dataclass(frozen=True, slots=True)
+@datatype(frozen=True, slots=True)
 class CatalogEntry:
     ref: str
     slot_type: str

@@ -9,12 +9,14 @@ import argparse
 import os
 import secrets
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 
 import gguf
 import numpy as np
 import numpy.typing as npt
+
+from hal0.datatypes import datatype
 
 ARCH = "llama"
 DESCRIPTION = (
@@ -40,7 +42,7 @@ WORDS = (
 ).split()
 
 
-@dataclass(frozen=True)
+@datatype(frozen=True)
 class ModelSpec:
     """Sizes of a generated model; the defaults make a model of about half a megabyte."""
 
@@ -68,7 +70,7 @@ EMBED = replace(TINY, name="hal0-embed-random", pooling_mean=True)
 SIZES: dict[str, ModelSpec] = {"tiny": TINY, "large": LARGE, "embed": EMBED}
 
 
-@dataclass(frozen=True)
+@datatype(frozen=True)
 class Vocab:
     """A SentencePiece-style vocabulary: control tokens, 256 byte tokens, then word pieces."""
 

@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import mmap
 import struct
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypedDict
+
+from hal0.datatypes import datatype
 
 GGUF_MAGIC = b"GGUF"
 
@@ -25,7 +26,7 @@ class GGUFMetadata(TypedDict, total=False):
     tensor_count: int
 
 
-@dataclass(frozen=True)
+@datatype(frozen=True)
 class TensorInfo:
     """One entry of the tensor info table: enough to size weights per layer without reading them."""
 
@@ -44,7 +45,7 @@ class TensorInfo:
         return None
 
 
-@dataclass(frozen=True)
+@datatype(frozen=True)
 class GGUFLayout:
     """Every scalar KV value (arrays skipped) and the tensor table, for memory estimates."""
 

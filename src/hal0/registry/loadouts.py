@@ -6,9 +6,10 @@ Applying one pulls what is missing and assigns each slot through a callable: the
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import field
 from typing import Any
 
+from hal0.datatypes import datatype
 from hal0.errors import InsufficientMemory, LoadoutNotFound
 from hal0.hardware.budget import BudgetSettings, DeviceBudget, device_budgets
 from hal0.hardware.inventory import inventory
@@ -19,7 +20,7 @@ _MIB = 1024 * 1024
 _GIB = 1024 * _MIB
 
 
-@dataclass(frozen=True, slots=True)
+@datatype(frozen=True, slots=True)
 class LoadoutSlot:
     slot: str
     ref: str
@@ -27,7 +28,7 @@ class LoadoutSlot:
     context_bytes: int
 
 
-@dataclass(frozen=True, slots=True)
+@datatype(frozen=True, slots=True)
 class Loadout:
     name: str
     tier: str
@@ -79,7 +80,7 @@ def get_loadout(name: str) -> Loadout:
     return loadout
 
 
-@dataclass(frozen=True, slots=True)
+@datatype(frozen=True, slots=True)
 class MemInfo:
     """The memory a loadout is checked against: the budget of the machine's largest device (the host, or a GPU
     whose budget is larger) and what is free there now."""
@@ -100,7 +101,7 @@ def machine_memory(budgets: dict[str, DeviceBudget] | None = None) -> MemInfo:
     return MemInfo(total=best.budget_bytes, available=min(best.free_bytes, best.budget_bytes), device=best.device)
 
 
-@dataclass(frozen=True, slots=True)
+@datatype(frozen=True, slots=True)
 class SlotPlan:
     slot: str
     ref: str
@@ -113,7 +114,7 @@ class SlotPlan:
                 "file_bytes": self.file_bytes, "context_bytes": self.context_bytes}
 
 
-@dataclass(frozen=True, slots=True)
+@datatype(frozen=True, slots=True)
 class LoadoutPlan:
     loadout: Loadout
     slots: tuple[SlotPlan, ...]
@@ -160,7 +161,7 @@ def plan_loadout(registry: Registry, name: str, memory: MemInfo | None = None) -
     return LoadoutPlan(loadout, tuple(slots), estimate, memory, fits, tuple(warnings))
 
 
-@dataclass
+@datatype
 class ApplyReport:
     loadout: str
     plan: LoadoutPlan

@@ -13,7 +13,7 @@ import os
 import re
 import time
 from collections.abc import AsyncGenerator, Callable
-from dataclasses import dataclass, field
+from dataclasses import field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 from urllib.parse import quote, urlsplit
@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     # Imported where a pull runs: `hal0 serve` starts (and restarts) without paying for httpx.
     import httpx
 
+from hal0.datatypes import datatype
 from hal0.errors import (
     ChecksumMismatch,
     Conflict,
@@ -58,7 +59,7 @@ SourceKind = Literal["hf", "url", "file"]
 EventKind = Literal["start", "progress", "done", "error"]
 
 
-@dataclass(frozen=True, slots=True)
+@datatype(frozen=True, slots=True)
 class Source:
     """Where one file comes from. `url` for hf/url sources, `path` for local files."""
 
@@ -100,7 +101,7 @@ def parse_source(spec: str, hf_endpoint: str = DEFAULT_HF_ENDPOINT) -> Source:
                          code="invalid_source")
 
 
-@dataclass(frozen=True, slots=True)
+@datatype(frozen=True, slots=True)
 class PullEvent:
     """One step of a pull, as published on the bus ("pull" topic) and streamed to the CLI."""
 
@@ -128,14 +129,14 @@ class PullEvent:
 EventCallback = Callable[[PullEvent], None]
 
 
-@dataclass(frozen=True, slots=True)
+@datatype(frozen=True, slots=True)
 class PullFile:
     source: Source
     sha256: str | None = None
     size: int | None = None
 
 
-@dataclass(frozen=True, slots=True)
+@datatype(frozen=True, slots=True)
 class PullPlan:
     ref: str
     source: str
@@ -336,7 +337,7 @@ def _size(path: Path) -> int:
         return 0
 
 
-@dataclass
+@datatype
 class _Flight:
     ref: str
     task: asyncio.Task[Manifest] | None = None

@@ -14,10 +14,11 @@ import os
 import re
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import field
 from pathlib import Path
 from typing import Any
 
+from hal0.datatypes import datatype
 from hal0.errors import (
     Conflict,
     InsufficientDisk,
@@ -87,7 +88,7 @@ def ensure_free_space(directory: Path, needed: int) -> None:
         )
 
 
-@dataclass(frozen=True, slots=True)
+@datatype(frozen=True, slots=True)
 class ModelFile:
     """One file of an installed model, as its manifest records it."""
     name: str
@@ -109,7 +110,7 @@ class ModelFile:
                    mtime_ns=int(mtime) if isinstance(mtime, int) else None)
 
 
-@dataclass(frozen=True, slots=True)
+@datatype(frozen=True, slots=True)
 class Manifest:
     """An installed model: its ref, where it came from, its files and the hints for a slot."""
     ref: str

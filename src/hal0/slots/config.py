@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import re
 import tomllib
-from dataclasses import dataclass, field, fields
+from dataclasses import field, fields
 from pathlib import Path
 from typing import Any
 
 import tomli_w
 
+from hal0.datatypes import datatype
 from hal0.errors import ConfigError, InvalidRequest
 from hal0.fsio import atomic_write_text
 from hal0.hardware.placement import validate_device
@@ -38,7 +39,7 @@ def validate_slot_name(name: str) -> str:
     return name
 
 
-@dataclass(frozen=True, slots=True)
+@datatype(frozen=True, slots=True)
 class SlotConfig:
     """A slot's config (`config/slots/<name>.toml`): what it runs, on which port, how long it stays."""
     name: str

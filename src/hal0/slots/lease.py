@@ -10,11 +10,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from dataclasses import dataclass
 from types import TracebackType
 from typing import TYPE_CHECKING
 
 from hal0.client import HttpClient, HttpError, Response, Timeout
+from hal0.datatypes import datatype
 from hal0.errors import UpstreamError
 from hal0.slots.state import LOADED
 
@@ -39,7 +39,7 @@ class HeldAnswers:
             self.answered.set_result(ok)
 
 
-@dataclass(slots=True)
+@datatype(slots=True)
 class ColdStart:
     """A request's wait on a cold slot: when it began, its grace, and the load it waits for."""
 

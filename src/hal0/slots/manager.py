@@ -12,10 +12,11 @@ import logging
 import socket
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import field
 from typing import TYPE_CHECKING, Any
 
 from hal0.client import HttpClient
+from hal0.datatypes import datatype
 from hal0.errors import (
     BackendError,
     Conflict,
@@ -61,7 +62,7 @@ PRESSURE_INTERVAL_S = 1.0
 ADMISSION_POLL_S = 0.05
 
 
-@dataclass(frozen=True, slots=True)
+@datatype(frozen=True, slots=True)
 class Eviction:
     """A slot unloaded to make room: for which slot (or for memory pressure), and why. `reason` is one of a few
     words (memory, pressure, group, max_loaded_slots); `message` says it in full, `detail` gives the bytes."""

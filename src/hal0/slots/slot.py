@@ -12,11 +12,11 @@ import logging
 import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 from hal0.client import HttpClient, HttpError, Timeout
+from hal0.datatypes import datatype
 from hal0.errors import BackendError, Conflict, DiskFull, Hal0Error, ModelNotFound
 from hal0.events import EventBus
 from hal0.hardware.placement import Placement
@@ -108,7 +108,7 @@ class ModelSource(Protocol):
         ...
 
 
-@dataclass(slots=True)
+@datatype(slots=True)
 class SlotContext:
     """What every slot shares: built once by the manager."""
 

@@ -12,10 +12,11 @@ import logging
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import field
 from pathlib import Path
 from typing import Any, Literal
 
+from hal0.datatypes import datatype
 from hal0.errors import DiskFull
 from hal0.fsio import WriteFailures, atomic_write_json, quarantine
 from hal0.slots.state import SlotState
@@ -32,7 +33,7 @@ WRITE_BEHIND_DELAY_S = 0.1
 RETRY_BEHIND_S = 1.0
 
 
-@dataclass(slots=True)
+@datatype(slots=True)
 class SlotError:
     """Why a slot is in error: a stable code, a message for people, the details."""
     code: str
@@ -40,7 +41,7 @@ class SlotError:
     detail: dict[str, Any] = field(default_factory=dict)
 
 
-@dataclass(slots=True)
+@datatype(slots=True)
 class SlotRecord:
     """A slot's `state.json`: its state and what the backend in it is (pid, port, model)."""
     name: str

@@ -6,14 +6,14 @@ A supervisor says whether a process is alive; it never says whether it is ready 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+from hal0.datatypes import datatype
 from hal0.providers.base import Command
 
 
-@dataclass(frozen=True, slots=True)
+@datatype(frozen=True, slots=True)
 class Handle:
     """How to find a slot's backend again, also from a fresh API process (persisted in state.json)."""
 
@@ -21,7 +21,7 @@ class Handle:
     unit: str | None = None
 
 
-@dataclass(frozen=True, slots=True)
+@datatype(frozen=True, slots=True)
 class ProcessStatus:
     """What the supervisor knows of a backend process: alive or not, and how it ended."""
     alive: bool

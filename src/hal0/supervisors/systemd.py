@@ -13,9 +13,9 @@ import shutil
 import signal
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
+from hal0.datatypes import datatype
 from hal0.errors import BackendError
 from hal0.fsio import atomic_write_text
 from hal0.providers.base import Command
@@ -92,7 +92,7 @@ def render_dropin(slot: str, command: Command, *, stop_timeout_s: float) -> str:
     return "\n".join(lines) + "\n"
 
 
-@dataclass(frozen=True, slots=True)
+@datatype(frozen=True, slots=True)
 class UnitState:
     """What `systemctl show` says about one unit."""
 
@@ -170,7 +170,7 @@ def _signal_name(num: int) -> str:
         return f"signal {num}"
 
 
-@dataclass(frozen=True, slots=True)
+@datatype(frozen=True, slots=True)
 class _Ran:
     """What one systemctl/journalctl call returned."""
 

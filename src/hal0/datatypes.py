@@ -1,0 +1,212 @@
+"""`@datatype`: a dataclass whose methods are shared closures, not code compiled for each class.
+
+On Python 3.11 `@dataclass(frozen=True, slots=True)` compiles six small functions per class (`exec`) and builds
+the class twice: ~1.2 ms and ~15 KB a class, 35-42 ms and ~0.45 MB of an API start over the 32 dataclasses it
+imported (the largest single item of a restart: docs/performance.md, eleventh round). A datatype is still a
+dataclass to everything that asks (`dataclasses.fields`, `replace`, `asdict`, `is_dataclass`, `field(...)`,
+mypy through `dataclass_transform`): the stdlib reads the fields; `__init__`, `__repr__`, `__eq__`, and when
+frozen `__hash__` and a refusing `__setattr__`, are closures over them. The price is a slower `__init__` (~1.9
+against ~0.6 us for three fields), so what is built on every request (a decision, a resolution, an event) stays a
+plain `@dataclass`. Supported: defaults, `default_factory`, `field(repr=False, compare=False, init=False)`,
+`__post_init__`, `frozen`, `slots`; not `InitVar`, `kw_only` or `order`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import operator
+from collections.abc import Callable
+from typing import Any, TypeVar, dataclass_transform, overload
+
+T = TypeVar("T")
+
+_MISSING = dataclasses.MISSING
+
+
+@overload
+def datatype(cls: type[T], /) -> type[T]: ...
+@overload
+def datatype(*, frozen: bool = False, slots: bool = False) -> Callable[[type[T]], type[T]]: ...
+
+
+@dataclass_transform(field_specifiers=(dataclasses.field, dataclasses.Field))
+def datatype(cls: type[T] | None = None, /, *, frozen: bool = False,
+           slots: bool = False) -> type[T] | Callable[[type[T]], type[T]]:
+    """Make `cls` a dataclass with `__init__`, `__repr__`, `__eq__` and, when `frozen`, `__hash__` and an
+    immutable `__setattr__`; `slots` gives it `__slots__` (no `__dict__`), as `@dataclass(slots=True)` does."""
+
+    def wrap(cls: type[T]) -> type[T]:
+        return _build(cls, frozen=frozen, slots=slots)
+
+    return wrap if cls is None else wrap(cls)
+
+
+def _build(cls: type[T], *, frozen: bool, slots: bool) -> type[T]:
+    own = cls.__dict__
+    for name in ("__setattr__", "__delattr__"):
+        if frozen and name in own:
+            raise TypeError(f"cannot overwrite attribute {name} in frozen datatype {cls.__name__}")
+    # The stdlib does the field work (annotations, defaults, `field()`, mutable-default checks, inheritance) and
+    # compiles nothing when asked for no methods.
+    documented = bool(cls.__doc__)
+    if not documented:  # else the stdlib makes one from inspect.signature, ~0.1 ms, and of the wrong __init__
+        cls.__doc__ = cls.__name__
+    dataclasses.dataclass(cls, init=False, repr=False, eq=False)
+    for f in cls.__dataclass_fields__.values():  # type: ignore[attr-defined]
+        if f.kw_only is True or f._field_type is dataclasses._FIELD_INITVAR:  # type: ignore[attr-defined]
+            raise TypeError(f"datatype {cls.__name__}: field {f.name!r} is InitVar or kw_only, which @datatype lacks")
+    fields = dataclasses.fields(cls)  # type: ignore[arg-type]
+    if slots:
+        cls = _with_slots(cls, tuple(f.name for f in fields))
+    names = tuple(f.name for f in fields if f.init)
+    always = tuple(f for f in fields if not f.init)
+    defaults = {f.name: f.default for f in fields if f.init and f.default is not _MISSING}
+    factories = {f.name: f.default_factory for f in fields if f.init and f.default_factory is not _MISSING}
+    own = cls.__dict__
+    if "__init__" not in own:
+        _set(cls, "__init__", _init(cls, names, defaults, factories, always, slots))
+    if "__repr__" not in own:
+        _set(cls, "__repr__", _repr(tuple(f.name for f in fields if f.repr)))
+    compared = tuple(f.name for f in fields if f.compare)
+    values = _getter(compared)
+    if "__eq__" not in own:
+        _set(cls, "__eq__", _eq(values))
+    explicit_hash = "__hash__" in own and not (own["__hash__"] is None and "__eq__" in own)
+    if not explicit_hash:
+        hashed = _getter(tuple(f.name for f in fields if (f.compare if f.hash is None else f.hash)))
+        if frozen:
+            _set(cls, "__hash__", lambda self: hash(hashed(self)))
+        else:
+            cls.__hash__ = None  # type: ignore[assignment]  # eq without frozen: unhashable, as @dataclass
+    if frozen:
+        _frozen(cls, frozenset(f.name for f in fields), slots)
+    if not documented:
+        cls.__doc__ = f"{cls.__name__}({', '.join(names)})"
+    return cls
+
+
+def _set(cls: type, name: str, fn: Callable[..., Any]) -> None:
+    fn.__name__ = name
+    fn.__qualname__ = f"{cls.__qualname__}.{name}"
+    setattr(cls, name, fn)
+
+
+def _with_slots(cls: type[T], names: tuple[str, ...]) -> type[T]:
+    """The class again with `__slots__` for its fields (a class can't gain slots once made): what
+    `@dataclass(slots=True)` does. Defaults live in `__init__` then, not on the class."""
+    inherited = {s for base in cls.__mro__[1:-1] for s in _slots_of(base)}
+    body = dict(cls.__dict__)
+    body["__slots__"] = tuple(n for n in names if n not in inherited)
+    for name in (*names, "__dict__", "__weakref__"):
+        body.pop(name, None)
+    meta: Any = type(cls)  # a class under a metaclass (Generic, ABCMeta) keeps it
+    made: type[T] = meta(cls.__name__, cls.__bases__, body)
+    made.__qualname__ = cls.__qualname__
+    return made
+
+
+def _slots_of(cls: type) -> tuple[str, ...]:
+    slots = cls.__dict__.get("__slots__", ())
+    return (slots,) if isinstance(slots, str) else tuple(slots)
+
+
+def _getter(names: tuple[str, ...]) -> Callable[[Any], Any]:
+    """The compared fields of an instance, read in C: one value for one field, a tuple for more."""
+    if not names:
+        return lambda self: ()
+    return operator.attrgetter(*names)
+
+
+def _init(cls: type, names: tuple[str, ...], defaults: dict[str, Any], factories: dict[str, Callable[[], Any]],
+          always: tuple[dataclasses.Field[Any], ...], slots: bool) -> Callable[..., None]:
+    count = len(names)
+    known = frozenset(names)
+    post_init = hasattr(cls, "__post_init__")
+    put = object.__setattr__
+    qualname = f"{cls.__qualname__}.__init__"
+
+    def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
+        if args:
+            if len(args) > count:
+                raise TypeError(f"{qualname}() takes {count + 1} positional arguments but {len(args) + 1} were given")
+            given = dict(zip(names, args, strict=False))
+            if kwargs:
+                twice = kwargs.keys() & given.keys()
+                if twice:
+                    raise TypeError(f"{qualname}() got multiple values for argument {min(twice)!r}")
+                given.update(kwargs)
+        else:
+            given = kwargs
+        if len(given) != count or not known.issuperset(given):
+            unknown = given.keys() - known
+            if unknown:
+                raise TypeError(f"{qualname}() got an unexpected keyword argument {min(unknown)!r}")
+            missing = []
+            for name in names:
+                if name in given:
+                    continue
+                if name in defaults:
+                    given[name] = defaults[name]
+                elif name in factories:
+                    given[name] = factories[name]()
+                else:
+                    missing.append(name)
+            if missing:
+                raise TypeError(f"{qualname}() missing {len(missing)} required argument(s): "
+                                + ", ".join(repr(n) for n in missing))
+        for f in always:
+            given[f.name] = f.default_factory() if f.default_factory is not _MISSING else f.default
+        if slots:
+            for name, value in given.items():
+                put(self, name, value)
+        else:
+            self.__dict__.update(given)
+        if post_init:
+            self.__post_init__()
+
+    return __init__
+
+
+def _repr(names: tuple[str, ...]) -> Callable[[Any], str]:
+    def __repr__(self: Any) -> str:
+        inner = ", ".join([f"{n}={getattr(self, n)!r}" for n in names])
+        return f"{type(self).__qualname__}({inner})"
+
+    return __repr__
+
+
+def _eq(values: Callable[[Any], Any]) -> Callable[[Any, Any], Any]:
+    def __eq__(self: Any, other: Any) -> Any:
+        if other.__class__ is self.__class__:
+            return values(self) == values(other)
+        return NotImplemented
+
+    return __eq__
+
+
+def _frozen(cls: type, names: frozenset[str], slots: bool) -> None:
+    put = object.__setattr__
+
+    def __setattr__(self: Any, name: str, value: Any) -> None:
+        if type(self) is cls or name in names:
+            raise dataclasses.FrozenInstanceError(f"cannot assign to field {name!r}")
+        put(self, name, value)
+
+    def __delattr__(self: Any, name: str) -> None:
+        if type(self) is cls or name in names:
+            raise dataclasses.FrozenInstanceError(f"cannot delete field {name!r}")
+        object.__delattr__(self, name)
+
+    _set(cls, "__setattr__", __setattr__)
+    _set(cls, "__delattr__", __delattr__)
+    if slots:  # pickle and copy set a slots object's state with setattr, which a frozen one refuses
+        def __getstate__(self: Any) -> list[Any]:
+            return [getattr(self, n) for n in fields_order]
+
+        def __setstate__(self: Any, state: list[Any]) -> None:
+            for n, v in zip(fields_order, state, strict=True):
+                put(self, n, v)
+
+        fields_order = tuple(f.name for f in dataclasses.fields(cls))
+        _set(cls, "__getstate__", __getstate__)
+        _set(cls, "__setstate__", __setstate__)
