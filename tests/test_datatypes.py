@@ -168,3 +168,17 @@ def _pickled(options: dict[str, bool]) -> type[Any]:
 
 
 Pickled = {name: _pickled(options) for name, options in zip(IDS, FLAVOURS, strict=True)}
+
+
+@pytest.mark.parametrize("options", FLAVOURS, ids=IDS)
+def test_an_init_false_field_without_a_default_is_left_for_post_init(options: dict[str, bool]) -> None:
+    def body() -> type[Any]:
+        class Later:
+            name: str
+            key: str = field(init=False)
+
+        return Later
+
+    std, ours = dataclass(**options)(body()), datatype(**options)(body())
+    for made in (std("a"), ours("a")):
+        assert not hasattr(made, "key")  # unset, as the stdlib leaves it, not dataclasses.MISSING

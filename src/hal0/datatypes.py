@@ -59,7 +59,9 @@ def _build(cls: type[T], *, frozen: bool, slots: bool) -> type[T]:
     if slots:
         cls = _with_slots(cls, tuple(f.name for f in fields))
     names = tuple(f.name for f in fields if f.init)
-    always = tuple(f for f in fields if not f.init)
+    # init=False fields with a default or factory are set by __init__; one with neither is left unset (for
+    # __post_init__ to set), as the stdlib leaves it.
+    always = tuple(f for f in fields if not f.init and (f.default is not _MISSING or f.default_factory is not _MISSING))
     defaults = {f.name: f.default for f in fields if f.init and f.default is not _MISSING}
     factories = {f.name: f.default_factory for f in fields if f.init and f.default_factory is not _MISSING}
     own = cls.__dict__
