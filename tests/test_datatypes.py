@@ -12,8 +12,15 @@ import pytest
 
 from hal0.datatypes import datatype
 
-FLAVOURS = [dict(), dict(frozen=True), dict(slots=True), dict(frozen=True, slots=True)]
-IDS = ["plain", "frozen", "slots", "frozen-slots"]
+BASE = [dict(), dict(frozen=True), dict(slots=True), dict(frozen=True, slots=True)]
+FLAVOURS = BASE + [{**b, "compiled_init": True} for b in BASE]
+NAMES = ["plain", "frozen", "slots", "frozen-slots"]
+IDS = NAMES + [f"{name}-compiled" for name in NAMES]
+
+
+def stdlib(options: dict[str, bool]) -> Any:
+    """The stdlib decorator for the same flavour (it has no `compiled_init`: its __init__ always is)."""
+    return dataclass(**{k: v for k, v in options.items() if k != "compiled_init"})
 
 
 def pair(options: dict[str, bool]) -> tuple[type[Any], type[Any]]:
@@ -32,7 +39,7 @@ def pair(options: dict[str, bool]) -> tuple[type[Any], type[Any]]:
 
         return Point
 
-    return dataclass(**options)(body()), datatype(**options)(body())
+    return stdlib(options)(body()), datatype(**options)(body())
 
 
 @pytest.mark.parametrize("options", FLAVOURS, ids=IDS)
@@ -74,7 +81,7 @@ def test_copy_and_pickle_keep_the_fields(options: dict[str, bool]) -> None:
 @pytest.mark.parametrize("options", FLAVOURS, ids=IDS)
 def test_wrong_arguments_fail_as_a_constructor_call_does(options: dict[str, bool]) -> None:
     _, ours = pair(options)
-    with pytest.raises(TypeError, match=r"missing 1 required argument.*'x'"):
+    with pytest.raises(TypeError, match=r"missing 1 required (positional )?argument.*'x'"):
         ours()
     with pytest.raises(TypeError, match="multiple values for argument 'x'"):
         ours(1, x=2)
@@ -86,8 +93,9 @@ def test_wrong_arguments_fail_as_a_constructor_call_does(options: dict[str, bool
         ours(1, 2, (), "", "", 6)
 
 
-def test_post_init_runs_after_the_fields_are_set_also_on_a_frozen_one() -> None:
-    @datatype(frozen=True, slots=True)
+@pytest.mark.parametrize("compiled", [False, True], ids=["shared", "compiled"])
+def test_post_init_runs_after_the_fields_are_set_also_on_a_frozen_one(compiled: bool) -> None:
+    @datatype(frozen=True, slots=True, compiled_init=compiled)
     class Normalised:
         name: str
 
@@ -179,6 +187,30 @@ def test_an_init_false_field_without_a_default_is_left_for_post_init(options: di
 
         return Later
 
-    std, ours = dataclass(**options)(body()), datatype(**options)(body())
+    std, ours = stdlib(options)(body()), datatype(**options)(body())
     for made in (std("a"), ours("a")):
         assert not hasattr(made, "key")  # unset, as the stdlib leaves it, not dataclasses.MISSING
+
+
+def test_a_compiled_init_has_the_stdlib_signature_and_takes_any_field_name() -> None:
+    """What a class built on every request gets: its own `__init__`, with the signature the stdlib writes."""
+    import inspect
+
+    def body() -> type[Any]:
+        class Odd:
+            self: int  # a field may be called what the generated code calls its own names
+            put: str = "p"
+            items: list[int] = field(default_factory=list)
+
+        return Odd
+
+    std = dataclass(frozen=True, slots=True)(body())
+    ours = datatype(frozen=True, slots=True, compiled_init=True)(body())
+    assert list(inspect.signature(ours).parameters) == list(inspect.signature(std).parameters)
+    assert ours(1) == ours(self=1, put="p", items=[]) and ours(1).items is not ours(1).items
+    assert repr(ours(2, "q")).replace("Odd", "") == repr(std(2, "q")).replace("Odd", "")
+    with pytest.raises(TypeError, match="non-default argument"):
+        @datatype(compiled_init=True)
+        class Misordered:
+            a: int = 0
+            b: int  # type: ignore[misc]

@@ -11,13 +11,14 @@ import logging
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterable
-from dataclasses import dataclass
 from typing import Any
+
+from hal0.datatypes import datatype
 
 log = logging.getLogger("hal0.events")
 
 
-@dataclass(frozen=True, slots=True)
+@datatype(frozen=True, slots=True, compiled_init=True)
 class Event:
     """One published event: its id in the bus's order, its topic, what it says, when."""
     id: int

@@ -9,10 +9,11 @@ import asyncio
 import contextlib
 import functools
 from collections.abc import Awaitable, Callable, Hashable
-from dataclasses import dataclass
+
+from hal0.datatypes import datatype
 
 
-@dataclass(frozen=True, slots=True)
+@datatype(frozen=True, slots=True, compiled_init=True)
 class BufferedResponse:
     """A whole upstream answer, kept to hand to every waiter of a coalesced request."""
     status: int

@@ -11,16 +11,17 @@ import os
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass, field, fields
+from dataclasses import field, fields
 from pathlib import Path
 from typing import IO, Any
 
+from hal0.datatypes import datatype
 from hal0.events import EventBus
 from hal0.fsio import WriteFailures
 from hal0.slots.manager import Eviction
 
 
-@dataclass(slots=True)
+@datatype(slots=True, compiled_init=True)
 class Decision:
     """One routing choice, as logged and streamed: the request, the candidates, the slot, the outcome."""
     request_id: str

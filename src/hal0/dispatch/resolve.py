@@ -7,9 +7,9 @@ The slot's type must fit the endpoint; every slot looked at is kept as a candida
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from hal0.datatypes import datatype
 from hal0.errors import InvalidRequest, ModelNotFound
 from hal0.kinds import ENDPOINT_TYPES
 from hal0.slots.slot import Slot
@@ -19,7 +19,7 @@ if TYPE_CHECKING:
     from hal0.peers.view import RemoteSlot
 
 
-@dataclass(frozen=True, slots=True)
+@datatype(frozen=True, slots=True, compiled_init=True)
 class Candidate:
     """A local slot considered for a request, and how it matched."""
     slot: str
@@ -34,7 +34,7 @@ class Candidate:
                 "matched_by": self.matched_by, "fits": self.fits}
 
 
-@dataclass(frozen=True, slots=True)
+@datatype(frozen=True, slots=True, compiled_init=True)
 class Resolution:
     """The slot a request goes to, why, and every candidate that was weighed."""
     slot: Slot
@@ -109,7 +109,7 @@ _REMOTE_STATE_RANK = {"ready": 0, "idle": 0, "serving": 1, "warming": 2, "starti
                       "offline": 3, "error": 4, "unloading": 4}
 
 
-@dataclass(frozen=True, slots=True)
+@datatype(frozen=True, slots=True, compiled_init=True)
 class RemoteCandidate:
     """A peer's slot considered for a request no local slot serves."""
     slot: RemoteSlot

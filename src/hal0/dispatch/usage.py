@@ -9,8 +9,9 @@ from __future__ import annotations
 import json
 import time
 from collections import deque
-from dataclasses import dataclass
 from typing import Any
+
+from hal0.datatypes import datatype
 
 #: Stream chunks kept from the end of an answer: its last events (usage, timings) are small and come last.
 TAIL_CHUNKS = 8
@@ -20,7 +21,7 @@ _KEYS = (b'"usage"', b'"timings"')
 _DECODER = json.JSONDecoder()
 
 
-@dataclass(frozen=True, slots=True)
+@datatype(frozen=True, slots=True, compiled_init=True)
 class Usage:
     """The tokens one answer counted: prompt and completion."""
     prompt_tokens: int
