@@ -50,7 +50,7 @@ def _build(cls: type[T], *, frozen: bool, slots: bool, compiled_init: bool = Fal
         if frozen and name in own:
             raise TypeError(f"cannot overwrite attribute {name} in frozen datatype {cls.__name__}")
     # The stdlib does the field work (annotations, defaults, `field()`, mutable-default checks, inheritance) and
-    # compiles nothing when asked for no methods.
+    # compiles no method when asked for none (3.13 still execs its empty builder, ~0.05 ms).
     documented = bool(cls.__doc__)
     if not documented:  # else the stdlib makes one from inspect.signature, ~0.1 ms, and of the wrong __init__
         cls.__doc__ = cls.__name__
@@ -190,7 +190,11 @@ def _compiled_init(cls: type, names: tuple[str, ...], defaults: dict[str, Any],
         body.append(f"__datatype_put(__datatype_self, {name!r}, {value})" if put_directly
                     else f"__datatype_self.{name} = {value}")
 
+    after_default = False
     for name in names:
+        if name not in factories and name not in defaults and after_default:  # the stdlib's check and words
+            raise TypeError(f"non-default argument {name!r} follows default argument")
+        after_default = after_default or name in factories or name in defaults
         if name in factories:
             env[f"__datatype_f_{name}"] = factories[name]
             params.append(f"{name}=__datatype_factory")
@@ -212,11 +216,7 @@ def _compiled_init(cls: type, names: tuple[str, ...], defaults: dict[str, Any],
     if hasattr(cls, "__post_init__"):
         body.append("__datatype_self.__post_init__()")
     source = f"def __init__({', '.join(params)}):\n" + "".join(f"    {line}\n" for line in body or ["pass"])
-    try:
-        code = compile(source, f"<datatype {cls.__qualname__}>", "exec")
-    except SyntaxError as e:  # a field without a default after one with: the stdlib's TypeError, not ours
-        raise TypeError(f"datatype {cls.__qualname__}: {e.msg}") from None
-    exec(code, env)  # our own source, as the stdlib's
+    exec(compile(source, f"<datatype {cls.__qualname__}>", "exec"), env)  # our own source, as the stdlib's
     init: Callable[..., None] = env["__init__"]
     return init
 
