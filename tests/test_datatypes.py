@@ -218,8 +218,9 @@ def test_a_compiled_init_has_the_stdlib_signature_and_takes_any_field_name() -> 
     assert list(inspect.signature(ours).parameters) == list(inspect.signature(std).parameters)
     assert ours(1) == ours(self=1, put="p", items=[]) and ours(1).items is not ours(1).items
     assert repr(ours(2, "q")).replace("Odd", "") == repr(std(2, "q")).replace("Odd", "")
-    with pytest.raises(TypeError, match="non-default argument 'b' follows default argument"):
-        @datatype(compiled_init=True)
-        class Misordered:
-            a: int = 0
-            b: int  # type: ignore[misc]
+    for compiled in (False, True):
+        with pytest.raises(TypeError, match="non-default argument 'b' follows default argument"):
+            @datatype(compiled_init=compiled)
+            class Misordered:
+                a: int = 0
+                b: int  # type: ignore[misc]

@@ -67,6 +67,12 @@ def _build(cls: type[T], *, frozen: bool, slots: bool, compiled_init: bool = Fal
     always = tuple(f for f in fields if not f.init and (f.default is not _MISSING or f.default_factory is not _MISSING))
     defaults = {f.name: f.default for f in fields if f.init and f.default is not _MISSING}
     factories = {f.name: f.default_factory for f in fields if f.init and f.default_factory is not _MISSING}
+    after_default = False  # the stdlib checks this in the __init__ it writes: in its words, for both kinds here
+    for name in names:
+        if name in defaults or name in factories:
+            after_default = True
+        elif after_default:
+            raise TypeError(f"non-default argument {name!r} follows default argument")
     own = cls.__dict__
     if "__init__" not in own:
         if compiled_init:  # a frozen one sets its fields past its own __setattr__, as the stdlib's does
@@ -190,11 +196,7 @@ def _compiled_init(cls: type, names: tuple[str, ...], defaults: dict[str, Any],
         body.append(f"__datatype_put(__datatype_self, {name!r}, {value})" if put_directly
                     else f"__datatype_self.{name} = {value}")
 
-    after_default = False
     for name in names:
-        if name not in factories and name not in defaults and after_default:  # the stdlib's check and words
-            raise TypeError(f"non-default argument {name!r} follows default argument")
-        after_default = after_default or name in factories or name in defaults
         if name in factories:
             env[f"__datatype_f_{name}"] = factories[name]
             params.append(f"{name}=__datatype_factory")
