@@ -1,6 +1,8 @@
 """API restart: SIGKILL the control plane while a model is loaded, start it again, and time until it serves a
 request again; and whether the model had to be loaded again (hal0 adopts its running backend; the peers lose
-theirs, or never owned one). Interleaved rounds.
+theirs, or never owned one). Interleaved rounds. Beside them, the floor under any Python control plane
+(`bench/floor.py`: the interpreter with asyncio and uvloop, answering at once) and the same floor with hal0's
+start-path imports, restarted the same way: what of hal0's figure is the runtime, its imports, the rest of its start.
 Run on demand: `python -m bench.restart`.
 """
 
@@ -9,6 +11,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import signal
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -23,6 +27,7 @@ from bench.common import (
     Router,
     alive,
     children,
+    free_port,
     kill_pid,
     make_models,
     med,
@@ -48,6 +53,42 @@ async def serves_again(url: str, model: str, timeout: float = 120) -> float:
                 return at
             await asyncio.sleep(0.005)
     raise SystemExit(f"{url} did not serve again within {timeout}s")
+
+
+class Floor:
+    """`bench/floor.py` (with `--hal0-imports` when `hal0_imports`): binds, imports, answers every request 200."""
+
+    FILE = Path(__file__).with_name("floor.py")
+
+    def __init__(self, env: dict[str, str], hal0_imports: bool) -> None:
+        self.env = env
+        self.argv = [sys.executable, str(self.FILE), str(free_port())] + (["--hal0-imports"] if hal0_imports else [])
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.argv[2]}"
+
+    def spawn(self) -> None:
+        self.proc = subprocess.Popen(self.argv, env=self.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    async def start(self) -> Floor:
+        self.spawn()
+        await serves_again(self.url, "floor", timeout=30)
+        return self
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            self.proc.wait(30)
+
+
+async def restart_floor(floor: Floor) -> dict[str, Any]:
+    floor.kill(signal.SIGKILL)
+    killed = time.perf_counter()
+    floor.spawn()
+    served = await serves_again(floor.url, "floor")
+    return {"serves_again_ms": (served - killed) * 1000, "reloaded": None, "backend_survived": None}
 
 
 async def restart_hal0(hal0: Hal0, slot: str) -> dict[str, Any]:
@@ -99,6 +140,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         router = await Router(root, sizes, models_max=1).start()
         bare = Bare(root, models["tiny-a"], "tiny")
         litellm: LiteLLM | None = None
+        # The floors run with hal0's own environment (its interpreter, the same PYTHONPATH): the same imports.
+        floors = {"floor": await Floor(hal0.env, hal0_imports=False).start(),
+                  "floor+imports": await Floor(hal0.env, hal0_imports=True).start()}
         try:
             if LiteLLM.available():
                 bare.spawn()
@@ -108,6 +152,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             for size in sizes:
                 # LiteLLM owns no backend, so the model's size changes nothing for it: measured with tiny only.
                 planes = ["hal0", "router"] + (["litellm"] if litellm is not None and size == "tiny" else [])
+                planes += list(floors) if size == "tiny" else []  # a floor has no model: measured once
                 runs: dict[str, list[dict[str, Any]]] = {name: [] for name in planes}
                 rounds = args.rounds if size == "tiny" else args.large_rounds
                 for i in range(rounds):
@@ -117,6 +162,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                             runs[name].append(await restart_hal0(hal0, size))
                         elif name == "router":
                             runs[name].append(await restart_router(router, size))
+                        elif name in floors:
+                            runs[name].append(await restart_floor(floors[name]))
                         elif litellm is not None:
                             runs[name].append(await restart_litellm(litellm, "tiny"))
                 out: dict[str, Any] = {}
@@ -124,10 +171,16 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                     times = [r["serves_again_ms"] for r in rows]
                     out[name] = {"serves_again_ms": med(times), "reloaded": [r["reloaded"] for r in rows],
                                  "backend_survived": [r["backend_survived"] for r in rows], "rounds": rows}
+                    if name in floors:
+                        print(f"{size:<5} {name:<8} SIGKILL -> serving again {spread(times):<30} ms | "
+                              + ("python, asyncio, uvloop" if name == "floor" else "the same + hal0's start imports"))
+                        continue
                     print(f"{size:<5} {name:<8} SIGKILL -> serving again {spread(times):<30} ms | model reloaded "
                           f"{out[name]['reloaded']} | backend survived {out[name]['backend_survived']}")
                 results[size] = out
         finally:
+            for floor in floors.values():
+                floor.kill()
             if litellm is not None:
                 litellm.stop()
             bare.stop()

@@ -12,6 +12,7 @@ import httpx
 import pytest
 
 from hal0.server import HIGH_WATER, MAX_HEAD_BYTES, STARTUP_FAILED, Server, listen
+from hal0.server.connection import _STATUS_LINES, status_line
 
 Message = dict[str, Any]
 Receive = Callable[[], Awaitable[Message]]
@@ -113,6 +114,31 @@ async def test_framing_chunked_http10_head_and_percent_decoded_paths() -> None:
                     yield part
 
             assert (await client.post("/up", content=gen())).text == "POST /up  50000"
+
+
+def test_status_lines_are_worded_as_the_stdlib_words_them() -> None:
+    """hal0's own table (kept so that a start need not import `http`) says what `http.HTTPStatus` says, on this
+    Python; a status outside it gets the stdlib's phrase, and one with no phrase a line that still parses."""
+    from http import HTTPStatus
+
+    for code in list(_STATUS_LINES):
+        assert status_line(code) == f"HTTP/1.1 {code} {HTTPStatus(code).phrase}\r\n".encode()
+    assert status_line(418) == f"HTTP/1.1 418 {HTTPStatus(418).phrase}\r\n".encode()
+    assert status_line(599) == b"HTTP/1.1 599 \r\n"
+
+
+async def test_an_answer_carries_the_status_line_of_its_code() -> None:
+    async def app(scope: dict[str, Any], receive: Receive, send: Send) -> None:
+        await read_body(receive)
+        await send({"type": "http.response.start", "status": int(scope["path"][1:]),
+                    "headers": [(b"content-length", b"0")]})
+        await send({"type": "http.response.body", "body": b""})
+
+    async with serving(app) as (_, port, _task):
+        for code, line in ((200, b"HTTP/1.1 200 OK\r\n"), (503, b"HTTP/1.1 503 Service Unavailable\r\n"),
+                           (507, b"HTTP/1.1 507 Insufficient Storage\r\n"), (599, b"HTTP/1.1 599 \r\n")):
+            answer = await exchange(port, b"GET /%d HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n" % code)
+            assert answer.startswith(line), answer
 
 
 async def test_bad_requests_are_refused_and_closed() -> None:

@@ -14,7 +14,6 @@ import re
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
-from http import HTTPStatus
 from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote
 
@@ -40,11 +39,33 @@ _BAD_VALUE = re.compile(b"[\x00-\x08\x0a-\x1f\x7f]")
 ASGI = {"version": "3.0", "spec_version": "2.3"}
 
 
-def _status_line(code: int) -> bytes:
-    return f"HTTP/1.1 {code} ".encode() + b"\r\n"  # a code with no phrase (the space before it is not optional)
+#: The status lines of the answers hal0 gives itself and most often relays, worded as `http.HTTPStatus` words them
+#: on every Python hal0 runs on (tests/test_server.py checks). Any other status's line is built at its first use,
+#: from `http.HTTPStatus`, imported then: its two enums were ~2.5 ms of every start (2 cores).
+_STATUS_LINES = {code: b"HTTP/1.1 %d %b\r\n" % (code, phrase) for code, phrase in (
+    (200, b"OK"), (201, b"Created"), (202, b"Accepted"), (204, b"No Content"), (304, b"Not Modified"),
+    (400, b"Bad Request"), (401, b"Unauthorized"), (403, b"Forbidden"), (404, b"Not Found"),
+    (405, b"Method Not Allowed"), (408, b"Request Timeout"), (409, b"Conflict"), (429, b"Too Many Requests"),
+    (431, b"Request Header Fields Too Large"), (500, b"Internal Server Error"), (502, b"Bad Gateway"),
+    (503, b"Service Unavailable"), (504, b"Gateway Timeout"))}
 
 
-_STATUS_LINES = {s.value: f"HTTP/1.1 {s.value} {s.phrase}".encode() + b"\r\n" for s in HTTPStatus}
+def status_line(code: int) -> bytes:
+    """`HTTP/1.1 <code> <phrase>\\r\\n`; a code with no phrase keeps the space before it (it is not optional)."""
+    line = _STATUS_LINES.get(code)
+    if line is None:
+        from http import HTTPStatus
+
+        try:
+            phrase = HTTPStatus(code).phrase
+        except ValueError:
+            phrase = ""
+        line = f"HTTP/1.1 {code} {phrase}".encode() + b"\r\n"
+        if 100 <= code <= 999:  # what a status can be: the table stays bounded
+            _STATUS_LINES[code] = line
+    return line
+
+
 _DAYS = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")
 _MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
 _date: tuple[int, bytes] = (0, b"")
@@ -64,7 +85,7 @@ def date_header() -> bytes:
 def _plain(code: int, text: str) -> bytes:
     """A whole answer the server gives itself (a bad request, a failed app), closing the connection."""
     body = text.encode()
-    return b"".join([_STATUS_LINES[code], date_header(), b"content-type: text/plain; charset=utf-8\r\n",
+    return b"".join([status_line(code), date_header(), b"content-type: text/plain; charset=utf-8\r\n",
                      b"content-length: %d\r\nconnection: close\r\n\r\n" % len(body), body])
 
 
@@ -417,7 +438,7 @@ class Exchange:
 
     def _head(self, message: Message) -> bytes:
         status: int = message["status"]
-        out = [_STATUS_LINES.get(status) or _status_line(status), date_header()]
+        out = [status_line(status), date_header()]
         closing = False
         framed = False
         for name, value in message.get("headers", ()):

@@ -11,8 +11,6 @@ from dataclasses import field, fields
 from pathlib import Path
 from typing import Any
 
-import tomli_w
-
 from hal0.datatypes import datatype
 from hal0.errors import ConfigError, InvalidRequest
 from hal0.fsio import atomic_write_text
@@ -150,6 +148,8 @@ class SlotConfig:
         defaults = {"device": "auto", "pinned": False, "insecure_bind": False, "rpc": ()}
         data = {k: v for k, v in self.to_dict().items()
                 if v is not None and k != "builtin" and not (k in defaults and v in (defaults[k], []))}
+        import tomli_w  # here: only a change of config writes one, and a start has none to write (~1 ms)
+
         return tomli_w.dumps(data)
 
     @classmethod
