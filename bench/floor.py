@@ -1,8 +1,8 @@
 """The floor of a Python control plane's restart: a process that binds its port, imports asyncio and uvloop (what
-hal0's edge runs on), and answers every request 200 at once. With `--hal0-imports` it also imports hal0's start
-path (`hal0.cli`, `hal0.server`, `hal0.api.app`) before it answers, and does nothing else of a start (no settings,
-no adoption). `bench.restart` times both from the spawn to the first answer, beside hal0 itself, so a restart's
-figure splits into the interpreter with its event loop, hal0's imports, and the rest of hal0's start.
+hal0's edge runs on, where installed), and answers every request 200 at once. With `--hal0-imports` it also imports
+hal0's start path (`hal0.cli`, `hal0.server`, `hal0.api.app`) before it answers, and does nothing else of a start
+(no settings, no adoption). `bench.restart` times both from the spawn to the first answer, beside hal0 itself, so
+a restart's figure splits into the interpreter with its event loop, hal0's imports, and the rest of hal0's start.
 
 Run by `bench.restart` as `python bench/floor.py PORT [--hal0-imports]` (a path, not `-m`: nothing of the bench
 package is imported).
@@ -18,8 +18,15 @@ sock.bind(("127.0.0.1", port))
 sock.listen(128)
 
 import asyncio  # noqa: E402 - after the bind, as hal0 does: a client waits in the backlog meanwhile
+from typing import Any  # noqa: E402
 
-import uvloop  # noqa: E402
+factory: Any = None
+try:
+    import uvloop
+
+    factory = uvloop.new_event_loop
+except ImportError:  # hal0 runs on asyncio's own loop then, and so does its floor
+    pass
 
 if "--hal0-imports" in sys.argv:
     import hal0.api.app
@@ -57,5 +64,5 @@ async def serve() -> None:
         await server.serve_forever()
 
 
-with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:  # as hal0's Server.run starts
+with asyncio.Runner(loop_factory=factory) as runner:  # as hal0's Server.run starts
     runner.run(serve())
