@@ -140,10 +140,11 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         router = await Router(root, sizes, models_max=1).start()
         bare = Bare(root, models["tiny-a"], "tiny")
         litellm: LiteLLM | None = None
-        # The floors run with hal0's own environment (its interpreter, the same PYTHONPATH): the same imports.
-        floors = {"floor": await Floor(hal0.env, hal0_imports=False).start(),
-                  "floor+imports": await Floor(hal0.env, hal0_imports=True).start()}
+        floors: dict[str, Floor] = {}
         try:
+            # The floors run with hal0's own environment (its interpreter, the same PYTHONPATH): the same imports.
+            floors["floor"] = await Floor(hal0.env, hal0_imports=False).start()
+            floors["floor+imports"] = await Floor(hal0.env, hal0_imports=True).start()
             if LiteLLM.available():
                 bare.spawn()
                 assert bare.proc is not None

@@ -121,7 +121,7 @@ def test_status_lines_are_worded_as_the_stdlib_words_them() -> None:
     Python; a status outside it gets the stdlib's phrase, and one with no phrase a line that still parses."""
     from http import HTTPStatus
 
-    for code in list(_STATUS_LINES):
+    for code in _STATUS_LINES:
         assert status_line(code) == f"HTTP/1.1 {code} {HTTPStatus(code).phrase}\r\n".encode()
     assert status_line(418) == f"HTTP/1.1 418 {HTTPStatus(418).phrase}\r\n".encode()
     assert status_line(599) == b"HTTP/1.1 599 \r\n"

@@ -40,8 +40,8 @@ ASGI = {"version": "3.0", "spec_version": "2.3"}
 
 
 #: The status lines of the answers hal0 gives itself and most often relays, worded as `http.HTTPStatus` words them
-#: on every Python hal0 runs on (tests/test_server.py checks). Any other status's line is built at its first use,
-#: from `http.HTTPStatus`, imported then: its two enums were ~2.5 ms of every start (2 cores).
+#: on every Python hal0 runs on (tests/test_server.py checks). Any other status's line is built when it is sent,
+#: from `http.HTTPStatus`, imported by the first: its two enums were ~2.5 ms of every start (2 cores).
 _STATUS_LINES = {code: b"HTTP/1.1 %d %b\r\n" % (code, phrase) for code, phrase in (
     (200, b"OK"), (201, b"Created"), (202, b"Accepted"), (204, b"No Content"), (304, b"Not Modified"),
     (400, b"Bad Request"), (401, b"Unauthorized"), (403, b"Forbidden"), (404, b"Not Found"),
@@ -53,17 +53,15 @@ _STATUS_LINES = {code: b"HTTP/1.1 %d %b\r\n" % (code, phrase) for code, phrase i
 def status_line(code: int) -> bytes:
     """`HTTP/1.1 <code> <phrase>\\r\\n`; a code with no phrase keeps the space before it (it is not optional)."""
     line = _STATUS_LINES.get(code)
-    if line is None:
-        from http import HTTPStatus
+    if line is not None:
+        return line
+    from http import HTTPStatus
 
-        try:
-            phrase = HTTPStatus(code).phrase
-        except ValueError:
-            phrase = ""
-        line = f"HTTP/1.1 {code} {phrase}".encode() + b"\r\n"
-        if 100 <= code <= 999:  # what a status can be: the table stays bounded
-            _STATUS_LINES[code] = line
-    return line
+    try:
+        phrase = HTTPStatus(code).phrase
+    except ValueError:
+        phrase = ""
+    return f"HTTP/1.1 {code} {phrase}".encode() + b"\r\n"
 
 
 _DAYS = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")
