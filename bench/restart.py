@@ -3,7 +3,8 @@ request again; and whether the model had to be loaded again (hal0 adopts its run
 theirs, or never owned one). Interleaved rounds. Beside them, the floor under any Python control plane
 (`bench/floor.py`: the interpreter with asyncio and uvloop, answering at once) and the same floor with hal0's
 start-path imports, restarted the same way: what of hal0's figure is the runtime, its imports, the rest of its start.
-Run on demand: `python -m bench.restart`.
+With `--stream` the request polled is a streamed chat, timed to its first token (what a chat client waits for; the
+floors, which have no model, are left out). Run on demand: `python -m bench.restart [--stream]`.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from bench.common import (
     Router,
     alive,
     children,
+    first_token,
     free_port,
     kill_pid,
     make_models,
@@ -43,14 +45,21 @@ from bench.common import (
 TARGET_MS = 150.0
 
 
-async def serves_again(url: str, model: str, timeout: float = 120) -> float:
-    """Poll a small completion every 5 ms until it is answered 200; when that was (perf_counter)."""
+async def serves_again(url: str, model: str, timeout: float = 120, *, stream: bool = False) -> float:
+    """Poll a small completion every 5 ms until it is answered 200 (with `stream`, a streamed chat until its first
+    token comes); when that was (perf_counter)."""
     deadline = time.monotonic() + timeout
     async with aiohttp.ClientSession() as http:
         while time.monotonic() < deadline:
-            status, at = await small_status(http, url, model)
-            if status == 200:
-                return at
+            if stream:
+                try:
+                    return await first_token(http, url, model)
+                except (aiohttp.ClientError, OSError):
+                    pass
+            else:
+                status, at = await small_status(http, url, model)
+                if status == 200:
+                    return at
             await asyncio.sleep(0.005)
     raise SystemExit(f"{url} did not serve again within {timeout}s")
 
@@ -91,25 +100,25 @@ async def restart_floor(floor: Floor) -> dict[str, Any]:
     return {"serves_again_ms": (served - killed) * 1000, "reloaded": None, "backend_survived": None}
 
 
-async def restart_hal0(hal0: Hal0, slot: str) -> dict[str, Any]:
+async def restart_hal0(hal0: Hal0, slot: str, stream: bool) -> dict[str, Any]:
     await hal0.load(slot)
     before = pids_matching(str(hal0.home))
     hal0.kill(signal.SIGKILL)
     killed = time.perf_counter()
     hal0.spawn()
-    served = await serves_again(hal0.url, slot)
+    served = await serves_again(hal0.url, slot, stream=stream)
     after = pids_matching(str(hal0.home))
     return {"serves_again_ms": (served - killed) * 1000, "reloaded": after != before,
             "backend_survived": bool(before & after)}
 
 
-async def restart_router(router: Router, model: str) -> dict[str, Any]:
+async def restart_router(router: Router, model: str, stream: bool) -> dict[str, Any]:
     await router.load(model)
     before = set(children(router.pid))
     router.kill(signal.SIGKILL)
     killed = time.perf_counter()
     router.spawn()
-    served = await serves_again(router.url, model)
+    served = await serves_again(router.url, model, stream=stream)
     after = set(children(router.pid))
     survived = {pid for pid in before if alive(pid) and not zombie(pid)}
     for pid in survived:  # an orphan the new router does not know about: clean up
@@ -118,18 +127,19 @@ async def restart_router(router: Router, model: str) -> dict[str, Any]:
             "backend_survived": bool(survived)}
 
 
-async def restart_litellm(litellm: LiteLLM, model: str) -> dict[str, Any]:
+async def restart_litellm(litellm: LiteLLM, model: str, stream: bool) -> dict[str, Any]:
     assert litellm.proc is not None
     litellm.kill(signal.SIGKILL)
     killed = time.perf_counter()
     litellm.spawn()
-    served = await serves_again(litellm.url, model)
+    served = await serves_again(litellm.url, model, stream=stream)
     # LiteLLM never owned the backend (started by hand here), so it has nothing to reload.
     return {"serves_again_ms": (served - killed) * 1000, "reloaded": False, "backend_survived": True}
 
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
-    results: dict[str, Any] = {}
+    results: dict[str, Any] = {"polled": "streamed chat, first token" if args.stream else "small completion"}
+    what = "first token" if args.stream else "serving again"
     with tempfile.TemporaryDirectory(prefix="hal0-bench-") as tmp:
         root = Path(tmp)
         models = make_models(root / "models", large=not args.tiny_only)
@@ -143,8 +153,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         floors: dict[str, Floor] = {}
         try:
             # The floors run with hal0's own environment (its interpreter, the same PYTHONPATH): the same imports.
-            floors["floor"] = await Floor(hal0.env, hal0_imports=False).start()
-            floors["floor+imports"] = await Floor(hal0.env, hal0_imports=True).start()
+            if not args.stream:
+                floors["floor"] = await Floor(hal0.env, hal0_imports=False).start()
+                floors["floor+imports"] = await Floor(hal0.env, hal0_imports=True).start()
             if LiteLLM.available():
                 bare.spawn()
                 assert bare.proc is not None
@@ -160,13 +171,13 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                     order = planes[i % len(planes):] + planes[:i % len(planes)]
                     for name in order:
                         if name == "hal0":
-                            runs[name].append(await restart_hal0(hal0, size))
+                            runs[name].append(await restart_hal0(hal0, size, args.stream))
                         elif name == "router":
-                            runs[name].append(await restart_router(router, size))
+                            runs[name].append(await restart_router(router, size, args.stream))
                         elif name in floors:
                             runs[name].append(await restart_floor(floors[name]))
                         elif litellm is not None:
-                            runs[name].append(await restart_litellm(litellm, "tiny"))
+                            runs[name].append(await restart_litellm(litellm, "tiny", args.stream))
                 out: dict[str, Any] = {}
                 for name, rows in runs.items():
                     times = [r["serves_again_ms"] for r in rows]
@@ -176,7 +187,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                         print(f"{size:<5} {name:<8} SIGKILL -> serving again {spread(times):<30} ms | "
                               + ("python, asyncio, uvloop" if name == "floor" else "the same + hal0's start imports"))
                         continue
-                    print(f"{size:<5} {name:<8} SIGKILL -> serving again {spread(times):<30} ms | model reloaded "
+                    print(f"{size:<5} {name:<8} SIGKILL -> {what} {spread(times):<30} ms | model reloaded "
                           f"{out[name]['reloaded']} | backend survived {out[name]['backend_survived']}")
                 results[size] = out
         finally:
@@ -187,9 +198,10 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             bare.stop()
             router.stop()
             hal0.stop()
-    ok = not any(r for out in results.values() for r in out["hal0"]["reloaded"])
-    fast = all(out["hal0"]["serves_again_ms"] <= TARGET_MS for out in results.values())
-    verdicts = {"restart with no reload": ok, f"SIGKILL -> serving again <= {TARGET_MS:g} ms": fast}
+    sizes_run = [out for out in results.values() if isinstance(out, dict)]
+    ok = not any(r for out in sizes_run for r in out["hal0"]["reloaded"])
+    fast = all(out["hal0"]["serves_again_ms"] <= TARGET_MS for out in sizes_run)
+    verdicts = {"restart with no reload": ok, f"SIGKILL -> {what} <= {TARGET_MS:g} ms": fast}
     for what, met in verdicts.items():
         print(f"  {'met ' if met else 'MISS'}  {what}")
     results["verdicts"] = verdicts
@@ -201,11 +213,14 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--rounds", type=int, default=3, help="restarts per control plane with the tiny model")
     p.add_argument("--large-rounds", type=int, default=2, help="restarts per control plane with the large model")
     p.add_argument("--tiny-only", action="store_true", help="skip the large (about 2 s to load) model")
+    p.add_argument("--stream", action="store_true",
+                   help="poll with a streamed chat and time its first token (results: restart_stream.json)")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    save("restart", asyncio.run(run(parser().parse_args(argv))))
+    args = parser().parse_args(argv)
+    save("restart_stream" if args.stream else "restart", asyncio.run(run(args)))
     return 0
 
 

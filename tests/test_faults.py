@@ -134,25 +134,89 @@ def test_a_backend_frozen_while_the_api_was_down_fails_its_adoption_without_hold
     hal0.kill(signal.SIGKILL)
     os.kill(pid, signal.SIGSTOP)
     try:
-        started = time.monotonic()
+        # The API listens before it imports and adopts: a client that connects meanwhile is not refused, and is
+        # answered while the adoption's probe still waits on the frozen backend. The slot is what the earlier
+        # API left, with no error yet (the probe is given seconds, see the next step).
         hal0.start(wait=False)
-        # The API listens before it imports and adopts: a client that connects meanwhile is not refused, its
-        # request waits in the backlog and is answered once the API serves (here after the frozen backend's
-        # adoption probe has run out, seconds later).
         sock = wait_until(lambda: _connected(hal0.port), 10, "the API's port to accept connections")
-        connected = time.monotonic()
         with sock:
             sock.settimeout(30)
             sock.sendall(b"GET /api/health HTTP/1.1\r\nHost: x\r\n\r\n")
             assert sock.recv(64).startswith(b"HTTP/1.1 200 ")
-        assert time.monotonic() - connected > 2, "the connection was accepted only once the API served"
-        # The adoption probe gets as long as the liveness watch gives a loaded backend, not a load's 30 s, and
-        # the frozen process is stopped at once (SIGTERM with SIGCONT), so the API serves within seconds.
+        view = hal0.slot("primary")
+        assert view["state"] == "ready" and view["error"] is None, view
+        # A request for the slot waits for that probe, and is told why it failed once it runs out: as long as the
+        # liveness watch gives a loaded backend, not a load's 30 s; the frozen process is stopped at once
+        # (SIGTERM with SIGCONT).
+        started = time.monotonic()
+        held = chat(hal0)
         assert time.monotonic() - started < 15
+        assert held.status_code == 503, held.text
+        assert held.json()["error"]["code"] == "adoption_probe_failed", held.text
+        assert str(pid) in held.json()["error"]["message"]
         view = hal0.slot("primary")
         assert view["state"] == "error" and view["error"]["code"] == "adoption_probe_failed", view
-        assert str(pid) in view["error"]["message"]
         wait_until(lambda: not alive(pid), 5, "the frozen backend to be stopped")
+        assert chat(hal0).status_code == 200
+        assert backend_pids(hal0.home) == [hal0.state("primary")["pid"]] != [pid]
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGCONT)
+
+
+@pytest.mark.slow
+def test_requests_during_an_adoption_are_held_for_its_probe_and_answered_by_the_same_backend(
+        hal0: Hal0, model_files: dict[str, Path]) -> None:
+    ready_primary(hal0, model_files)
+    pid = hal0.state("primary")["pid"]
+    seq = hal0.state("primary")["seq"]
+    hal0.kill(signal.SIGKILL)
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        hal0.start()
+        with ThreadPoolExecutor(3) as pool:
+            asked = [pool.submit(chat, hal0, stream=stream) for stream in (False, True, False)]
+            time.sleep(1.0)
+            assert not any(f.done() for f in asked), [f.result().text for f in asked if f.done()]
+            os.kill(pid, signal.SIGCONT)  # the backend answers again, well within the adoption probe's time
+            answers = [f.result(timeout=60) for f in asked]
+        assert [a.status_code for a in answers] == [200, 200, 200], [a.text for a in answers]
+        assert "data: [DONE]" in answers[1].text
+        record = hal0.state("primary")
+        assert record["pid"] == pid and backend_pids(hal0.home) == [pid]
+        # No reload, and no transition but the requests' own (ready -> serving -> ready ...).
+        assert record["state"] in ("ready", "serving") and record["loaded_at"] is not None
+        assert record["seq"] >= seq and len(hal0.start_lines("primary")) == 1
+        resp = hal0.client.get("/api/decisions", params={"limit": 50, "endpoint": "/v1/chat/completions"})
+        reasons = [d["reason"] for d in resp.json()["data"]]
+        assert len(reasons) == 3 and all(",adopting" in r for r in reasons), reasons
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGCONT)
+
+
+@pytest.mark.slow
+def test_an_unload_during_an_adoption_cancels_its_probe_and_stops_the_backend(
+        hal0: Hal0, model_files: dict[str, Path]) -> None:
+    ready_primary(hal0, model_files)
+    pid = hal0.state("primary")["pid"]
+    hal0.kill(signal.SIGKILL)
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        hal0.start()
+        with ThreadPoolExecutor(1) as pool:
+            waiting = pool.submit(chat, hal0)
+            time.sleep(0.5)
+            started = time.monotonic()
+            resp = hal0.client.post("/api/slots/primary/unload", timeout=30)
+            assert resp.status_code == 200 and resp.json()["state"] == "offline", resp.text
+            # The unload did not wait out the probe of the frozen backend (seconds): it cancelled it.
+            assert time.monotonic() - started < 3
+            cancelled = waiting.result(timeout=30)
+        assert cancelled.status_code == 409, cancelled.text
+        assert cancelled.json()["error"]["code"] == "load_cancelled", cancelled.text
+        wait_until(lambda: not alive(pid), 5, "the adopted backend to be stopped")
+        assert hal0.state("primary")["state"] == "offline" and hal0.state("primary")["pid"] is None
         assert chat(hal0).status_code == 200
         assert backend_pids(hal0.home) == [hal0.state("primary")["pid"]] != [pid]
     finally:

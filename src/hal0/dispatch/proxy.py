@@ -189,9 +189,9 @@ class Dispatcher:
         decision.slot = slot.name
         decision.reason = res.reason
         coalesced = prefetch or path in COALESCED_ENDPOINTS
-        cold = slot.state not in LOADED
+        cold = not slot.settled
         if cold:
-            decision.reason += ",cold-load"
+            decision.reason += ",cold-load" if slot.state not in LOADED else ",adopting"
         upstream_headers = _forward_headers(scope, rid)
         stream = payload is not None and payload.get("stream") is True
         if stream:
@@ -297,7 +297,7 @@ class Dispatcher:
         the body is read, a client that goes away cancels everything: the wait for a cold load, the wait for a
         backend that has not answered yet (a non-streamed generation sends nothing until it is done), and the
         relay."""
-        held = self.metrics.hold(slot.name) if slot.state not in LOADED else None
+        held = None if slot.settled else self.metrics.hold(slot.name)
         try:
             async with (_client_can_cancel(receive, decision),
                         slot.lease(self._timeout, grace_s=self.settings.cold_boot_grace_s, early=True,

@@ -16,7 +16,6 @@ from typing import TYPE_CHECKING
 from hal0.client import HttpClient, HttpError, Response, Timeout
 from hal0.datatypes import datatype
 from hal0.errors import UpstreamError
-from hal0.slots.state import LOADED
 
 if TYPE_CHECKING:
     from hal0.slots.slot import Slot
@@ -90,7 +89,7 @@ class Lease:
         slot.leases += 1
         self._stack.callback(slot.release_lease)
         try:
-            if slot.state not in LOADED:
+            if not slot.settled:  # cold, loading, or being adopted after an API restart
                 self.cold = cold = ColdStart(time.perf_counter(), self._grace_s)
                 if self._early:
                     if self._stand_in:

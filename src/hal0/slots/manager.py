@@ -119,7 +119,8 @@ class SlotManager:
 
     # -- start-up ----------------------------------------------------------------------------------------
     async def start(self) -> None:
-        """Read every slot's config and state.json, and adopt what an earlier API process left running."""
+        """Read every slot's config and state.json, and adopt what an earlier API process left running. A loaded
+        backend's probe goes on while the API serves (see `Slot.adopt`)."""
         for name, config in self.configs.load_all().items():
             self.slots[name] = Slot(config, self._read_record(name), self.ctx)
         await asyncio.gather(*(slot.adopt() for slot in self.slots.values()))

@@ -147,6 +147,9 @@ class Slot:
         #: those the probe released last.
         self._stand_ins: set[object] = set()
         self._held: HeldAnswers | None = None
+        #: The probe of a loaded backend found again after an API restart (`adopt`), while it runs: the API serves
+        #: meanwhile, and requests for this slot join it as they join a load (`settled`).
+        self._adoption: asyncio.Task[None] | None = None
         #: Wakes the watch for an immediate status check (the backend's pidfd turned readable, or a request
         #: found it refusing connections).
         self._wake = asyncio.Event()
@@ -167,6 +170,12 @@ class Slot:
     @property
     def state(self) -> SlotState:
         return self.record.state
+
+    @property
+    def settled(self) -> bool:
+        """Loaded, with no adoption probe outstanding: a request goes straight to the backend. Otherwise it joins
+        the load or the adoption (`until_answering`, `ensure_loaded`)."""
+        return self.state in LOADED and self._adoption is None
 
     @property
     def last_activity(self) -> float:
@@ -297,7 +306,7 @@ class Slot:
 
     async def ensure_loaded(self, timeout: float) -> bool:
         """Wait until the slot serves; load it if cold. True when this call had to wait for a load."""
-        if self.state in LOADED:
+        if self.settled:
             return False
         await self.join_load(self.start_load(), timeout)
         return True
@@ -308,8 +317,9 @@ class Slot:
         loaded): a request sent to the backend now shares its first decode instead of queueing behind the
         sentinel, but its sender must `join_load` the task, and release nothing of the answer, until the probe
         passed and the slot is ready. A `stand_in` (a streamed request's token) may replace the sentinel: its
-        sender then reports with `held_answer`, once, whether the backend answered it 200."""
-        if self.state in LOADED:
+        sender then reports with `held_answer`, once, whether the backend answered it 200. A slot being adopted
+        is waited for the same way: its probe is the load."""
+        if self.settled:
             return None
         task = self.start_load()
         answering = asyncio.ensure_future(self._answering.wait())
@@ -552,7 +562,8 @@ class Slot:
 
     # -- adoption ----------------------------------------------------------------------------------------
     async def adopt(self) -> None:
-        """Take over whatever an earlier API process left: a live backend is kept, a dead one explained."""
+        """Take over whatever an earlier API process left: a live backend is kept, a dead one explained. A loaded
+        backend's probe is started here and runs on while the API serves (`_reprobe`)."""
         rec = self.record
         if rec.state is S.PULLING:
             self._transition(S.OFFLINE, "pull interrupted by an API restart")
@@ -587,33 +598,45 @@ class Slot:
         if rec.state in LOADING:
             self.start_load()
             return
-        provider = self._ctx.providers.get(self.config.provider)
-        probe = None
-        if provider is not None:
-            # A loaded backend gets the time the liveness watch would give it, not a load's probe timeout: the
-            # API's start waits for every adoption, and a backend frozen while the API was down must not hold
-            # it back for half a minute.
-            try:
-                async with asyncio.timeout(ADOPTION_PROBE_S):
-                    probe = await provider.probe(self._ctx.client, self.base_url, self.config.type)
-            except TimeoutError:
-                probe = ProbeResult(False, "timeout", None, f"no answer within {ADOPTION_PROBE_S:g}s")
-        self.last_probe = probe
-        if probe is None or not probe.ok:
-            await self._ctx.supervisor.stop(self.name, handle, self._ctx.settings.stop_timeout_s)
-            why = f": {probe.stage} {probe.message}".rstrip() if probe is not None else ""
-            await self._fail("adoption_probe_failed",
-                             f"backend pid {rec.pid} is alive but does not answer its probe{why}", probe=probe)
-            return
-        if rec.state is S.SERVING:
-            self._transition(S.READY, "adopted after an API restart (requests in flight were lost)")
-        else:
-            # No transition: same backend, same state; the record is only re-published.
-            self._ctx.bus.publish("slot", {"slot": self.name, "from": rec.state.value, "to": rec.state.value,
-                                           "seq": rec.seq, "time": time.time(), "reason": "adopted",
-                                           "record": self.snapshot()})
-        self._last_activity = time.monotonic()
-        self._ensure_watch()
+        # A loaded backend: the API serves from here on, while its probe runs as the slot's load. Requests join it
+        # (`settled`) and may go to the backend alongside its sentinel, their answers held until it passed, as in a
+        # cold load's warm-up; an unload cancels it.
+        self._answering.clear()
+        self._adoption = self._load_task = asyncio.create_task(self._reprobe(handle, rec.state),
+                                                              name=f"adopt:{self.name}")
+
+    async def _reprobe(self, handle: Handle, recorded: SlotState) -> None:
+        """The adoption's probe of a loaded backend. It gets the time the liveness watch would give it, not a load's
+        probe timeout: a backend frozen while the API was down must not hold its requests for half a minute."""
+        try:
+            async with self._op_lock:
+                provider = self._ctx.providers.get(self.config.provider)
+                probe = None
+                if provider is not None:
+                    try:
+                        async with asyncio.timeout(ADOPTION_PROBE_S):
+                            probe = await provider.probe(self._ctx.client, self.base_url, self.config.type,
+                                                         answering=self._release_held)
+                    except TimeoutError:
+                        probe = ProbeResult(False, "timeout", None, f"no answer within {ADOPTION_PROBE_S:g}s")
+                self.last_probe = probe
+                if probe is None or not probe.ok:
+                    await self._ctx.supervisor.stop(self.name, handle, self._ctx.settings.stop_timeout_s)
+                    why = f": {probe.stage} {probe.message}".rstrip() if probe is not None else ""
+                    await self._fail("adoption_probe_failed", f"backend pid {handle.pid} is alive but does not "
+                                     f"answer its probe{why}", probe=probe)
+                    return
+                if recorded is S.SERVING:
+                    self._transition(S.READY, "adopted after an API restart (requests in flight were lost)")
+                else:
+                    # No transition: same backend, same state; the record is only re-published.
+                    self._ctx.bus.publish("slot", {"slot": self.name, "from": recorded.value, "to": recorded.value,
+                                                   "seq": self.record.seq, "time": time.time(),
+                                                   "reason": "adopted", "record": self.snapshot()})
+                self._last_activity = time.monotonic()
+                self._ensure_watch()
+        finally:
+            self._adoption = None
 
     async def _stop_unrecorded(self) -> None:
         """A backend the earlier API spawned and stopped before writing the move to starting (see
