@@ -555,11 +555,9 @@ async def first_token(http: aiohttp.ClientSession, base: str, model: str, max_to
     """Send a streamed chat request; the time (perf_counter) its first content token arrived. Eight tokens, not
     four: a random model's few tokens were once all pieces of one multi-byte character, which llama-server
     holds back until the character is whole, so nothing was streamed (the first token's time is the same)."""
-    body = {"model": model, "messages": [{"role": "user", "content": "hello"}], "max_tokens": max_tokens,
-            "stream": True, "ignore_eos": True}
     got: float | None = None
     seen: list[bytes] = []
-    async with await post(http, f"{base}/v1/chat/completions", body) as resp:
+    async with await post(http, f"{base}/v1/chat/completions", _chat(model, max_tokens)) as resp:
         if resp.status != 200:
             raise SystemExit(f"{base}: {resp.status} {await resp.text()}")
         async for line in resp.content:
@@ -571,6 +569,29 @@ async def first_token(http: aiohttp.ClientSession, base: str, model: str, max_to
     if got is None:
         raise SystemExit(f"{base}: no token streamed: {b''.join(seen)[:2000]!r}")
     return got
+
+
+async def first_token_status(http: aiohttp.ClientSession, base: str, model: str) -> tuple[int, float]:
+    """(status, time) of one streamed chat, for polling: when answered 200, the time its first content token
+    came (status 0 if none did); otherwise when the refusal came. A transport error counts as status 0."""
+    try:
+        async with http.post(f"{base}/v1/chat/completions", json=_chat(model, 8)) as resp:
+            if resp.status != 200:
+                await resp.read()
+                return resp.status, time.perf_counter()
+            async for line in resp.content:
+                if line.startswith(b"data: {") and b'"content":"' in line:
+                    at = time.perf_counter()
+                    resp.close()
+                    return 200, at
+            return 0, time.perf_counter()
+    except (aiohttp.ClientError, TimeoutError):
+        return 0, time.perf_counter()
+
+
+def _chat(model: str, max_tokens: int) -> dict[str, Any]:
+    return {"model": model, "messages": [{"role": "user", "content": "hello"}], "max_tokens": max_tokens,
+            "stream": True, "ignore_eos": True}
 
 
 async def concurrently(n: int, each: Callable[[], Awaitable[Any]]) -> list[Any]:

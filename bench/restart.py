@@ -4,7 +4,9 @@ theirs, or never owned one). Interleaved rounds. Beside them, the floor under an
 (`bench/floor.py`: the interpreter with asyncio and uvloop, answering at once) and the same floor with hal0's
 start-path imports, restarted the same way: what of hal0's figure is the runtime, its imports, the rest of its start.
 With `--stream` the request polled is a streamed chat, timed to its first token (what a chat client waits for; the
-floors, which have no model, are left out). Run on demand: `python -m bench.restart [--stream]`.
+floors, which have no model, are left out). `--before SRC` adds a second hal0, run from another tree's `src`
+(`git worktree add`), restarted in the same rounds: a paired comparison of two trees on the same machine at the
+same moment. Run on demand: `python -m bench.restart [--stream] [--before SRC]`.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from bench.common import (
     Router,
     alive,
     children,
-    first_token,
+    first_token_status,
     free_port,
     kill_pid,
     make_models,
@@ -51,15 +53,10 @@ async def serves_again(url: str, model: str, timeout: float = 120, *, stream: bo
     deadline = time.monotonic() + timeout
     async with aiohttp.ClientSession() as http:
         while time.monotonic() < deadline:
-            if stream:
-                try:
-                    return await first_token(http, url, model)
-                except (aiohttp.ClientError, OSError):
-                    pass
-            else:
-                status, at = await small_status(http, url, model)
-                if status == 200:
-                    return at
+            poll = first_token_status if stream else small_status
+            status, at = await poll(http, url, model)
+            if status == 200:
+                return at
             await asyncio.sleep(0.005)
     raise SystemExit(f"{url} did not serve again within {timeout}s")
 
@@ -147,6 +144,10 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         if not args.tiny_only:
             sizes["large"] = models["large"]
         hal0 = await Hal0(root / "hal0", sizes, {name: name for name in sizes}).start()
+        before = None
+        if args.before:
+            before = await Hal0(root / "hal0-before", sizes, {name: name for name in sizes},
+                                PYTHONPATH=args.before).start()
         router = await Router(root, sizes, models_max=1).start()
         bare = Bare(root, models["tiny-a"], "tiny")
         litellm: LiteLLM | None = None
@@ -163,7 +164,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 litellm = await LiteLLM(root, {"tiny": bare.url}).start()
             for size in sizes:
                 # LiteLLM owns no backend, so the model's size changes nothing for it: measured with tiny only.
-                planes = ["hal0", "router"] + (["litellm"] if litellm is not None and size == "tiny" else [])
+                planes = ["hal0"] + (["hal0-before"] if before is not None else []) + ["router"]
+                planes += ["litellm"] if litellm is not None and size == "tiny" else []
                 planes += list(floors) if size == "tiny" else []  # a floor has no model: measured once
                 runs: dict[str, list[dict[str, Any]]] = {name: [] for name in planes}
                 rounds = args.rounds if size == "tiny" else args.large_rounds
@@ -172,6 +174,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                     for name in order:
                         if name == "hal0":
                             runs[name].append(await restart_hal0(hal0, size, args.stream))
+                        elif name == "hal0-before" and before is not None:
+                            runs[name].append(await restart_hal0(before, size, args.stream))
                         elif name == "router":
                             runs[name].append(await restart_router(router, size, args.stream))
                         elif name in floors:
@@ -189,6 +193,13 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                         continue
                     print(f"{size:<5} {name:<8} SIGKILL -> {what} {spread(times):<30} ms | model reloaded "
                           f"{out[name]['reloaded']} | backend survived {out[name]['backend_survived']}")
+                if before is not None:
+                    # Round by round, the two trees were restarted one right after the other.
+                    paired = [a["serves_again_ms"] - b["serves_again_ms"]
+                              for a, b in zip(runs["hal0"], runs["hal0-before"], strict=True)]
+                    out["paired_minus_before_ms"] = med(paired)
+                    print(f"{size:<5} hal0 - hal0-before, paired by round: median {med(paired):+.1f} ms "
+                          f"(range {min(paired):+.1f} to {max(paired):+.1f})")
                 results[size] = out
         finally:
             for floor in floors.values():
@@ -198,6 +209,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             bare.stop()
             router.stop()
             hal0.stop()
+            if before is not None:
+                before.stop()
     sizes_run = [out for out in results.values() if isinstance(out, dict)]
     ok = not any(r for out in sizes_run for r in out["hal0"]["reloaded"])
     fast = all(out["hal0"]["serves_again_ms"] <= TARGET_MS for out in sizes_run)
@@ -215,6 +228,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--tiny-only", action="store_true", help="skip the large (about 2 s to load) model")
     p.add_argument("--stream", action="store_true",
                    help="poll with a streamed chat and time its first token (results: restart_stream.json)")
+    p.add_argument("--before", metavar="SRC", type=lambda src: str(Path(src).resolve()),
+                   help="also restart a hal0 run from this tree's src, in the same rounds")
     return p
 
 
