@@ -144,7 +144,7 @@ def test_a_backend_frozen_while_the_api_was_down_fails_its_adoption_without_hold
             sock.sendall(b"GET /api/health HTTP/1.1\r\nHost: x\r\n\r\n")
             assert sock.recv(64).startswith(b"HTTP/1.1 200 ")
         view = hal0.slot("primary")
-        assert view["state"] == "ready" and view["error"] is None, view
+        assert view["state"] == "ready" and view["error"] is None and view["adopting"] is True, view
         # A request for the slot waits for that probe, and is told why it failed once it runs out: as long as the
         # liveness watch gives a loaded backend, not a load's 30 s; the frozen process is stopped at once
         # (SIGTERM with SIGCONT).
@@ -184,6 +184,7 @@ def test_requests_during_an_adoption_are_held_for_its_probe_and_answered_by_the_
         assert "data: [DONE]" in answers[1].text
         record = hal0.state("primary")
         assert record["pid"] == pid and backend_pids(hal0.home) == [pid]
+        assert hal0.slot("primary")["adopting"] is False
         # No reload, and no transition but the requests' own (ready -> serving -> ready ...).
         assert record["state"] in ("ready", "serving") and record["loaded_at"] is not None
         assert record["seq"] >= seq and len(hal0.start_lines("primary")) == 1

@@ -197,6 +197,8 @@ class Slot:
         rec["in_flight"] = self.in_flight
         rec["requests_total"] = self.requests_total
         rec["memory"] = self.memory
+        # True while the probe of a backend adopted after an API restart runs (its requests wait for it).
+        rec["adopting"] = self._adoption is not None
         rec["uptime_s"] = (time.time() - self.record.loaded_at) if (
             self.record.loaded_at and self.state in LOADED) else None
         if self.state is S.OFFLINE and not self.config.model and self.config.type not in MODEL_LESS_TYPES:
