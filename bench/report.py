@@ -18,12 +18,15 @@ PLANES = ("direct", "hal0", "router", "litellm")
 COLORS = {"direct": "#888888", "hal0": "#1f77b4", "router": "#ff7f0e", "litellm": "#2ca02c"}
 
 
-def load() -> dict[str, Any]:
+def load(folder: Path = RESULTS_DIR) -> dict[str, Any]:
+    """The latest run of each part: the `<part>.json` its bench writes. A round's copies kept beside it under
+    other names (`restart_r13_1.json`, `proxy_batch0_r6.json`) record that round for docs/performance.md; they
+    are not the latest run, though their `bench` is the same. The memory and GPU checks have no `bench`."""
     out = {}
-    for path in sorted(RESULTS_DIR.glob("*.json")):
+    for path in sorted(folder.glob("*.json")):
         data = json.loads(path.read_text())
-        if "bench" in data:  # the memory and GPU checks keep their own records beside these
-            out[data["bench"]] = data
+        if data.get("bench") == path.stem:
+            out[path.stem] = data
     return out
 
 
