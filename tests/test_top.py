@@ -38,6 +38,8 @@ class Terminal:
     master side."""
 
     def __init__(self, argv: list[str], env: dict[str, str]) -> None:
+        # faulthandler in the child: a `wait` that times out has it print where every thread is (SIGABRT).
+        env = {**env, "PYTHONFAULTHANDLER": "1"}
         self.pid, self.master = pty.fork()
         if self.pid == 0:  # the child: nothing but exec (and never back into pytest)
             try:
@@ -69,7 +71,9 @@ class Terminal:
         os.write(self.master, data)
 
     def wait(self, timeout: float) -> int:
-        """The child's exit code, reading (and so draining) its output meanwhile."""
+        """The child's exit code, reading (and so draining) its output meanwhile. A child still running at the
+        deadline is made to show where it is stuck (faulthandler's traceback of every thread, on SIGABRT), and that
+        goes into the failure with the state the kernel reports for it."""
         def ended() -> bool:
             with contextlib.suppress(OSError):
                 if select.select([self.master], [], [], 0)[0]:
@@ -79,7 +83,19 @@ class Terminal:
                 self.code = os.waitstatus_to_exitcode(status)
             return pid != 0
 
-        wait_until(ended, timeout, "hal0 top to exit")
+        try:
+            wait_until(ended, timeout, "hal0 top to exit")
+        except AssertionError:
+            kernel = {}
+            for name in ("stat", "wchan", "stack"):
+                with contextlib.suppress(OSError):
+                    kernel[name] = Path(f"/proc/{self.pid}/{name}").read_text().strip()
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, signal.SIGABRT)
+            with contextlib.suppress(AssertionError):
+                wait_until(ended, 5, "the child to dump its threads")
+            raise AssertionError(f"hal0 top still running {timeout}s after it was asked to exit; kernel: {kernel}; "
+                                 f"its output, with the threads' tracebacks: {self.output[-4000:]!r}") from None
         assert self.code is not None
         return self.code
 
