@@ -43,6 +43,9 @@ class Terminal:
         self.pid, self.master = pty.fork()
         if self.pid == 0:  # the child: nothing but exec (and never back into pytest)
             try:
+                # A terminal's Ctrl-C, whatever pytest was started from: a background job of a shell without job
+                # control inherits SIGINT ignored, and Python then never raises KeyboardInterrupt.
+                signal.signal(signal.SIGINT, signal.SIG_DFL)
                 os.execve(argv[0], argv, env)
             finally:
                 os._exit(127)
