@@ -88,7 +88,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         litellm: LiteLLM | None = None
         try:
             # First as a client-only deployment uses it: the slot loaded by a cold /v1 request, nothing asked
-            # of /api (the management app, FastAPI, is imported by the first request for it).
+            # of /api (the management app is imported by the first request for it).
             async with session(1) as http:
                 await timed_small(http, hal0.url, "primary")
                 await timed_small(http, hal0.url, "primary")

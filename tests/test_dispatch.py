@@ -350,9 +350,9 @@ def _mapped(pid: int, fragment: str) -> bool:
 
 
 def test_v1_is_served_before_the_management_app_is_imported(hal0: Hal0, model_files: dict[str, Path]) -> None:
-    """A (re)started API answers /v1 (a cold load included) and its liveness check without importing FastAPI;
-    the first /api request builds the management app. pydantic-core's shared object, which only FastAPI
-    brings in, tells from outside the process."""
+    """A (re)started API answers /v1 (a cold load included) and its liveness check without importing the
+    management app; the first /api request builds it. pydantic-core's shared object, which only the management
+    app's body models bring in, tells from outside the process."""
     hal0.add_model("tiny", model_files["tiny"])
     hal0.write_slot_config("primary", 'type = "chat"\nmodel = "tiny"\n')
     hal0.start()

@@ -1,5 +1,5 @@
 """The management API fuzzed from its own OpenAPI document (schemathesis) against the real API process:
-no input makes it answer 5xx, and every answer has the content type and shape the document declares.
+no input makes it answer 5xx, and every answer has a status, content type and shape the document declares.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from schemathesis.checks import (  # noqa: E402
     content_type_conformance,
     not_a_server_error,
     response_schema_conformance,
+    status_code_conformance,
 )
 
 #: Per operation; HAL0_FUZZ_EXAMPLES raises it for a longer local run.
@@ -26,7 +27,7 @@ MAX_EXAMPLES = int(os.environ.get("HAL0_FUZZ_EXAMPLES", "25"))
 # Endless SSE streams cannot be fuzzed request/response; pulls and loadout applies would reach the network.
 SKIPPED = {("GET", "/api/events"), ("GET", "/api/models/{ref}/pull"), ("POST", "/api/models/pull"),
            ("POST", "/api/loadouts/{name}/apply")}
-CHECKS = [not_a_server_error, content_type_conformance, response_schema_conformance]
+CHECKS = [not_a_server_error, content_type_conformance, response_schema_conformance, status_code_conformance]
 
 
 @pytest.fixture(scope="module")

@@ -8,14 +8,14 @@ import socket
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 
 import httpx
 import pytest
-from fastapi import FastAPI
 
 from hal0 import cli
-from hal0.api import errors
 from hal0.api.models import router
+from hal0.api.routing import ManagementApp
 from hal0.events import EventBus
 from hal0.registry.generate import TINY, generate_gguf
 from hal0.registry.pull import Registry
@@ -56,12 +56,8 @@ def _free_port() -> int:
 
 @pytest.fixture
 async def api(settings: Settings, registry: Registry) -> AsyncIterator[Api]:
-    app = FastAPI()
-    errors.install(app)
-    app.include_router(router)
     bus, slots = EventBus(), SlotsStandIn()
-    app.state.settings, app.state.registry = settings, registry
-    app.state.events, app.state.manager = bus, slots
+    app = ManagementApp([router], SimpleNamespace(settings=settings, registry=registry, events=bus, manager=slots))
     port = _free_port()
     server = Server(app, lifespan=False)
     task = asyncio.create_task(server.serve([listen("127.0.0.1", port)]))

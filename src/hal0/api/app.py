@@ -1,5 +1,5 @@
 """The ASGI application: builds the shared objects once (bus, HTTP session, registry, slots) and serves the
-/v1 edge from the first request on; the management app (/api, /metrics, the dashboard: FastAPI) is imported and
+/v1 edge from the first request on; the management app (/api, /metrics, the dashboard) is imported and
 built on the first request that needs it, so a restarted API serves /v1 without paying for it.
 """
 
@@ -155,7 +155,7 @@ class RegistryModels:
 
 class Hal0App:
     """The ASGI entry. It runs the lifespan itself (the shared objects live from startup to shutdown); /v1 goes
-    straight to the dispatcher (the hot path skips FastAPI's routing); everything else goes to the management
+    straight to the dispatcher (the hot path skips the management routing); everything else goes to the management
     app, built on the first request for it.
     """
 
@@ -196,14 +196,14 @@ class Hal0App:
         await self.management()(scope, receive, send)
 
     def management(self) -> ASGIApp:
-        """The FastAPI app of /api, /metrics and the dashboard, imported and built once, when first asked for."""
+        """The app of /api, /metrics and the dashboard, imported and built once, when first asked for."""
         if self._management is None:
             from hal0.api.management import management_app
 
             assert self.state is not None, "the management app is built once the shared objects exist"
             self.state.registry = self.state.models.registry()  # /api/models and /api/catalog read it
             self._management = management_app(self.state)
-            gc.freeze()  # FastAPI's modules and routes, too: see `serving`
+            gc.freeze()  # its modules, routes and models, too: see `serving`
         return self._management
 
     async def _lifespan(self, receive: Receive, send: Send) -> None:

@@ -8,12 +8,13 @@ from __future__ import annotations
 from importlib import resources
 from importlib.resources.abc import Traversable
 
-from fastapi import APIRouter, Response
-from fastapi.responses import RedirectResponse
+from starlette.requests import Request
+from starlette.responses import RedirectResponse, Response
 
+from hal0.api.routing import Router
 from hal0.errors import NotFound
 
-router = APIRouter(include_in_schema=False)
+router = Router(include_in_schema=False)
 
 _TYPES = {
     ".html": "text/html; charset=utf-8",
@@ -55,15 +56,15 @@ def _respond(path: str) -> Response:
 
 
 @router.get("/")
-async def index() -> Response:
+async def index(request: Request) -> Response:
     return _respond("index.html")
 
 
 @router.get("/dashboard")
-async def dashboard_root() -> RedirectResponse:
+async def dashboard_root(request: Request) -> RedirectResponse:
     return RedirectResponse("/", status_code=307)
 
 
 @router.get("/dashboard/{path:path}")
-async def asset(path: str) -> Response:
+async def asset(request: Request, path: str) -> Response:
     return _respond(path)

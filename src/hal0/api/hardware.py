@@ -8,14 +8,15 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from fastapi import APIRouter, Query, Request
+from starlette.requests import Request
 
+from hal0.api.routing import Query, Router
 from hal0.errors import InvalidRequest
 from hal0.hardware.inventory import inventory
 from hal0.slots.manager import SlotManager
 from hal0.slots.slot import Slot
 
-router = APIRouter(prefix="/api", tags=["hardware"])
+router = Router(prefix="/api", tags=["hardware"])
 
 def _manager(request: Request) -> SlotManager:
     manager: SlotManager = request.app.state.manager
@@ -38,10 +39,9 @@ async def hardware(request: Request) -> dict[str, Any]:
     return out
 
 
-@router.get("/slots/{name}/estimate", summary="What loading a model into this slot would cost, before loading")
-async def estimate_route(name: str, request: Request,
-                         model: str | None = Query(None, description="model ref; the slot's own by default"),
-                         ) -> dict[str, Any]:
+@router.get("/slots/{name}/estimate", summary="What loading a model into this slot would cost, before loading",
+            query={"model": Query(description="model ref; the slot's own by default")})
+async def estimate_route(request: Request, name: str, model: str | None) -> dict[str, Any]:
     manager = _manager(request)
     slot = manager.get(name)
     inv = await asyncio.to_thread(inventory)

@@ -8,16 +8,18 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from fastapi import APIRouter, Query, Request, Response
 from pydantic import BaseModel, ConfigDict, Field
+from starlette.requests import Request
+from starlette.responses import Response
 
 from hal0.api.hardware import memory_view
+from hal0.api.routing import Query, Router
 from hal0.api.sse import sse_response
 from hal0.dispatch.decisions import DecisionLog
 from hal0.slots.manager import SlotManager
 from hal0.slots.slot import Slot
 
-router = APIRouter(prefix="/api", tags=["management"])
+router = Router(prefix="/api", tags=["management"])
 
 
 class SlotFields(BaseModel):
@@ -71,14 +73,14 @@ async def list_slots(request: Request) -> dict[str, Any]:
     return {"data": [_view(s, manager) for s in manager.ordered()]}
 
 
-@router.post("/slots", status_code=201, summary="Create a user slot")
-async def create_slot(body: SlotCreate, request: Request) -> dict[str, Any]:
+@router.post("/slots", status_code=201, summary="Create a user slot", body=SlotCreate)
+async def create_slot(request: Request, body: SlotCreate) -> dict[str, Any]:
     slot = await _manager(request).create(body.model_dump(exclude_none=True))
     return _view(slot)
 
 
 @router.get("/slots/{name}", summary="One slot")
-async def show_slot(name: str, request: Request) -> dict[str, Any]:
+async def show_slot(request: Request, name: str) -> dict[str, Any]:
     manager = _manager(request)
     slot = manager.get(name)
     view = _view(slot, manager)
@@ -86,24 +88,25 @@ async def show_slot(name: str, request: Request) -> dict[str, Any]:
     return view
 
 
-@router.patch("/slots/{name}", summary="Change a slot's config (a loaded slot restarts)")
-async def update_slot(name: str, body: SlotFields, request: Request) -> dict[str, Any]:
+@router.patch("/slots/{name}", summary="Change a slot's config (a loaded slot restarts)", body=SlotFields)
+async def update_slot(request: Request, name: str, body: SlotFields) -> dict[str, Any]:
     return _view(await _manager(request).update(name, body.model_dump(exclude_unset=True)))
 
 
 @router.delete("/slots/{name}", status_code=204, summary="Delete a user slot (unloads it first)")
-async def delete_slot(name: str, request: Request) -> Response:
+async def delete_slot(request: Request, name: str) -> Response:
     await _manager(request).delete(name)
     return Response(status_code=204)
 
 
-@router.put("/slots/{name}/model", summary="Assign a model ref to a slot")
-async def assign_model(name: str, body: ModelAssign, request: Request) -> dict[str, Any]:
+@router.put("/slots/{name}/model", summary="Assign a model ref to a slot", body=ModelAssign)
+async def assign_model(request: Request, name: str, body: ModelAssign) -> dict[str, Any]:
     return _view(await _manager(request).assign(name, body.model))
 
 
-@router.post("/slots/{name}/load", summary="Load a slot's model; waits for ready unless wait=false")
-async def load_slot(name: str, request: Request, wait: bool = True) -> dict[str, Any]:
+@router.post("/slots/{name}/load", summary="Load a slot's model; waits for ready unless wait=false",
+             query={"wait": Query(bool, True)})
+async def load_slot(request: Request, name: str, wait: bool) -> dict[str, Any]:
     manager = _manager(request)
     slot = manager.get(name)
     if wait:
@@ -115,14 +118,14 @@ async def load_slot(name: str, request: Request, wait: bool = True) -> dict[str,
 
 
 @router.post("/slots/{name}/unload", summary="Unload a slot (SIGTERM, then SIGKILL after a timeout)")
-async def unload_slot(name: str, request: Request) -> dict[str, Any]:
+async def unload_slot(request: Request, name: str) -> dict[str, Any]:
     slot = _manager(request).get(name)
     await slot.unload()
     return _view(slot)
 
 
 @router.post("/slots/{name}/restart", summary="Unload and load again, waiting for ready")
-async def restart_slot(name: str, request: Request) -> dict[str, Any]:
+async def restart_slot(request: Request, name: str) -> dict[str, Any]:
     manager = _manager(request)
     slot = manager.get(name)
     await slot.unload("restart requested")
@@ -131,22 +134,25 @@ async def restart_slot(name: str, request: Request) -> dict[str, Any]:
     return _view(slot)
 
 
-@router.get("/slots/{name}/logs", summary="The last lines of a slot's backend log")
-async def slot_logs(name: str, request: Request, lines: int = Query(100, ge=1, le=5000)) -> dict[str, Any]:
+@router.get("/slots/{name}/logs", summary="The last lines of a slot's backend log",
+            query={"lines": Query(int, 100, ge=1, le=5000)})
+async def slot_logs(request: Request, name: str, lines: int) -> dict[str, Any]:
     manager = _manager(request)
     slot = manager.get(name)
     return {"slot": slot.name, "lines": await manager.supervisor.log_tail(slot.name, lines)}
 
 
-@router.get("/decisions", summary="Recent routing decisions, newest first")
-async def decisions(request: Request, slot: str | None = None, endpoint: str | None = None,
-                    outcome: str | None = None, limit: int = Query(100, ge=1, le=2000)) -> dict[str, Any]:
+@router.get("/decisions", summary="Recent routing decisions, newest first",
+            query={"slot": Query(), "endpoint": Query(), "outcome": Query(), "limit": Query(int, 100, ge=1, le=2000)})
+async def decisions(request: Request, slot: str | None, endpoint: str | None, outcome: str | None,
+                    limit: int) -> dict[str, Any]:
     log: DecisionLog = request.app.state.decisions
     return {"data": log.query(slot=slot, endpoint=endpoint, outcome=outcome, limit=limit)}
 
 
 @router.get("/events", summary="Server-sent events: slot transitions, decisions, pulls",
-            response_description="text/event-stream; resume with the Last-Event-ID header")
-async def events(request: Request, topics: str | None = None) -> Response:
+            response_description="text/event-stream; resume with the Last-Event-ID header",
+            media_type="text/event-stream", query={"topics": Query()})
+async def events(request: Request, topics: str | None) -> Response:
     wanted = [t for t in (topics or "").split(",") if t] or None
     return sse_response(request.app.state.events, request, wanted)

@@ -8,15 +8,16 @@ import asyncio
 import logging
 import time
 
-from fastapi import APIRouter, Query, Request, Response
-from fastapi.responses import JSONResponse, PlainTextResponse
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
 
+from hal0.api.routing import Query, Router
 from hal0.errors import SlotNotFound
 from hal0.metrics import Metrics
 from hal0.slots.manager import SlotManager
 from hal0.stats import WINDOW_S, StatsRing, StatsView
 
-router = APIRouter(tags=["monitoring"])
+router = Router(tags=["monitoring"])
 log = logging.getLogger("hal0.metrics")
 
 #: The text format every Prometheus reads (prometheus_client's newest, 1.0.0, is the same text for hal0's
@@ -24,7 +25,7 @@ log = logging.getLogger("hal0.metrics")
 EXPOSITION_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
-@router.get("/metrics", summary="Prometheus metrics (text exposition format)", response_class=PlainTextResponse,
+@router.get("/metrics", summary="Prometheus metrics (text exposition format)", media_type="text/plain",
             response_description="Prometheus' text format, version 0.0.4")
 async def metrics(request: Request) -> Response:
     registry: Metrics = request.app.state.metrics
@@ -33,12 +34,12 @@ async def metrics(request: Request) -> Response:
     return Response(await asyncio.to_thread(registry.exposition, registry.snapshot()), media_type=EXPOSITION_TYPE)
 
 
-@router.get("/api/stats", summary="Per-second aggregates per slot over the last 15 minutes")
-async def stats(request: Request,
-                seconds: int = Query(WINDOW_S, ge=1, le=WINDOW_S, description="how many seconds, newest last"),
-                end: int | None = Query(None, ge=0, description="the last second to include (unix time); default "
-                                        "the last complete second"),
-                slot: str | None = Query(None, max_length=200, description="one slot only")) -> JSONResponse:
+@router.get("/api/stats", summary="Per-second aggregates per slot over the last 15 minutes", query={
+    "seconds": Query(int, WINDOW_S, ge=1, le=WINDOW_S, description="how many seconds, newest last"),
+    "end": Query(int, None, ge=0, description="the last second to include (unix time); default the last "
+                 "complete second"),
+    "slot": Query(str, None, max_length=200, description="one slot only")})
+async def stats(request: Request, seconds: int, end: int | None, slot: str | None) -> JSONResponse:
     ring: StatsRing = request.app.state.stats
     manager: SlotManager = request.app.state.manager
     if slot is not None and slot not in manager.slots:

@@ -11,17 +11,18 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-from fastapi import APIRouter, Query, Request, Response
 from pydantic import BaseModel, ConfigDict, Field
-from starlette.responses import StreamingResponse
+from starlette.requests import Request
+from starlette.responses import JSONResponse, StreamingResponse
 
+from hal0.api.routing import Query, Router
 from hal0.hardware.budget import BudgetSettings, device_budgets
 from hal0.hardware.estimate import file_size_rule
 from hal0.hardware.inventory import inventory
 from hal0.registry import catalog, loadouts
 from hal0.registry.pull import EventCallback, PullEvent, Registry
 
-router = APIRouter(prefix="/api", tags=["models"])
+router = Router(prefix="/api", tags=["models"])
 
 
 class PullRequest(BaseModel):
@@ -75,10 +76,9 @@ async def list_models(request: Request) -> dict[str, Any]:
     return {"models": models, "pulling": registry.pulling()}
 
 
-@router.get("/catalog", summary="Search the built-in catalog")
-async def search_catalog(request: Request, q: str = Query("", max_length=200),
-                         type: str | None = Query(None, description="chat, embed, stt or tts")
-                         ) -> dict[str, Any]:
+@router.get("/catalog", summary="Search the built-in catalog",
+            query={"q": Query(str, "", max_length=200), "type": Query(description="chat, embed, stt or tts")})
+async def search_catalog(request: Request, q: str, type: str | None) -> dict[str, Any]:
     registry = _registry(request)
     memory = await _machine_memory(request)
     # Before a pull there is no GGUF header to estimate from: the file size rule (x1.2) stands in for it.
@@ -87,26 +87,26 @@ async def search_catalog(request: Request, q: str = Query("", max_length=200),
                         for e in catalog.search(q, type)]}
 
 
-@router.post("/models/pull", summary="Pull a model (from the catalog or a source)", status_code=202)
-async def pull_model(body: PullRequest, request: Request, response: Response) -> dict[str, Any]:
+@router.post("/models/pull", summary="Pull a model (from the catalog or a source)", status_code=202,
+             body=PullRequest)
+async def pull_model(request: Request, body: PullRequest) -> dict[str, Any] | JSONResponse:
     registry = _registry(request)
     events_url = f"/api/models/{body.ref}/pull"
     if body.wait:
         manifest = await registry.pull(body.ref, body.source, sha256=body.sha256, slot_type=body.slot_type,
                                        provider=body.provider, on_event=_publisher(request))
-        response.status_code = 200
-        return {"ref": body.ref, "status": "installed", "manifest": manifest.to_dict()}
+        return JSONResponse({"ref": body.ref, "status": "installed", "manifest": manifest.to_dict()})
     if registry.exists(body.ref) and not body.source:
-        response.status_code = 200
-        return {"ref": body.ref, "status": "installed", "manifest": registry.get(body.ref).to_dict(),
-                "events": events_url}
+        return JSONResponse({"ref": body.ref, "status": "installed",
+                             "manifest": registry.get(body.ref).to_dict(), "events": events_url})
     registry.start_pull(body.ref, body.source, sha256=body.sha256, slot_type=body.slot_type,
                         provider=body.provider, on_event=_publisher(request))
     return {"ref": body.ref, "status": "pulling", "events": events_url}
 
 
-@router.get("/models/{ref}/pull", summary="Progress of the pull of `ref` (SSE), ending with done or error")
-async def pull_events(ref: str, request: Request) -> StreamingResponse:
+@router.get("/models/{ref}/pull", summary="Progress of the pull of `ref` (SSE), ending with done or error",
+            media_type="text/event-stream")
+async def pull_events(request: Request, ref: str) -> StreamingResponse:
     registry = _registry(request)
     events = registry.watch(ref)
     # The first event is taken here so an unknown ref answers 404 instead of an empty stream.
@@ -128,8 +128,9 @@ def _frame(event: PullEvent) -> bytes:
     return f"event: pull\ndata: {json.dumps(event.to_dict(), separators=(',', ':'))}\n\n".encode()
 
 
-@router.post("/models/import", summary="Install a local file as a model", status_code=201)
-async def import_model(body: ImportRequest, request: Request) -> dict[str, Any]:
+@router.post("/models/import", summary="Install a local file as a model", status_code=201,
+             body=ImportRequest)
+async def import_model(request: Request, body: ImportRequest) -> dict[str, Any]:
     registry = _registry(request)
     manifest = await asyncio.to_thread(registry.import_file, body.ref, Path(body.path), link=body.link,
                                        slot_type=body.slot_type, provider=body.provider)
@@ -137,26 +138,26 @@ async def import_model(body: ImportRequest, request: Request) -> dict[str, Any]:
 
 
 @router.get("/models/{ref}", summary="One installed model's manifest")
-async def show_model(ref: str, request: Request) -> dict[str, Any]:
+async def show_model(request: Request, ref: str) -> dict[str, Any]:
     manifest = _registry(request).get(ref)
     return {**manifest.to_dict(), "slots": request.app.state.manager.slots_using(ref)}
 
 
 @router.post("/models/{ref}/verify", summary="Hash every file of `ref` against its manifest (reads them whole)")
-async def verify_model(ref: str, request: Request) -> dict[str, Any]:
+async def verify_model(request: Request, ref: str) -> dict[str, Any]:
     registry = _registry(request)
     result: dict[str, Any] = await asyncio.to_thread(registry.store.verify, ref)
     return result
 
 
 @router.delete("/models/{ref}", summary="Remove a model (refused while a slot uses it)")
-async def remove_model(ref: str, request: Request) -> dict[str, Any]:
+async def remove_model(request: Request, ref: str) -> dict[str, Any]:
     manifest = _registry(request).remove(ref, request.app.state.manager.slots_using)
     return {"removed": manifest.ref, "freed_bytes": manifest.size}
 
 
 @router.get("/loadouts", summary="Recommended model-per-slot sets by hardware tier")
-async def list_loadouts() -> dict[str, Any]:
+async def list_loadouts(request: Request) -> dict[str, Any]:
     return {"loadouts": [lo.to_dict() for lo in loadouts.list_loadouts()]}
 
 
@@ -167,12 +168,13 @@ async def _machine_memory(request: Request) -> loadouts.MemInfo:
 
 
 @router.get("/loadouts/{name}", summary="A loadout with its memory estimate for this machine")
-async def show_loadout(name: str, request: Request) -> dict[str, Any]:
+async def show_loadout(request: Request, name: str) -> dict[str, Any]:
     return loadouts.plan_loadout(_registry(request), name, await _machine_memory(request)).to_dict()
 
 
-@router.post("/loadouts/{name}/apply", summary="Pull what is missing and assign every slot")
-async def apply_loadout(name: str, request: Request, body: ApplyRequest | None = None) -> dict[str, Any]:
+@router.post("/loadouts/{name}/apply", summary="Pull what is missing and assign every slot", body=ApplyRequest,
+             body_required=False)
+async def apply_loadout(request: Request, name: str, body: ApplyRequest | None) -> dict[str, Any]:
     manager = request.app.state.manager
 
     async def assign(slot: str, ref: str) -> None:

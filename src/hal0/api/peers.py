@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter, Request
+from starlette.requests import Request
 
+from hal0.api.routing import Router
 from hal0.peers.follow import Peers
 
-router = APIRouter(prefix="/api", tags=["peers"])
+router = Router(prefix="/api", tags=["peers"])
 
 
 @router.get("/peers", summary="Peers: status (connecting, up, down), why, and their slots")

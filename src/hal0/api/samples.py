@@ -1,5 +1,5 @@
 """The once-a-second sample of every slot (state, in flight, memory) and the gauges a scrape reads: what
-`/metrics` and `/api/stats` report, kept apart from their routes so the API starts them without FastAPI.
+`/metrics` and `/api/stats` report, kept apart from their routes so the API starts them without the management app.
 """
 
 from __future__ import annotations
