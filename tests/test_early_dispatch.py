@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import httpx
 import openai
 import pytest
 
@@ -119,8 +120,25 @@ async def test_a_held_request_goes_early_and_its_answer_waits_for_the_probe(edge
     # The slot became ready before the request counted as served: ready, then serving, then ready again.
     moves = [e.data["to"] for e in events if e.topic == "slot" and "to" in e.data]
     assert moves[-3:] == ["ready", "serving", "ready"]
-    # One sentinel, one request: the held request did not wait for the sentinel to finish before going.
-    assert tasks_computed(edge) == 2
+    # Its answer, a completion of the loaded model, stood in for the sentinel: nothing else was computed.
+    slot = edge.manager.get("primary")
+    assert slot.last_probe is not None and slot.last_probe.message == "a held request was answered"
+    assert tasks_computed(edge) == 1
+
+
+async def test_a_held_request_that_decodes_nothing_leaves_readiness_to_the_sentinel(edge_factory: Any,
+                                                                                   llama_server: str) -> None:
+    edge = await edge_factory(LlamaCppProvider(llama_server))
+    async with httpx.AsyncClient(timeout=60) as http:
+        resp = await http.post(f"{edge.url}/messages/count_tokens",
+                               json={"model": "tiny", "messages": [{"role": "user", "content": "hello"}]})
+    assert resp.status_code == 200, resp.text
+    assert resp.json()["input_tokens"] > 0
+    slot = edge.manager.get("primary")
+    assert slot.state is SlotState.READY
+    # Counting tokens proves no decode: the sentinel ran, and was the only task llama-server computed.
+    assert slot.last_probe is not None and slot.last_probe.message == "ok"
+    assert tasks_computed(edge) == 1
 
 
 async def test_a_failed_probe_drops_the_early_answer_and_explains_the_failure(edge_factory: Any,
@@ -140,9 +158,10 @@ async def test_a_failed_probe_drops_the_early_answer_and_explains_the_failure(ed
     slot = edge.manager.get("primary")
     assert slot.state is SlotState.ERROR
     assert slot.record.error is not None and slot.record.error.code == "warmup_timeout"
-    # llama-server computed the held request (it went early), and every sentinel: the answer was dropped.
+    # llama-server computed the held request (it went early and stood in for the first probe's sentinel), and
+    # the sentinel of every probe after it: the answer was dropped.
     assert provider.sentinels >= 1
-    assert tasks_computed(edge) == provider.sentinels + 1
+    assert tasks_computed(edge) == provider.sentinels
 
 
 async def test_a_held_stream_stands_in_for_the_sentinel(edge_factory: Any, llama_server: str) -> None:

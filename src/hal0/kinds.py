@@ -45,3 +45,8 @@ ENDPOINT_TYPES: dict[str, frozenset[str]] = {
     "/v1/audio/speech": frozenset({"tts"}),
     "/v1/audio/voices": frozenset({"tts"}),
 }
+
+#: The endpoints whose 200 answer is a run of the loaded model (a decode, an embedding, a synthesis, a
+#: transcription): a request on one that a cold load or an adoption held stands in for the readiness sentinel
+#: (`hal0.slots.lease`). Counting tokens and listing voices run nothing.
+INFERENCE_ENDPOINTS: frozenset[str] = frozenset(ENDPOINT_TYPES) - {"/v1/messages/count_tokens", "/v1/audio/voices"}

@@ -36,7 +36,7 @@ from hal0.errors import (
     anthropic_error_body,
     openai_error_body,
 )
-from hal0.kinds import ENDPOINT_TYPES
+from hal0.kinds import ENDPOINT_TYPES, INFERENCE_ENDPOINTS
 from hal0.metrics import Metrics
 from hal0.peers.forward import HOP_HEADER, PeerBackend
 from hal0.settings import Settings
@@ -232,7 +232,8 @@ class Dispatcher:
             await send({"type": "http.response.body", "body": out})
             return
         try:
-            await self._proxy(slot, scope, receive, send, target, body, upstream_headers, decision, rid, stream)
+            await self._proxy(slot, scope, receive, send, target, body, upstream_headers, decision, rid,
+                              path in INFERENCE_ENDPOINTS)
         except InsufficientMemory as exc:
             await self._forward(scope, receive, send, body, model, decision, rid, exc)
 
@@ -291,17 +292,17 @@ class Dispatcher:
             return BufferedResponse(resp.status, tuple(_response_headers(resp)), data)
 
     async def _proxy(self, slot: Slot, scope: Scope, receive: Receive, send: Send, target: str, body: bytes,
-                     headers: list[tuple[bytes, bytes]], decision: Decision, rid: bytes, stream: bool) -> None:
-        """Lease the slot's backend (a cold one is loaded, and the request may ride its readiness probe, a
-        `stream` in the sentinel's place: see `Lease`), send the request and relay the answer. From the moment
-        the body is read, a client that goes away cancels everything: the wait for a cold load, the wait for a
-        backend that has not answered yet (a non-streamed generation sends nothing until it is done), and the
-        relay."""
+                     headers: list[tuple[bytes, bytes]], decision: Decision, rid: bytes, stand_in: bool) -> None:
+        """Lease the slot's backend (a cold one is loaded, and the request may ride its readiness probe, one that
+        runs the model (`stand_in`) in the sentinel's place: see `Lease`), send the request and relay the answer.
+        From the moment the body is read, a client that goes away cancels everything: the wait for a cold load,
+        the wait for a backend that has not answered yet (a non-streamed generation sends nothing until it is
+        done), and the relay."""
         held = None if slot.settled else self.metrics.hold(slot.name)
         try:
             async with (_client_can_cancel(receive, decision),
                         slot.lease(self._timeout, grace_s=self.settings.cold_boot_grace_s, early=True,
-                                   stream=stream) as backend):
+                                   stand_in=stand_in) as backend):
                 resp = await backend.open(scope["method"], target, body, headers)
                 if held is not None:
                     held.release()

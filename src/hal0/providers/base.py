@@ -105,17 +105,19 @@ class Provider(Protocol):
         ...
 
 
-#: How long a probe waits for a held stream's answer before it sends its own sentinel as well (a long prompt is
-#: slow to its first token; the requests waiting for `ready` should not wait for it).
+#: How long a probe waits for a held request's answer before it sends its own sentinel as well (a long prompt is
+#: slow to a stream's first token, a long generation to a plain answer; the requests waiting for `ready` should
+#: not wait for them).
 HELD_WAIT_S = 0.5
 
 
 async def sentinel_or_held(held: Awaitable[bool] | None, sentinel: Callable[[], Awaitable[ProbeResult]],
                            wait_s: float = HELD_WAIT_S) -> ProbeResult:
-    """A probe's last step. A held stream the backend answered 200 is a real completion of the loaded model (the
-    head of a streamed answer comes with its first token), so it stands in for the sentinel, which would only
-    compete with it for the backend's first decode. The sentinel goes when each held one failed or went away,
-    or, racing them, when none was answered within `wait_s`."""
+    """A probe's last step. A held request that runs the model, answered 200, is a real run of the loaded model (a
+    stream's head comes with its first token, a plain answer's with its last), so it stands in for the sentinel,
+    which would only compete with it for the backend's first decode (or queue behind it, when the held ones fill
+    every parallel slot). The sentinel goes when each held one failed or went away, or, racing them, when none
+    was answered within `wait_s`."""
     if held is None:
         return await sentinel()
     answered: asyncio.Future[Any] = asyncio.ensure_future(held)

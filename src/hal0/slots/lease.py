@@ -22,8 +22,8 @@ if TYPE_CHECKING:
 
 
 class HeldAnswers:
-    """The streamed requests a cold load released to its backend as soon as it took requests, standing in for the
-    readiness sentinel: `answered` is True once one was answered 200, False once each of them reported that it
+    """The requests that run the model a cold load released to its backend as soon as it took requests, standing in
+    for the readiness sentinel: `answered` is True once one was answered 200, False once each of them reported that it
     will not be (the probe then sends its own sentinel). Reports of requests released later are not counted."""
 
     def __init__(self, members: set[object]) -> None:
@@ -57,17 +57,19 @@ class Lease:
     """One request's hold on a slot's backend. `early=True` lets a request held by a cold load go to the
     backend as soon as it takes requests (with only the readiness sentinel outstanding): it shares the
     backend's first decode, and `open` returns its answer only once the probe passed (the connection is
-    closed, which cancels the generation, if the load fails). A streamed one (`stream=True`) may stand in for
-    the sentinel: its answer's head comes with its first token, as real a completion as the sentinel's."""
+    closed, which cancels the generation, if the load fails). One that runs the model (`stand_in=True`: a
+    completion, a synthesis, streamed or not) may stand in for the sentinel: a 200 for it is as real a run of the
+    loaded model as the sentinel's. A stream's head comes with its first token, a plain answer's with its last;
+    the probe sends its own sentinel when none was answered in time (`sentinel_or_held`)."""
 
     def __init__(self, slot: Slot, client: HttpClient, timeout: Timeout, *,
-                 grace_s: float, early: bool = False, stream: bool = False) -> None:
+                 grace_s: float, early: bool = False, stand_in: bool = False) -> None:
         self.slot = slot
         self._client = client
         self._timeout = timeout
         self._grace_s = grace_s
         self._early = early
-        self._stand_in = early and stream
+        self._stand_in = early and stand_in
         self.cold: ColdStart | None = None
         #: True when the request went to the backend before its probe passed (see the class docstring).
         self.sent_early = False

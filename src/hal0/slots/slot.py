@@ -318,9 +318,9 @@ class Slot:
         found it up, before its sentinel request. Returns the load task then (None if the slot is already
         loaded): a request sent to the backend now shares its first decode instead of queueing behind the
         sentinel, but its sender must `join_load` the task, and release nothing of the answer, until the probe
-        passed and the slot is ready. A `stand_in` (a streamed request's token) may replace the sentinel: its
-        sender then reports with `held_answer`, once, whether the backend answered it 200. A slot being adopted
-        is waited for the same way: its probe is the load."""
+        passed and the slot is ready. A `stand_in` (a token of a request that runs the model) may replace the
+        sentinel: its sender then reports with `held_answer`, once, whether the backend answered it 200. A slot
+        being adopted is waited for the same way: its probe is the load."""
         if self.settled:
             return None
         task = self.start_load()
@@ -341,7 +341,7 @@ class Slot:
         return task
 
     def _release_held(self) -> asyncio.Future[bool] | None:
-        """The probe's `answering`: wake the held requests; the answer of one of the streams among them will do
+        """The probe's `answering`: wake the held requests; the answer of one of the stand-ins among them will do
         for the sentinel (see `sentinel_or_held`)."""
         self._held = HeldAnswers(self._stand_ins) if self._stand_ins else None
         self._answering.set()
@@ -652,9 +652,9 @@ class Slot:
                     self.name, handle.pid, status.detail or "stopped")
 
     # -- requests ----------------------------------------------------------------------------------------
-    def lease(self, timeout: Timeout, *, grace_s: float, early: bool = False, stream: bool = False) -> Lease:
+    def lease(self, timeout: Timeout, *, grace_s: float, early: bool = False, stand_in: bool = False) -> Lease:
         """The backend for one request: `async with slot.lease(...) as backend` (see `hal0.slots.lease`)."""
-        return Lease(self, self._ctx.client, timeout, grace_s=grace_s, early=early, stream=stream)
+        return Lease(self, self._ctx.client, timeout, grace_s=grace_s, early=early, stand_in=stand_in)
 
     def release_lease(self) -> None:
         self.leases -= 1
