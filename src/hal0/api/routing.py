@@ -29,6 +29,7 @@ from hal0.api.errors import (
     invalid_response,
     unexpected_response,
 )
+from hal0.datatypes import datatype
 from hal0.errors import Hal0Error
 
 log = logging.getLogger("hal0.api")
@@ -38,7 +39,7 @@ Handler = Callable[..., Awaitable[Any]]
 _TRUE, _FALSE = {"1", "true", "t", "yes", "y", "on"}, {"0", "false", "f", "no", "n", "off"}
 
 
-@dataclasses.dataclass(frozen=True)
+@datatype(frozen=True)
 class Query:
     """One query parameter: its type (`str`, `int` or `bool`), default and bounds."""
 
@@ -84,7 +85,7 @@ class Query:
         return {**own, "default": self.default}
 
 
-@dataclasses.dataclass
+@datatype
 class Route:
     method: str
     path: str
