@@ -245,6 +245,66 @@ async def test_held_reading_resumes_and_the_connection_is_reused() -> None:
         assert server.connections == 1
 
 
+async def test_gathering_ends_as_soon_as_the_server_closes_not_at_the_end_of_the_window() -> None:
+    # llama-server closes the connection right after a stream's last event: a proxy gathering events for a
+    # window must hand those on at once, or every stream's end waits out the rest of the window.
+    gathering = asyncio.Event()
+
+    async def handler(request: bytes, _: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
+        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n1\r\na\r\n")
+        await writer.drain()
+        await gathering.wait()
+        writer.write(b"1\r\nb\r\n0\r\n\r\n")
+        await writer.drain()
+        return False  # closes
+
+    async with Scripted(handler) as server, client() as c:
+        resp = await c.get(f"{server.url}/stream")
+        assert await resp.read_some() == b"a"
+        gather = asyncio.ensure_future(resp.gather(60))
+        await asyncio.sleep(0)
+        gathering.set()
+        await asyncio.wait_for(gather, 10)  # the window is 60 s
+        assert await resp.read() == b"b"
+        resp.release()
+
+
+async def test_gathering_holds_a_few_bytes_for_the_window_and_the_connection_is_reused() -> None:
+    sent = asyncio.Event()
+
+    async def handler(request: bytes, _: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
+        if request.startswith(b"GET /again"):
+            writer.write(answer(b"again"))
+            await writer.drain()
+            return True
+        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n1\r\na\r\n")
+        await writer.drain()
+        await asyncio.sleep(0.05)
+        writer.write(b"1\r\nb\r\n")
+        await writer.drain()
+        sent.set()
+        await asyncio.sleep(0.5)
+        writer.write(b"0\r\n\r\n")
+        await writer.drain()
+        return True
+
+    async with Scripted(handler) as server, client() as c:
+        resp = await c.get(f"{server.url}/stream")
+        assert await resp.read_some() == b"a"
+        gather = asyncio.ensure_future(resp.gather(0.3))
+        await sent.wait()
+        await asyncio.sleep(0.05)
+        assert not gather.done(), "a few bytes do not end the window"
+        await gather
+        assert await resp.read_some() == b"b"
+        assert await resp.read() == b""
+        resp.release()
+        # The socket wakes the client for every byte again: a short answer on the same connection is read.
+        async with c.get(f"{server.url}/again") as again:
+            assert await asyncio.wait_for(again.read(), 10) == b"again"
+        assert server.connections == 1
+
+
 async def test_the_answer_to_a_head_request_has_no_body_and_its_connection_is_not_reused() -> None:
     async def handler(request: bytes, _: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
         body = b"" if request.startswith(b"HEAD") else b"hello"

@@ -438,6 +438,10 @@ def test_streamed_tokens_are_batched_into_fewer_writes_and_none_is_lost(hal0: Ha
     assert len(writes) < len(events) / 4, (len(writes), len(events))
     # The first event leaves at once, alone: batching starts after it (time to first token is untouched).
     assert len(writes) >= 2 and b"[DONE]" not in writes[0]
+    # llama-server closes the connection after a stream's last event: the end is relayed then, not once the
+    # window is out (which would add up to a window to every stream).
+    streamed = decisions(hal0, 2, slot="primary")[0]
+    assert streamed["duration_ms"] < 1000, streamed
 
 
 # -- cold boot ----------------------------------------------------------------------------------------------

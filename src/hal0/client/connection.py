@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 from collections.abc import Callable
 from typing import Any
 
@@ -18,6 +19,10 @@ from hal0.client.errors import Disconnected, ProtocolError, ReadTimeout
 #: Bytes a response may buffer unread before the connection stops reading from the socket (the server then
 #: blocks on its send): a client that reads slowly costs the server's socket buffer, not this process's memory.
 HIGH_WATER = 4 << 20
+
+#: While an answer's bytes are gathered (`Response.gather`), the kernel wakes this process for the socket only once
+#: this many bytes wait there, or the server has closed it (SO_RCVLOWAT): ~60 streamed tokens' events.
+GATHER_BYTES = 16 << 10
 
 
 class Connection(asyncio.Protocol):
@@ -236,6 +241,39 @@ class Response:
         """The server has sent the whole body (some may still be unread)."""
         return self._complete
 
+    async def gather(self, window: float) -> None:
+        """Leave the socket unread for up to `window` seconds, so what the server sends meanwhile is read and
+        parsed (and forwarded by the caller) together: per read, a process pays a few system calls and a wake-up
+        of its event loop. The wait ends early once GATHER_BYTES wait in the socket or the server closes it, as
+        llama-server does right after a stream's last event: the kernel withholds the socket's readiness until
+        then (SO_RCVLOWAT), so the end of an answer is not held back for the rest of the window. Where the
+        option cannot be set, reading pauses for the whole window."""
+        transport = self._conn.transport
+        if self._complete or self._chunks or self._held or transport is None or transport.is_closing():
+            return
+        sock = transport.get_extra_info("socket")
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, GATHER_BYTES)
+        except (AttributeError, OSError):
+            if self.hold():
+                try:
+                    await asyncio.sleep(window)
+                finally:
+                    self.resume()
+            return
+        waiter = self._waiter = self._loop.create_future()
+        timer = self._loop.call_later(window, _settle, waiter)
+        try:
+            await waiter
+        finally:
+            timer.cancel()
+            if self._waiter is waiter:
+                self._waiter = None
+            try:  # back to waking for every byte; the kernel signals at once what waits already
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, 1)
+            except OSError:
+                self._conn.close()  # a socket whose wake-ups cannot be restored is not read again
+
     def hold(self) -> bool:
         """Stop reading the socket for a while (see `resume`); False where there is nothing to hold."""
         transport = self._conn.transport
@@ -321,6 +359,11 @@ class Response:
             raise
         finally:
             timer.cancel()
+
+
+def _settle(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_result(None)
 
 
 def _expire(waiter: asyncio.Future[None], wait_s: float) -> None:

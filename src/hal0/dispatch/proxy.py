@@ -380,7 +380,7 @@ class Dispatcher:
                     meter.feed(chunk)
                     await send({"type": "http.response.body", "body": chunk, "more_body": True})
                     if flowing and not chunk.endswith(SSE_DONE) and not resp.ended:
-                        await _gather_upstream(resp, batch)
+                        await resp.gather(batch)
                     waited_from = loop.time()
             except HttpError as exc:
                 failure = exc
@@ -505,18 +505,6 @@ def _forward_headers(scope: Scope, rid: bytes) -> list[tuple[bytes, bytes]]:
 
 def _response_headers(resp: Response) -> list[tuple[bytes, bytes]]:
     return [(k, v) for k, v in resp.headers if k not in _RESPONSE_DROP]
-
-
-async def _gather_upstream(resp: Response, window: float) -> None:
-    """Leave the backend's socket unread for `window` seconds, so the tokens it sends meanwhile are read, parsed
-    and written to the client together. Per token, a proxy spends two syscalls and a few wake-ups of its event
-    loop; on a machine whose cores all decode, that CPU comes out of the backend's tokens per second."""
-    if not resp.hold():
-        return
-    try:
-        await asyncio.sleep(window)
-    finally:
-        resp.resume()
 
 
 @contextlib.asynccontextmanager
