@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from hal0.hardware.estimate import LoadSettings, estimate, estimate_file
 from hal0.registry.gguf import read_gguf_layout
 
@@ -40,3 +42,18 @@ def test_estimate_file_reads_the_header_once(model_files: dict[str, Path]) -> No
     a = estimate_file(model_files["tiny"], LoadSettings(ctx_size=512))
     assert a == estimate_file(model_files["tiny"], LoadSettings(ctx_size=512))
     assert a.to_dict()["total_bytes"] == a.total_bytes
+
+
+def test_an_estimate_is_made_once_per_file_and_settings_and_again_for_a_replaced_file(
+        model_files: dict[str, Path], tmp_path: Path) -> None:
+    model = tmp_path / "m.gguf"
+    model.write_bytes(model_files["tiny"].read_bytes())
+    first = estimate_file(model, LoadSettings(ctx_size=512))
+    assert estimate_file(model, LoadSettings(ctx_size=512)) is first
+    assert estimate_file(model, LoadSettings(ctx_size=1024)).n_ctx > first.n_ctx
+    # Another model under the same name (a re-import, a finished pull): estimated from its own header.
+    model.write_bytes(model_files["tiny"].read_bytes() + b"\0" * 4096)
+    assert estimate_file(model, LoadSettings(ctx_size=512)) is not first
+    model.write_bytes(b"not a gguf")
+    with pytest.raises(ValueError):
+        estimate_file(model, LoadSettings(ctx_size=512))

@@ -241,9 +241,16 @@ def _layout(path: Path, mtime_ns: int, size: int) -> GGUFLayout:
     return read_gguf_layout(path)
 
 
+@functools.lru_cache(maxsize=256)
+def _estimate(path: Path, mtime_ns: int, size: int, settings: LoadSettings, baseline_bytes: int) -> MemoryEstimate:
+    return estimate(_layout(path, mtime_ns, size), settings, baseline_bytes)
+
+
 def estimate_file(model_path: Path, settings: LoadSettings,
                   baseline_bytes: int = DEFAULT_BASELINE_BYTES) -> MemoryEstimate:
-    """`estimate` for a GGUF file, its header read once per (path, mtime, size). Raises ValueError for a file
-    that is not a readable GGUF."""
+    """`estimate` for a GGUF file, its header read once per (path, mtime, size) and the estimate made once per
+    settings: admission, the slot's listing and every memory view ask again and again (~70 µs each on 2 cores),
+    one of them on a cold request's way to its first token. The estimate is shared: read it, do not change it.
+    Raises ValueError for a file that is not a readable GGUF."""
     st = model_path.stat()
-    return estimate(_layout(model_path, st.st_mtime_ns, st.st_size), settings, baseline_bytes)
+    return _estimate(model_path, st.st_mtime_ns, st.st_size, settings, baseline_bytes)
