@@ -106,7 +106,19 @@ async def restart_hal0(hal0: Hal0, slot: str, stream: bool) -> dict[str, Any]:
     served = await serves_again(hal0.url, slot, stream=stream)
     after = pids_matching(str(hal0.home))
     return {"serves_again_ms": (served - killed) * 1000, "reloaded": after != before,
-            "backend_survived": bool(before & after)}
+            "backend_survived": bool(before & after),
+            "backend_alone_ms": await backend_alone(f"http://127.0.0.1:{hal0.slot_ports[slot]}", slot, stream)}
+
+
+async def backend_alone(url: str, model: str, stream: bool) -> float:
+    """The polled request sent straight to the backend, right after the round: what of `serves_again_ms` is the
+    model's own answer (on a small machine, a large model's decode is a good part of a restart)."""
+    async with aiohttp.ClientSession() as http:
+        sent = time.perf_counter()
+        status, at = await (first_token_status if stream else small_status)(http, url, model)
+    if status != 200:
+        raise SystemExit(f"{url}: the backend answered {status}")
+    return (at - sent) * 1000
 
 
 async def restart_router(router: Router, model: str, stream: bool) -> dict[str, Any]:
@@ -191,8 +203,12 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                         print(f"{size:<5} {name:<8} SIGKILL -> serving again {spread(times):<30} ms | "
                               + ("python, asyncio, uvloop" if name == "floor" else "the same + hal0's start imports"))
                         continue
+                    alone = [r["backend_alone_ms"] for r in rows if "backend_alone_ms" in r]
+                    if alone:
+                        out[name]["backend_alone_ms"] = med(alone)
                     print(f"{size:<5} {name:<8} SIGKILL -> {what} {spread(times):<30} ms | model reloaded "
-                          f"{out[name]['reloaded']} | backend survived {out[name]['backend_survived']}")
+                          f"{out[name]['reloaded']} | backend survived {out[name]['backend_survived']}"
+                          + (f" | of it the backend's own answer {med(alone):.1f} ms" if alone else ""))
                 if before is not None:
                     # Round by round, the two trees were restarted one right after the other.
                     paired = [a["serves_again_ms"] - b["serves_again_ms"]
