@@ -8,6 +8,7 @@ import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
+import uvloop
 
 from hal0.client import ConnectFailed, Disconnected, HttpClient, ReadTimeout, Timeout
 from hal0.client.connection import HIGH_WATER
@@ -248,6 +249,64 @@ async def test_held_reading_resumes_and_the_connection_is_reused() -> None:
 async def test_gathering_ends_as_soon_as_the_server_closes_not_at_the_end_of_the_window() -> None:
     # llama-server closes the connection right after a stream's last event: a proxy gathering events for a
     # window must hand those on at once, or every stream's end waits out the rest of the window.
+    await _gathering_ends_when_the_server_closes()
+
+
+def test_gathering_ends_when_the_server_closes_on_the_api_s_own_loop() -> None:
+    # uvloop, which the API runs: the socket of a transport closed meanwhile refuses its options differently.
+    uvloop.run(_gathering_ends_when_the_server_closes())
+
+
+async def test_bytes_already_read_do_not_cut_a_gather_short() -> None:
+    # What came while the last batch was being written waits for the window with what comes next: one write.
+    async def handler(request: bytes, _: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
+        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n1\r\na\r\n")
+        await writer.drain()
+        await asyncio.sleep(0.03)
+        writer.write(b"1\r\nb\r\n")
+        await writer.drain()
+        await asyncio.sleep(0.6)
+        writer.write(b"0\r\n\r\n")
+        await writer.drain()
+        return True
+
+    async with Scripted(handler) as server, client() as c:
+        resp = await c.get(f"{server.url}/stream")
+        assert await resp.read_some() == b"a"
+        await asyncio.sleep(0.1)  # "b" is read meanwhile
+        gather = asyncio.ensure_future(resp.gather(0.3))
+        await asyncio.sleep(0.05)
+        assert not gather.done()
+        await gather
+        assert await resp.read() == b"b"
+        resp.release()
+
+
+def test_a_server_that_drops_the_connection_during_a_gather_ends_it_with_the_answer_s_error() -> None:
+    async def scenario() -> None:
+        gathering = asyncio.Event()
+
+        async def handler(request: bytes, _: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
+            writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n1\r\na\r\n")
+            await writer.drain()
+            await gathering.wait()
+            return False  # closes mid-body
+
+        async with Scripted(handler) as server, client() as c:
+            resp = await c.get(f"{server.url}/stream")
+            assert await resp.read_some() == b"a"
+            gather = asyncio.ensure_future(resp.gather(60))
+            await asyncio.sleep(0)
+            gathering.set()
+            await asyncio.wait_for(gather, 10)
+            with pytest.raises(Disconnected):
+                await resp.read()
+            resp.close()
+
+    uvloop.run(scenario())
+
+
+async def _gathering_ends_when_the_server_closes() -> None:
     gathering = asyncio.Event()
 
     async def handler(request: bytes, _: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:

@@ -249,12 +249,12 @@ class Response:
         then (SO_RCVLOWAT), so the end of an answer is not held back for the rest of the window. Where the
         option cannot be set, reading pauses for the whole window."""
         transport = self._conn.transport
-        if self._complete or self._chunks or self._held or transport is None or transport.is_closing():
+        if self._complete or self._held or transport is None or transport.is_closing():
             return
         sock = transport.get_extra_info("socket")
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, GATHER_BYTES)
-        except (AttributeError, OSError):
+        except (AttributeError, OSError, ValueError):
             if self.hold():
                 try:
                     await asyncio.sleep(window)
@@ -269,10 +269,13 @@ class Response:
             timer.cancel()
             if self._waiter is waiter:
                 self._waiter = None
-            try:  # back to waking for every byte; the kernel signals at once what waits already
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, 1)
-            except OSError:
-                self._conn.close()  # a socket whose wake-ups cannot be restored is not read again
+            # Back to waking for every byte; the kernel signals at once what waits already. A connection the
+            # server closed meanwhile has no socket left (uvloop's says so with ValueError).
+            if not self._conn.closed:
+                try:
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, 1)
+                except (OSError, ValueError):
+                    self._conn.close()  # a socket whose wake-ups cannot be restored is not read again
 
     def hold(self) -> bool:
         """Stop reading the socket for a while (see `resume`); False where there is nothing to hold."""
