@@ -59,6 +59,10 @@ class Scripted:
             writer.close()
 
 
+#: The head of a chunked answer and its first chunk, "a": a stream whose rest each test sends its own way.
+STREAM_A = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n1\r\na\r\n"
+
+
 def answer(body: bytes, *extra: bytes) -> bytes:
     return b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n%s\r\n%s" % (len(body), b"".join(x + b"\r\n" for x in extra),
                                                                     body)
@@ -227,7 +231,7 @@ async def test_a_header_with_a_line_break_is_refused_before_anything_is_sent() -
 
 async def test_held_reading_resumes_and_the_connection_is_reused() -> None:
     async def handler(request: bytes, _: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
-        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n1\r\na\r\n")
+        writer.write(STREAM_A)
         await writer.drain()
         await asyncio.sleep(0.05)
         writer.write(b"1\r\nb\r\n0\r\n\r\n")
@@ -260,7 +264,7 @@ def test_gathering_ends_when_the_server_closes_on_the_api_s_own_loop() -> None:
 async def test_bytes_already_read_do_not_cut_a_gather_short() -> None:
     # What came while the last batch was being written waits for the window with what comes next: one write.
     async def handler(request: bytes, _: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
-        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n1\r\na\r\n")
+        writer.write(STREAM_A)
         await writer.drain()
         await asyncio.sleep(0.03)
         writer.write(b"1\r\nb\r\n")
@@ -287,7 +291,7 @@ def test_a_server_that_drops_the_connection_during_a_gather_ends_it_with_the_ans
         gathering = asyncio.Event()
 
         async def handler(request: bytes, _: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
-            writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n1\r\na\r\n")
+            writer.write(STREAM_A)
             await writer.drain()
             await gathering.wait()
             return False  # closes mid-body
@@ -310,7 +314,7 @@ async def _gathering_ends_when_the_server_closes() -> None:
     gathering = asyncio.Event()
 
     async def handler(request: bytes, _: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
-        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n1\r\na\r\n")
+        writer.write(STREAM_A)
         await writer.drain()
         await gathering.wait()
         writer.write(b"1\r\nb\r\n0\r\n\r\n")
@@ -336,7 +340,7 @@ async def test_gathering_holds_a_few_bytes_for_the_window_and_the_connection_is_
             writer.write(answer(b"again"))
             await writer.drain()
             return True
-        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n1\r\na\r\n")
+        writer.write(STREAM_A)
         await writer.drain()
         await asyncio.sleep(0.05)
         writer.write(b"1\r\nb\r\n")
