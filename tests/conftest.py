@@ -10,6 +10,7 @@ import os
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import threading
@@ -22,6 +23,7 @@ from typing import Any
 
 import httpx
 import pytest
+import trustme
 
 from hal0.registry.generate import LARGE, TINY, generate_gguf, write_corrupt_gguf
 from hal0.registry.store import ModelStore
@@ -304,6 +306,22 @@ class SlowHub:
 
 @pytest.fixture
 def slow_hub(model_files: dict[str, Path]) -> Iterator[SlowHub]:
+    yield from _hub(model_files)
+
+
+@pytest.fixture
+def https_hub(model_files: dict[str, Path], tmp_path: Path) -> Iterator[tuple[SlowHub, Path]]:
+    """The hub over TLS, at full speed, with its certificate authority's PEM (for `SSL_CERT_FILE`)."""
+    ca = trustme.CA()
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1").configure_cert(context)
+    ca.cert_pem.write_to_path(str(tmp_path / "hub-ca.pem"))
+    for hub in _hub(model_files, context):
+        hub.rate = 50_000_000
+        yield hub, tmp_path / "hub-ca.pem"
+
+
+def _hub(model_files: dict[str, Path], tls: ssl.SSLContext | None = None) -> Iterator[SlowHub]:
     data = model_files["tiny"].read_bytes()
     digest = hashlib.sha256(data).hexdigest()
     hub = SlowHub("", data, rate=20_000)
@@ -339,7 +357,9 @@ def slow_hub(model_files: dict[str, Path]) -> Iterator[SlowHub]:
 
     server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     server.daemon_threads = True
-    hub.url = f"http://127.0.0.1:{server.server_address[1]}"
+    if tls is not None:
+        server.socket = tls.wrap_socket(server.socket, server_side=True)
+    hub.url = f"{'https' if tls else 'http'}://127.0.0.1:{server.server_address[1]}"
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     yield hub

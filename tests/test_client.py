@@ -5,9 +5,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import ssl
+import subprocess
+import sys
+import textwrap
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 
 import pytest
+import trustme
 import uvloop
 
 from hal0.client import ConnectFailed, Disconnected, HttpClient, ReadTimeout, Timeout
@@ -20,15 +27,16 @@ class Scripted:
     """A server whose handler sees each request (head and body) and writes the answer; it returns whether the
     connection stays open for the next request."""
 
-    def __init__(self, handler: Handler) -> None:
+    def __init__(self, handler: Handler, tls: ssl.SSLContext | None = None) -> None:
         self.handler = handler
+        self.tls = tls
         self.connections = 0
         self.requests: list[bytes] = []
         self.port = 0
         self._server: asyncio.Server | None = None
 
     async def __aenter__(self) -> Scripted:
-        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0, ssl=self.tls)
         self.port = self._server.sockets[0].getsockname()[1]
         return self
 
@@ -40,7 +48,7 @@ class Scripted:
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"{'https' if self.tls else 'http'}://127.0.0.1:{self.port}"
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.connections += 1
@@ -381,3 +389,91 @@ async def test_the_answer_to_a_head_request_has_no_body_and_its_connection_is_no
         async with c.get(f"{server.url}/") as resp:
             assert await resp.read() == b"hello"
         assert server.connections == 2
+
+
+# -- TLS (an https peer) ---------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tls_ca() -> trustme.CA:
+    return trustme.CA()
+
+
+def tls_server_context(ca: trustme.CA) -> ssl.SSLContext:
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1").configure_cert(context)
+    return context
+
+
+async def test_https_is_spoken_over_asyncios_tls_protocol_and_kept_alive(
+        tls_ca: trustme.CA, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    async def ok(request: bytes, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
+        writer.write(answer(b"over tls"))
+        return True
+
+    tls_ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
+    monkeypatch.setenv("SSL_CERT_FILE", str(tmp_path / "ca.pem"))  # what create_default_context trusts
+    async with Scripted(ok, tls_server_context(tls_ca)) as server, client() as c:
+        for _ in range(2):
+            async with await c.get(server.url + "/x") as resp:
+                assert (resp.status, await resp.read()) == (200, b"over tls")
+    assert server.connections == 1
+    assert server.requests[0].startswith(b"GET /x HTTP/1.1\r\n")
+
+
+async def test_a_certificate_for_another_name_is_refused_at_connect(
+        tls_ca: trustme.CA, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    async def ok(request: bytes, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
+        writer.write(answer(b"never"))
+        return True
+
+    tls_ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
+    monkeypatch.setenv("SSL_CERT_FILE", str(tmp_path / "ca.pem"))
+    async with Scripted(ok, tls_server_context(tls_ca)) as server, client() as c:
+        with pytest.raises(ConnectFailed, match=r"localhost:\d+: .*CERTIFICATE_VERIFY_FAILED.*localhost"):
+            await c.get(f"https://localhost:{server.port}/x")
+    assert server.requests == []
+
+
+#: A process that imports its event loop as `hal0 serve` does (hal0.eventloop), then asks for the server's URL
+#: twice over TLS and prints what it got.
+_NO_SSL_CLIENT = textwrap.dedent("""
+    import sys
+    from hal0.eventloop import import_without_ssl
+    assert import_without_ssl()
+    import asyncio, uvloop
+    assert "ssl" not in sys.modules, "ssl imported with the event loop"
+    from hal0.client import HttpClient
+
+    async def main():
+        import ssl
+        try:  # uvloop's own TLS is the stand-in's: proof that hal0's does not go through it
+            await asyncio.get_running_loop().create_connection(asyncio.Protocol, "127.0.0.1", int(sys.argv[2]),
+                                                               ssl=ssl.create_default_context())
+        except RuntimeError as exc:
+            print("uvloop tls:", type(exc).__name__)
+        c = HttpClient()
+        for _ in range(2):
+            async with await c.get(sys.argv[1]) as resp:
+                print(resp.status, (await resp.read()).decode())
+        await c.close()
+
+    uvloop.run(main())
+""")
+
+
+async def test_https_works_in_a_process_whose_event_loop_was_imported_without_ssl(
+        tls_ca: trustme.CA, tmp_path: Path) -> None:
+    async def ok(request: bytes, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
+        writer.write(answer(b"over tls"))
+        return True
+
+    tls_ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
+    async with Scripted(ok, tls_server_context(tls_ca)) as server:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-c", _NO_SSL_CLIENT, server.url + "/x", str(server.port),
+            env={**os.environ, "SSL_CERT_FILE": str(tmp_path / "ca.pem")},
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        out, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode == 0, err.decode()
+    assert out.decode().splitlines() == [
+        "uvloop tls: UvloopTLSUnavailable", "200 over tls", "200 over tls"]
+    assert server.connections == 1  # one kept-alive TLS connection

@@ -91,6 +91,9 @@ def cmd_serve(args: argparse.Namespace | SimpleNamespace) -> int:
     import gc
     import logging
 
+    from hal0.eventloop import import_without_ssl
+
+    import_without_ssl()  # before anything imports asyncio: ~10 ms and ~4.5 MB that `/v1` never uses
     from hal0.server import listen
 
     settings = load_settings(overrides={"host": args.host, "port": args.port})

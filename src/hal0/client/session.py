@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 from hal0.client.connection import Connection, Response
 from hal0.client.errors import ConnectFailed, ConnectTimeout, Disconnected
 from hal0.datatypes import datatype
+from hal0.eventloop import tls_protocol
 
 if TYPE_CHECKING:
     import ssl as _ssl_types
@@ -114,15 +115,27 @@ class HttpClient:
         if deadline is not None:
             left = deadline - loop.time()
             limit = left if limit is None else min(limit, left)
-        ssl = self._ssl_context() if scheme == "https" else None
+        # TLS through asyncio's protocol over a plain connection, not the loop's `ssl=`: the API imports uvloop
+        # without ssl (hal0.eventloop), and this way works on every loop.
+        handshake: asyncio.Future[None] | None = None
+        protocol: asyncio.BaseProtocol = conn
+        if scheme == "https":
+            handshake = loop.create_future()
+            protocol = tls_protocol(loop, conn, self._ssl_context(), host, handshake)
+        transport: asyncio.BaseTransport | None = None
         try:
             async with asyncio.timeout(limit):
-                await loop.create_connection(lambda: conn, host, port, ssl=ssl,
-                                             server_hostname=host if ssl is not None else None)
+                transport, _ = await loop.create_connection(lambda: protocol, host, port)
+                if handshake is not None:
+                    await handshake
         except TimeoutError:
             conn.close()
+            if transport is not None:
+                transport.close()
             raise ConnectTimeout(f"{host}:{port} did not take the connection within {limit:.3g}s") from None
         except OSError as exc:
+            if transport is not None:
+                transport.close()
             raise ConnectFailed(f"cannot connect to {host}:{port}: {exc.strerror or exc}") from exc
         self._open.add(conn)
         return conn
