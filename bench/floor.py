@@ -1,8 +1,9 @@
 """The floor of a Python control plane's restart: a process that binds its port, imports asyncio and uvloop (what
-hal0's edge runs on, where installed), and answers every request 200 at once. With `--hal0-imports` it also imports
-hal0's start path (`hal0.cli`, `hal0.server`, `hal0.api.app`) before it answers, and does nothing else of a start
-(no settings, no adoption). `bench.restart` times both from the spawn to the first answer, beside hal0 itself, so
-a restart's figure splits into the interpreter with its event loop, hal0's imports, and the rest of hal0's start.
+hal0's edge runs on, where installed; without ssl, as hal0 does), and answers every request 200 at once. With
+`--hal0-imports` it also imports hal0's start path (`hal0.cli`, `hal0.server`, `hal0.api.app`) before it
+answers, and does nothing else of a start (no settings, no adoption). `bench.restart` times both from the spawn
+to the first answer, beside hal0 itself, so a restart's figure splits into the interpreter with its event loop,
+hal0's imports, and the rest of hal0's start.
 
 Run by `bench.restart` as `python bench/floor.py PORT [--hal0-imports]` (a path, not `-m`: nothing of the bench
 package is imported).
@@ -17,6 +18,13 @@ sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
 sock.bind(("127.0.0.1", port))
 sock.listen(128)
 
+# The event loop without ssl, as `hal0 serve` imports it (hal0.eventloop); the plain imports where hal0 is not.
+try:
+    from hal0.eventloop import import_without_ssl
+
+    import_without_ssl()
+except ImportError:
+    pass
 import asyncio  # noqa: E402 - after the bind, as hal0 does: a client waits in the backlog meanwhile
 from typing import Any  # noqa: E402
 
