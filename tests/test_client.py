@@ -397,21 +397,25 @@ def tls_ca() -> trustme.CA:
     return trustme.CA()
 
 
-def tls_server_context(ca: trustme.CA) -> ssl.SSLContext:
+async def over_tls(request: bytes, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
+    writer.write(answer(b"over tls"))
+    return True
+
+
+@pytest.fixture
+def tls_server(tls_ca: trustme.CA, tmp_path: Path) -> tuple[Scripted, Path]:
+    """A server with a certificate for 127.0.0.1 that answers "over tls", and its CA's PEM (`SSL_CERT_FILE`)."""
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    ca.issue_cert("127.0.0.1").configure_cert(context)
-    return context
+    tls_ca.issue_cert("127.0.0.1").configure_cert(context)
+    tls_ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
+    return Scripted(over_tls, context), tmp_path / "ca.pem"
 
 
 async def test_https_is_spoken_over_asyncios_tls_protocol_and_kept_alive(
-        tls_ca: trustme.CA, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    async def ok(request: bytes, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
-        writer.write(answer(b"over tls"))
-        return True
-
-    tls_ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
-    monkeypatch.setenv("SSL_CERT_FILE", str(tmp_path / "ca.pem"))  # what create_default_context trusts
-    async with Scripted(ok, tls_server_context(tls_ca)) as server, client() as c:
+        tls_server: tuple[Scripted, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    scripted, ca = tls_server
+    monkeypatch.setenv("SSL_CERT_FILE", str(ca))  # what create_default_context trusts
+    async with scripted as server, client() as c:
         for _ in range(2):
             async with await c.get(server.url + "/x") as resp:
                 assert (resp.status, await resp.read()) == (200, b"over tls")
@@ -420,14 +424,10 @@ async def test_https_is_spoken_over_asyncios_tls_protocol_and_kept_alive(
 
 
 async def test_a_certificate_for_another_name_is_refused_at_connect(
-        tls_ca: trustme.CA, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    async def ok(request: bytes, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
-        writer.write(answer(b"never"))
-        return True
-
-    tls_ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
-    monkeypatch.setenv("SSL_CERT_FILE", str(tmp_path / "ca.pem"))
-    async with Scripted(ok, tls_server_context(tls_ca)) as server, client() as c:
+        tls_server: tuple[Scripted, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    scripted, ca = tls_server
+    monkeypatch.setenv("SSL_CERT_FILE", str(ca))
+    async with scripted as server, client() as c:
         with pytest.raises(ConnectFailed, match=r"localhost:\d+: .*CERTIFICATE_VERIFY_FAILED.*localhost"):
             await c.get(f"https://localhost:{server.port}/x")
     assert server.requests == []
@@ -461,19 +461,13 @@ _NO_SSL_CLIENT = textwrap.dedent("""
 
 
 async def test_https_works_in_a_process_whose_event_loop_was_imported_without_ssl(
-        tls_ca: trustme.CA, tmp_path: Path) -> None:
-    async def ok(request: bytes, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
-        writer.write(answer(b"over tls"))
-        return True
-
-    tls_ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
-    async with Scripted(ok, tls_server_context(tls_ca)) as server:
+        tls_server: tuple[Scripted, Path]) -> None:
+    scripted, ca = tls_server
+    async with scripted as server:
         proc = await asyncio.create_subprocess_exec(
             sys.executable, "-c", _NO_SSL_CLIENT, server.url + "/x", str(server.port),
-            env={**os.environ, "SSL_CERT_FILE": str(tmp_path / "ca.pem")},
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+            env={**os.environ, "SSL_CERT_FILE": str(ca)}, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         out, err = await asyncio.wait_for(proc.communicate(), 60)
     assert proc.returncode == 0, err.decode()
-    assert out.decode().splitlines() == [
-        "uvloop tls: UvloopTLSUnavailable", "200 over tls", "200 over tls"]
+    assert out.decode().splitlines() == ["uvloop tls: UvloopTLSUnavailable", "200 over tls", "200 over tls"]
     assert server.connections == 1  # one kept-alive TLS connection
