@@ -11,6 +11,8 @@ import argparse
 import asyncio
 import json
 import os
+import subprocess
+import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -25,6 +27,7 @@ from bench.common import (
     LiteLLM,
     Router,
     concurrently,
+    free_port,
     make_models,
     med,
     pct,
@@ -33,11 +36,41 @@ from bench.common import (
     save,
     session,
     timed_small,
+    wait_http,
 )
 
 SLOT = "primary"
 #: Issue 18's targets: each against direct and router mode in the same run.
 TARGETS = {"p50_added_ms_c1": 0.5, "stream_ratio": 0.97}
+
+
+class Relay:
+    """`bench/relay.py` in front of the backend: bytes relayed on uvloop, no HTTP. The floor of what a Python
+    proxy adds, measured beside hal0."""
+
+    FILE = Path(__file__).with_name("relay.py")
+
+    def __init__(self, backend: str) -> None:
+        self.port = free_port()
+        self.argv = [sys.executable, str(self.FILE), str(self.port), backend.rsplit(":", 1)[1]]
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def spawn(self) -> subprocess.Popen[bytes]:
+        self.proc = subprocess.Popen(self.argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        return self.proc
+
+    async def start(self) -> Relay:
+        await wait_http(f"{self.url}/health", self.spawn(), timeout=30)
+        return self
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(30)
 
 
 @dataclass
@@ -48,7 +81,7 @@ class Rig:
 
     hal0: Hal0
     paths: dict[str, tuple[str, str]]
-    peers: list[Router | LiteLLM] = field(default_factory=list)
+    peers: list[Relay | Router | LiteLLM] = field(default_factory=list)
 
 
 async def start_rig(home: Path, peers: bool = True) -> Rig:
@@ -56,6 +89,9 @@ async def start_rig(home: Path, peers: bool = True) -> Rig:
     hal0 = await Hal0(home / "hal0", {"tiny": models["tiny-a"]}, {SLOT: "tiny"}).start()
     backend = await hal0.load(SLOT)
     rig = Rig(hal0, {"direct": (f"http://127.0.0.1:{backend}", SLOT), "hal0": (hal0.url, SLOT)})
+    relay = await Relay(rig.paths["direct"][0]).start()
+    rig.peers.append(relay)
+    rig.paths["relay"] = (relay.url, SLOT)
     if peers:
         # The router loads its own child llama-server with the same binary and the same model file.
         router = await Router(home, {"tiny": models["tiny-a"]}).start()
@@ -168,7 +204,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="hal0-bench-") as tmp:
         rig = await start_rig(Path(tmp), peers=not args.no_peers)
         try:
-            peers = [f"{n} {url}" for n, (url, _) in rig.paths.items() if n not in ("direct", "hal0")]
+            peers = [f"{n} {url}" for n, (url, _) in rig.paths.items() if n not in ("direct", "hal0", "relay")]
             print(f"hal0 {rig.hal0.url} -> llama-server {rig.paths['direct'][0]}; peers: "
                   f"{', '.join(peers) or 'none'}; {os.cpu_count()} cores, load {os.getloadavg()[0]:.1f}")
             results: dict[str, Any] = {}
@@ -176,6 +212,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             results["c1"] = report_latency("small request, c=1",
                                            await latency(rig, 1, args.rounds, args.requests, per_round))
             results["c1_round_p50s"] = per_round
+            over = results["c1"]["hal0"]["p50_ms"] - results["c1"]["relay"]["p50_ms"]
+            print(f"{'':<22} hal0 over the relay (hal0's own work): p50 {over:+.2f} ms")
+            results["c1"]["hal0"]["p50_over_relay_ms"] = over
             results["c32"] = report_latency("small request, c=32",
                                             await latency(rig, 32, args.rounds, max(1, args.requests // 16)))
             # c=4 is llama-server's default --parallel: every stream decodes at once on every path, so this one
