@@ -12,6 +12,7 @@ own TLS is the stand-in's for good, so TLS is made with asyncio's TLS protocol o
 
 from __future__ import annotations
 
+import functools
 import sys
 import types
 from typing import TYPE_CHECKING, Any
@@ -44,7 +45,7 @@ def _uvloop_stand_in() -> types.ModuleType:
         setattr(mod, name, value)
     for name in _UVLOOP_ERRORS:
         setattr(mod, name, type(name, (OSError,), {"__module__": __name__}))
-    # No context is ever an instance of this class: uvloop refuses `ssl=` with its own TypeError.
+    # No context is an instance of this class; uvloop's `ssl=` ends in MemoryBIO or create_default_context.
     mod.SSLContext = type("SSLContext", (), {"__module__": __name__})  # type: ignore[attr-defined]
     mod.MemoryBIO = _no_uvloop_tls  # type: ignore[attr-defined]
     mod.create_default_context = _no_uvloop_tls  # type: ignore[attr-defined]
@@ -78,25 +79,20 @@ def import_without_ssl() -> bool:
     return "ssl" not in sys.modules
 
 
-_sslproto: Any = None
-
-
+@functools.cache
 def _asyncio_with_ssl() -> Any:
     """asyncio's TLS protocol module, with the real `ssl` in the asyncio modules that were imported without it."""
-    global _sslproto
-    if _sslproto is None:
-        import asyncio.sslproto
-        import importlib
-        import ssl
+    import asyncio.sslproto
+    import importlib
+    import ssl
 
-        for name, mod in list(sys.modules.items()):
-            if name.startswith("asyncio.") and mod is not None and getattr(mod, "ssl", ssl) is None:
-                if name == "asyncio.sslproto":  # names it builds from ssl's at import (SSLAgainErrors, ...)
-                    importlib.reload(mod)
-                else:
-                    mod.__dict__["ssl"] = ssl
-        _sslproto = asyncio.sslproto
-    return _sslproto
+    for name, mod in list(sys.modules.items()):
+        if name.startswith("asyncio.") and mod is not None and getattr(mod, "ssl", ssl) is None:
+            if name == "asyncio.sslproto":  # names it builds from ssl's at import (SSLAgainErrors, ...)
+                importlib.reload(mod)
+            else:
+                mod.__dict__["ssl"] = ssl
+    return asyncio.sslproto
 
 
 def tls_protocol(loop: asyncio.AbstractEventLoop, protocol: asyncio.BaseProtocol, context: ssl.SSLContext,
