@@ -471,3 +471,29 @@ async def test_https_works_in_a_process_whose_event_loop_was_imported_without_ss
     assert proc.returncode == 0, err.decode()
     assert out.decode().splitlines() == ["uvloop tls: UvloopTLSUnavailable", "200 over tls", "200 over tls"]
     assert server.connections == 1  # one kept-alive TLS connection
+
+
+async def test_a_request_cancelled_during_the_tls_handshake_closes_its_connection() -> None:
+    # A server that takes the connection and never answers the handshake: the client gives up (its caller's
+    # cancel), and the half-made TLS connection must not be left open.
+    connected, closed = asyncio.Event(), asyncio.Event()
+
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        connected.set()
+        while await reader.read(65536):
+            pass
+        closed.set()
+        writer.close()
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        async with client() as c:
+            request = asyncio.ensure_future(c.get(f"https://127.0.0.1:{port}/x"))
+            await asyncio.wait_for(connected.wait(), 5)
+            request.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await request
+            await asyncio.wait_for(closed.wait(), 5)
+    finally:
+        server.close()

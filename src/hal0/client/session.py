@@ -128,15 +128,15 @@ class HttpClient:
                 transport, _ = await loop.create_connection(lambda: protocol, host, port)
                 if handshake is not None:
                     await handshake
-        except TimeoutError:
+        except BaseException as exc:  # a timeout, a refusal, a failed handshake, the caller's cancel
             conn.close()
-            if transport is not None:
+            if transport is not None:  # connected, the handshake not done: the plain connection is closed too
                 transport.close()
-            raise ConnectTimeout(f"{host}:{port} did not take the connection within {limit:.3g}s") from None
-        except OSError as exc:
-            if transport is not None:
-                transport.close()
-            raise ConnectFailed(f"cannot connect to {host}:{port}: {exc.strerror or exc}") from exc
+            if isinstance(exc, TimeoutError):
+                raise ConnectTimeout(f"{host}:{port} did not take the connection within {limit:.3g}s") from None
+            if isinstance(exc, OSError):
+                raise ConnectFailed(f"cannot connect to {host}:{port}: {exc.strerror or exc}") from exc
+            raise
         self._open.add(conn)
         return conn
 
