@@ -660,3 +660,46 @@ def test_a_backend_killed_mid_stream_ends_the_stream_with_an_error_event(big: Ha
     assert error["code"] == "backend_exited"
     assert "SIGKILL" in error["message"] or "-9" in error["message"] or "signal" in error["message"]
     assert decision_for(big, "kill-me")["outcome"] == "backend_failed"
+
+
+# -- a client that goes away, seen with and without hal0's server -------------------------------------------
+@pytest.mark.parametrize("extension", [True, False], ids=["hal0-server", "other-server"])
+async def test_a_client_gone_mid_block_ends_it_quietly_as_client_disconnected(extension: bool) -> None:
+    """Under hal0's server its disconnect extension cancels the block (no task waits on `receive`); under another
+    ASGI server a watcher task waits for `http.disconnect`. Either way the block ends as `client_disconnected`, the
+    handler is not left cancelled, and nothing is left watching."""
+    from hal0.dispatch.decisions import Decision
+    from hal0.dispatch.proxy import _ClientCanCancel
+    from hal0.server.connection import DISCONNECT
+
+    loop = asyncio.get_running_loop()
+    gone = asyncio.Event()
+    watchers: list[Callable[[], None]] = []
+
+    async def receive() -> dict[str, Any]:
+        await gone.wait()
+        return {"type": "http.disconnect"}
+
+    scope: dict[str, Any] = {}
+    if extension:
+        scope["extensions"] = {DISCONNECT: {"watch": watchers.append, "unwatch": watchers.remove}}
+    decision = Decision(request_id="r", endpoint="/v1/chat/completions", model="m")
+    before = len(asyncio.all_tasks())
+
+    async def handler() -> str:
+        async with _ClientCanCancel(scope, receive, decision):
+            if extension:
+                assert len(watchers) == 1
+                loop.call_later(0.05, watchers[0])
+            else:
+                loop.call_later(0.05, gone.set)
+            await asyncio.sleep(30)
+        await asyncio.sleep(0)  # the handler goes on: the cancellation was taken back
+        return "went on"
+
+    task = asyncio.create_task(handler())
+    async with asyncio.timeout(5):
+        assert await task == "went on"
+    assert task.cancelling() == 0
+    assert decision.outcome == "client_disconnected"
+    assert watchers == [] and len(asyncio.all_tasks()) == before

@@ -12,7 +12,7 @@ import httpx
 import pytest
 
 from hal0.server import HIGH_WATER, MAX_HEAD_BYTES, STARTUP_FAILED, Server, listen
-from hal0.server.connection import _STATUS_LINES, status_line
+from hal0.server.connection import _STATUS_LINES, DISCONNECT, status_line
 
 Message = dict[str, Any]
 Receive = Callable[[], Awaitable[Message]]
@@ -210,6 +210,45 @@ async def test_a_client_that_goes_away_is_seen_by_the_app_as_a_disconnect() -> N
             await reader.readuntil(b"first")
             writer.close()
             assert await seen.get() == "http.disconnect"
+
+
+async def test_the_disconnect_extension_calls_back_once_when_the_client_goes_and_not_after_unwatch() -> None:
+    calls: list[str] = []
+    watching = asyncio.Event()
+
+    async def app(scope: dict[str, Any], receive: Receive, send: Send) -> None:
+        await read_body(receive)
+        extension = scope["extensions"][DISCONNECT]
+        extension["watch"](lambda: calls.append("watched"))
+        taken_back = lambda: calls.append("taken back")  # noqa: E731
+        extension["watch"](taken_back)
+        extension["unwatch"](taken_back)
+        watching.set()
+        if scope["path"] == "/answered":
+            await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]})
+            await send({"type": "http.response.body", "body": b"ok"})
+            return
+        await asyncio.sleep(30)  # no `receive`: only the extension can tell the client went
+
+    async with serving(app) as (_, port, _task):
+        # A complete answer is not a disconnect: closing the kept-alive connection after it calls nothing.
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET /answered HTTP/1.1\r\nHost: x\r\n\r\n")
+        async with asyncio.timeout(5):
+            await reader.readuntil(b"ok")
+        writer.close()
+        await asyncio.sleep(0.1)
+        assert calls == []
+        watching.clear()
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET /waits HTTP/1.1\r\nHost: x\r\n\r\n")
+        async with asyncio.timeout(5):
+            await watching.wait()
+            writer.close()
+            while not calls:
+                await asyncio.sleep(0.01)
+        await asyncio.sleep(0.1)
+        assert calls == ["watched"]
 
 
 async def test_a_failing_app_gets_500_before_its_answer_and_a_closed_connection_after() -> None:

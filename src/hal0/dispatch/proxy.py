@@ -14,7 +14,8 @@ import logging
 import os
 import re
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
+from collections.abc import Awaitable, Callable, MutableMapping
+from types import TracebackType
 from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import parse_qs
 
@@ -39,6 +40,7 @@ from hal0.errors import (
 from hal0.kinds import ENDPOINT_TYPES, INFERENCE_ENDPOINTS
 from hal0.metrics import Metrics
 from hal0.peers.forward import HOP_HEADER, PeerBackend
+from hal0.server.connection import DISCONNECT
 from hal0.settings import Settings
 from hal0.slots.manager import SlotManager
 from hal0.slots.slot import Slot
@@ -254,7 +256,7 @@ class Dispatcher:
         target = path + (f"?{query.decode('latin-1')}" if query else "")
         headers = _forward_headers(scope, rid)
         refused: list[dict[str, str]] = []
-        async with _client_can_cancel(receive, decision):
+        async with _ClientCanCancel(scope, receive, decision):
             for pick in picks:
                 view = self.peers.views[pick.slot.node]
                 backend = PeerBackend(self.client, view.config, pick.slot, self._timeout)
@@ -300,7 +302,7 @@ class Dispatcher:
         done), and the relay."""
         held = None if slot.settled else self.metrics.hold(slot.name)
         try:
-            async with (_client_can_cancel(receive, decision),
+            async with (_ClientCanCancel(scope, receive, decision),
                         slot.lease(self._timeout, grace_s=self.settings.cold_boot_grace_s, early=True,
                                    stand_in=stand_in) as backend):
                 resp = await backend.open(scope["method"], target, body, headers)
@@ -507,33 +509,52 @@ def _response_headers(resp: Response) -> list[tuple[bytes, bytes]]:
     return [(k, v) for k, v in resp.headers if k not in _RESPONSE_DROP]
 
 
-@contextlib.asynccontextmanager
-async def _client_can_cancel(receive: Receive, decision: Decision) -> AsyncIterator[None]:
+class _ClientCanCancel:
     """From here on a client that goes away cancels what the block waits for (a cold load, a backend or peer that
-    has not answered yet, the relay): the cancellation ends the block quietly as `client_disconnected`."""
-    handler = asyncio.current_task()
-    assert handler is not None
-    gone = asyncio.Event()
-    watcher = asyncio.ensure_future(_cancel_on_disconnect(receive, handler, gone))
-    try:
-        yield
-    except asyncio.CancelledError:
-        if not gone.is_set():
-            raise
-        handler.uncancel()
-        decision.outcome = "client_disconnected"
-    finally:
-        if not watcher.done():
-            watcher.cancel()
+    has not answered yet, the relay): the cancellation ends the block quietly as `client_disconnected`. hal0's
+    server says when the client goes (its `DISCONNECT` extension); under another server a task waits on `receive`
+    for `http.disconnect`."""
+
+    def __init__(self, scope: Scope, receive: Receive, decision: Decision) -> None:
+        self._receive = receive
+        self._decision = decision
+        self._extension: dict[str, Callable[[Callable[[], None]], None]] | None = scope.get(
+            "extensions", {}).get(DISCONNECT)
+        self._handler: asyncio.Task[Any] | None = None
+        self._watcher: asyncio.Task[None] | None = None
+        self._gone = False
+
+    async def __aenter__(self) -> None:
+        self._handler = asyncio.current_task()
+        if self._extension is not None:
+            self._extension["watch"](self._went)
+        else:
+            self._watcher = asyncio.ensure_future(self._wait_for_disconnect())
+
+    def _went(self) -> None:
+        self._gone = True
+        assert self._handler is not None
+        self._handler.cancel()
+
+    async def _wait_for_disconnect(self) -> None:
+        while (await self._receive())["type"] != "http.disconnect":
+            pass
+        self._went()
+
+    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                        tb: TracebackType | None) -> bool:
+        swallow = exc_type is asyncio.CancelledError and self._gone
+        if swallow:
+            assert self._handler is not None
+            self._handler.uncancel()
+            self._decision.outcome = "client_disconnected"
+        if self._extension is not None:
+            self._extension["unwatch"](self._went)
+        elif self._watcher is not None and not self._watcher.done():
+            self._watcher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await watcher
-
-
-async def _cancel_on_disconnect(receive: Receive, handler: asyncio.Task[Any], gone: asyncio.Event) -> None:
-    while (await receive())["type"] != "http.disconnect":
-        pass
-    gone.set()
-    handler.cancel()
+                await self._watcher
+        return swallow
 
 
 def _query_model(scope: Scope) -> str:

@@ -37,6 +37,10 @@ MAX_HEAD_BYTES = 64 * 1024
 _BAD_NAME = re.compile(b'[\x00-\x1f\x7f()<>@,;:\\[\\]={} \t\\\\"]')
 _BAD_VALUE = re.compile(b"[\x00-\x08\x0a-\x1f\x7f]")
 ASGI = {"version": "3.0", "spec_version": "2.3"}
+#: The scope extension through which an app learns that the client went away without a task that waits on
+#: `receive` for `http.disconnect`: `scope["extensions"][DISCONNECT]["watch"](callback)` calls `callback` once,
+#: when the client goes before the response is complete; `["unwatch"](callback)` takes it back.
+DISCONNECT = "hal0.disconnect"
 
 
 #: The status lines of the answers hal0 gives itself and most often relays, worded as `http.HTTPStatus` words them
@@ -320,6 +324,23 @@ class Exchange:
         self._left: int | None = None  # content-length bytes still to send
         self._head_only = scope["method"] == "HEAD"
         self._pending: bytes | None = None  # the response head, not written yet
+        self._watchers: list[Callable[[], None]] = []
+        scope["extensions"] = {DISCONNECT: {"watch": self.watch_disconnect, "unwatch": self.unwatch_disconnect}}
+
+    def watch_disconnect(self, callback: Callable[[], None]) -> None:
+        """Call `callback` once the client goes away before the response is complete (soon, if it is gone)."""
+        if self.disconnected:
+            self.conn.loop.call_soon(self._call_if_watched, callback)
+        self._watchers.append(callback)
+
+    def unwatch_disconnect(self, callback: Callable[[], None]) -> None:
+        if callback in self._watchers:
+            self._watchers.remove(callback)
+
+    def _call_if_watched(self, callback: Callable[[], None]) -> None:
+        if callback in self._watchers:
+            self._watchers.remove(callback)
+            callback()
 
     def wake(self) -> None:
         waiters, self._waiters = self._waiters, []
@@ -330,6 +351,9 @@ class Exchange:
     def lost(self) -> None:
         if not self.complete:
             self.disconnected = True
+            watchers, self._watchers = self._watchers, []
+            for callback in watchers:
+                callback()
         self.wake()
 
     async def run(self, app: App) -> None:
@@ -471,4 +495,4 @@ def _address(info: Any) -> tuple[str, int] | None:
     return None
 
 
-__all__ = ["ASGI", "HIGH_WATER", "MAX_HEAD_BYTES", "App", "Connection", "Exchange", "date_header"]
+__all__ = ["ASGI", "DISCONNECT", "HIGH_WATER", "MAX_HEAD_BYTES", "App", "Connection", "Exchange", "date_header"]
