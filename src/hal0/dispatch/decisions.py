@@ -75,6 +75,9 @@ class DecisionLog:
         self._lock = threading.Lock()
         path.parent.mkdir(parents=True, exist_ok=True)
         self._fh: IO[str] = path.open("a", encoding="utf-8")
+        #: The file's size, counted as lines are written (they are ASCII: `json.dumps` escapes the rest), not asked
+        #: of the file: `tell` is a flush and a seek on every request.
+        self._size = self._fh.tell()
         self._load_tail()
 
     def _load_tail(self) -> None:
@@ -102,11 +105,12 @@ class DecisionLog:
                     self._fh.write("\n")
                     self._fh.flush()
                     self._torn = False
+                    self._size = self._fh.tell()
                 while self._unwritten:
                     self._fh.write(self._unwritten[0])
                     self._fh.flush()
-                    self._unwritten.popleft()
-                if self._fh.tell() >= self._max_bytes:
+                    self._size += len(self._unwritten.popleft())
+                if self._size >= self._max_bytes:
                     self._rotate()
             except OSError as exc:
                 self._reopen()
@@ -139,6 +143,7 @@ class DecisionLog:
                 os.replace(older, self.path.with_name(f"{self.path.name}.{i + 1}"))
         os.replace(self.path, self.path.with_name(f"{self.path.name}.1"))
         self._fh = self.path.open("a", encoding="utf-8")
+        self._size = self._fh.tell()
 
     def query(self, *, slot: str | None = None, endpoint: str | None = None, outcome: str | None = None,
               limit: int = 100) -> list[dict[str, Any]]:
