@@ -43,11 +43,12 @@ class Resolution:
 
 
 def _matches(slot: Slot, model: str) -> str | None:
-    if slot.name == model:
+    config = slot.config  # read once: every request looks at every slot
+    if config.name == model:
         return "slot-name"
-    if slot.config.model is not None and slot.config.model == model:
+    if config.model is not None and config.model == model:
         return "ref"
-    if model in slot.config.aliases:
+    if model in config.aliases:
         return "alias"
     return None
 
@@ -61,7 +62,8 @@ def resolve(slots: Iterable[Slot], model: str, endpoint: str) -> Resolution:
         if how is not None:
             matched.append((slot, how))
     candidates = tuple(
-        Candidate(s.name, s.config.model, s.state.value, s.config.type, how, s.config.type in fitting_types)
+        Candidate(s.config.name, s.config.model, str(s.record.state), s.config.type, how,
+                  s.config.type in fitting_types)
         for s, how in matched
     )
     if not matched:

@@ -168,7 +168,9 @@ class Connection(asyncio.Protocol):
         self._count(len(url))
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self._count(len(name) + len(value) + 4)
+        self._head_bytes += len(name) + len(value) + 4  # `_count`, inlined: this runs for every header
+        if self._head_bytes > MAX_HEAD_BYTES:
+            raise _HeadTooLarge
         name = name.lower()
         value = value.rstrip(b" \t")  # llhttp keeps trailing whitespace, which is not part of a value
         if name == b"expect" and value.lower() == b"100-continue":

@@ -161,6 +161,9 @@ class Slot:
         #: The record as state.json last has it, while a move made in memory waits for its write (the move to
         #: starting, written with the pid right after the spawn: see `_start_and_warm`).
         self._persisted: SlotRecord | None = None
+        #: The config as snapshots show it (secrets masked), made once per config: a config is frozen, and every
+        #: request's two moves (ready -> serving -> ready) put it in the events they publish.
+        self._config_view: tuple[SlotConfig, dict[str, Any]] | None = None
 
     # -- views ---------------------------------------------------------------------------------------
     @property
@@ -175,7 +178,7 @@ class Slot:
     def settled(self) -> bool:
         """Loaded, with no adoption probe outstanding: a request goes straight to the backend. Otherwise it joins
         the load or the adoption (`until_answering`, `ensure_loaded`)."""
-        return self.state in LOADED and self._adoption is None
+        return self.record.state in LOADED and self._adoption is None
 
     @property
     def last_activity(self) -> float:
@@ -189,19 +192,23 @@ class Slot:
         return f"http://{f'[{host}]' if ':' in host and not host.startswith('[') else host}:{self.record.port}"
 
     def snapshot(self) -> dict[str, Any]:
-        rec = self.record.to_dict()
-        config = self.config.to_dict()
-        config["args"], config["env"] = redact_argv(config["args"]), redact_env(config["env"])
-        rec["config"] = config
+        record = self.record
+        state = record.state
+        rec = record.to_dict()
+        view = self._config_view
+        if view is None or view[0] is not self.config:
+            config = self.config.to_dict()
+            config["args"], config["env"] = redact_argv(config["args"]), redact_env(config["env"])
+            self._config_view = view = (self.config, config)
+        rec["config"] = dict(view[1])
         rec["type"] = self.config.type
         rec["in_flight"] = self.in_flight
         rec["requests_total"] = self.requests_total
         rec["memory"] = self.memory
         # True while the probe of a backend adopted after an API restart runs (its requests wait for it).
         rec["adopting"] = self._adoption is not None
-        rec["uptime_s"] = (time.time() - self.record.loaded_at) if (
-            self.record.loaded_at and self.state in LOADED) else None
-        if self.state is S.OFFLINE and not self.config.model and self.config.type not in MODEL_LESS_TYPES:
+        rec["uptime_s"] = (time.time() - record.loaded_at) if (record.loaded_at and state in LOADED) else None
+        if state is S.OFFLINE and not self.config.model and self.config.type not in MODEL_LESS_TYPES:
             rec["reason"] = rec["reason"] or "no model assigned"
         return rec
 
@@ -266,7 +273,8 @@ class Slot:
             entry = {"slot": self.name, "event": "changed", "changed": sorted(changes), "seq": rec.seq,
                      "time": time.time(), "reason": reason}
         else:
-            entry = {"slot": self.name, "from": src.value, "to": dst.value, "seq": rec.seq, "time": rec.since,
+            # str(), not .value: a StrEnum's value is itself, and `.value` is two Python calls through enum's property.
+            entry = {"slot": self.config.name, "from": str(src), "to": str(dst), "seq": rec.seq, "time": rec.since,
                      "reason": reason}
             self.history.append(entry)
             del self.history[:-100]
@@ -684,22 +692,30 @@ class Slot:
         assert self._gate is not None
         return self._gate[2]
 
-    @contextlib.asynccontextmanager
-    async def serving(self) -> AsyncIterator[None]:
-        """Account one request: the slot is `serving` while any is in flight, `ready` after."""
-        if self.state not in LOADED:
+    def begin_request(self) -> None:
+        """Count one request in flight: the slot is `serving` while any is, `ready` after (`end_request`)."""
+        state = self.record.state
+        if state not in LOADED:
             raise self.error_exception()
         self.in_flight += 1
         self.requests_total += 1
-        if self.in_flight == 1 and self.state in (S.READY, S.IDLE):
+        if self.in_flight == 1 and state in (S.READY, S.IDLE):
             self._transition(S.SERVING, "request in flight")
+
+    def end_request(self) -> None:
+        self.in_flight -= 1
+        self._last_activity = time.monotonic()
+        if self.in_flight == 0 and self.record.state is S.SERVING:
+            self._transition(S.READY, "requests done")
+
+    @contextlib.asynccontextmanager
+    async def serving(self) -> AsyncIterator[None]:
+        """One request in flight for the block (`begin_request`, `end_request`)."""
+        self.begin_request()
         try:
             yield
         finally:
-            self.in_flight -= 1
-            self._last_activity = time.monotonic()
-            if self.in_flight == 0 and self.state is S.SERVING:
-                self._transition(S.READY, "requests done")
+            self.end_request()
 
     def backend_failed(self) -> None:
         """Called by the dispatcher when the backend refused a connection: the watch checks it at once."""

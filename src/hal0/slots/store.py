@@ -63,7 +63,7 @@ class SlotRecord:
     def to_dict(self) -> dict[str, Any]:
         # Written by hand: dataclasses.asdict deep-copies recursively and shows up on the request path.
         err = self.error
-        return {"name": self.name, "state": self.state.value, "seq": self.seq, "model": self.model,
+        return {"name": self.name, "state": str(self.state), "seq": self.seq, "model": self.model,
                 "provider": self.provider, "port": self.port, "pid": self.pid, "unit": self.unit,
                 "supervisor": self.supervisor, "device": self.device, "reason": self.reason, "since": self.since,
                 "loaded_at": self.loaded_at,
