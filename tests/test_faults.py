@@ -232,6 +232,44 @@ def _connected(port: int) -> socket.socket | None:
         return None
 
 
+@pytest.mark.slow
+def test_a_request_given_up_while_queued_at_the_gate_leaves_no_count_behind(
+        hal0: Hal0, model_files: dict[str, Path]) -> None:
+    """Four requests fill the backend's gate (the slot's `--threads-http 8` leaves room for four), a fifth waits
+    for a place and its client goes away: it is counted out (in flight, the lease), logged as
+    `client_disconnected`, and takes no place from the requests after it."""
+    hal0.models.import_file("tiny", model_files["tiny"], slot_type="chat", link=True)
+    hal0.write_slot_config("primary", 'type = "chat"\nmodel = "tiny"\nargs = ["--threads-http", "8"]\n')
+    hal0.start()
+    assert hal0.client.post("/api/slots/primary/load").json()["state"] == "ready"
+    pid = hal0.state("primary")["pid"]
+    body = {"model": "primary", "messages": PROMPT, "max_tokens": 4}
+    os.kill(pid, signal.SIGSTOP)  # what is sent now waits, holding its place in the gate
+    try:
+        with ThreadPoolExecutor(4) as pool:
+            held = [pool.submit(chat, hal0) for _ in range(4)]
+            wait_until(lambda: hal0.slot("primary")["in_flight"] == 4, 5, "four requests in flight")
+            with socket.create_connection(("127.0.0.1", hal0.port)) as queued:
+                raw = json.dumps(body).encode()
+                queued.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nX-Request-Id: queued\r\n"
+                               b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%b" % (len(raw), raw))
+                wait_until(lambda: hal0.slot("primary")["in_flight"] == 5, 5, "the fifth to wait at the gate")
+            wait_until(lambda: hal0.slot("primary")["in_flight"] == 4, 5, "the fifth to be counted out")
+            os.kill(pid, signal.SIGCONT)
+            assert [f.result(30).status_code for f in held] == [200] * 4
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGCONT)
+    view = wait_until(lambda: (v := hal0.slot("primary"))["in_flight"] == 0 and v, 5, "every request released")
+    assert view["state"] == "ready"
+    records = hal0.client.get("/api/decisions", params={"limit": 20}).json()["data"]
+    assert [d["outcome"] for d in records if d["request_id"] == "queued"] == ["client_disconnected"]
+    # No place in the gate was lost: as many requests as it holds go through at once, and more after them.
+    with ThreadPoolExecutor(8) as pool:
+        assert [r.status_code for r in pool.map(lambda _: chat(hal0), range(8))] == [200] * 8
+    assert hal0.slot("primary")["in_flight"] == 0
+
+
 # -- ports -------------------------------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_a_foreign_process_on_a_slot_port_is_never_adopted_nor_killed(hal0: Hal0,
