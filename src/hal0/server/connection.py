@@ -341,7 +341,7 @@ class Exchange:
 
     def _call_if_watched(self, callback: Callable[[], None]) -> None:
         if callback in self._watchers:
-            self._watchers.remove(callback)
+            self.unwatch_disconnect(callback)
             callback()
 
     def wake(self) -> None:
