@@ -341,6 +341,12 @@ class Hal0:
             if resp.status != 200:
                 raise SystemExit(f"slot {slot} did not unload: {resp.status} {await resp.text()}")
 
+    def backend_command(self, slot: str) -> tuple[list[str], dict[str, str]]:
+        """The command line and environment hal0 gave the running backend of `slot`, read from /proc."""
+        pid = int(json.loads((self.home / "state" / "slots" / slot / "backend.pid").read_text())["pid"])
+        env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        return cmdline(pid)[:-1], dict(kv.decode().split("=", 1) for kv in env if b"=" in kv)
+
     def backend_pids(self) -> list[int]:
         out = []
         for pidfile in (self.home / "state" / "slots").glob("*/backend.pid"):
@@ -501,8 +507,23 @@ class Bare:
         self.port = free_port()
         self.argv = [llama_server(), "--host", "127.0.0.1", "--port", str(self.port), "-m", str(model),
                      "--alias", alias, "--no-webui"]
+        self.env: dict[str, str] | None = None
         self.log = root / f"bare-{alias}.log"
         self.proc: subprocess.Popen[bytes] | None = None
+
+    @classmethod
+    def like(cls, root: Path, command: tuple[list[str], dict[str, str]], alias: str) -> Bare:
+        """A backend started by hand with another control plane's command line and environment (`command`, as
+        `Hal0.backend_command` read it), on a port of its own."""
+        bare = cls.__new__(cls)
+        bare.port = free_port()
+        argv, env = command
+        at = argv.index("--port") + 1
+        bare.argv = [*argv[:at], str(bare.port), *argv[at + 1:]]
+        bare.env = env
+        bare.log = root / f"command-{alias}.log"
+        bare.proc = None
+        return bare
 
     @property
     def url(self) -> str:
@@ -511,7 +532,7 @@ class Bare:
     def spawn(self) -> float:
         with self.log.open("ab") as log:
             started = time.perf_counter()
-            self.proc = subprocess.Popen(self.argv, stdout=log, stderr=subprocess.STDOUT)
+            self.proc = subprocess.Popen(self.argv, env=self.env, stdout=log, stderr=subprocess.STDOUT)
         return started
 
     def stop(self) -> None:

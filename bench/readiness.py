@@ -1,8 +1,10 @@
 """Readiness lag and cold time-to-first-token: hal0 vs a bare llama-server vs llama.cpp's router mode.
 
 Every round, in a rotating order: a streamed request to hal0's cold slot, the same to the router with its model
-unloaded, and a bare llama-server started by hand. An independent watcher polls each new backend's /health every
-millisecond, so "really ready" is the first 200, not what the control plane believes.
+unloaded, a bare llama-server started by hand, and llama-server started by hand with the very command line and
+environment hal0 gives it (`hal0-cmd`): hal0's figure less that one is what hal0's own path costs, and that one
+less the bare start what the backend's arguments cost. An independent watcher polls each new backend's /health
+every millisecond, so "really ready" is the first 200, not what the control plane believes.
 Run on demand: `python -m bench.readiness`.
 """
 
@@ -44,9 +46,11 @@ async def router_cold(router: Router, model: str) -> dict[str, float]:
             "load_ms": (backend.ready - sent) * 1000}
 
 
-async def bare_cold(root: Path, model: Path, alias: str) -> dict[str, float]:
-    """The floor: spawn llama-server, and send the request the moment the watcher sees /health 200."""
-    bare = Bare(root, model, alias)
+async def bare_cold(root: Path, model: Path, alias: str,
+                    command: tuple[list[str], dict[str, str]] | None = None) -> dict[str, float]:
+    """The floor: spawn llama-server (with `command`, another control plane's command line and environment), and
+    send the request the moment the watcher sees /health 200."""
+    bare = Bare(root, model, alias) if command is None else Bare.like(root, command, alias)
     try:
         async with Watcher(parent=os.getpid()) as watch, session(1) as http:
             sent = bare.spawn()
@@ -72,15 +76,18 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         try:
             for size, path in sizes.items():
                 rounds = args.rounds if size == "tiny" else args.large_rounds
-                runs: dict[str, list[dict[str, float]]] = {"direct": [], "hal0": [], "router": []}
+                runs: dict[str, list[dict[str, float]]] = {"direct": [], "hal0": [], "hal0-cmd": [], "router": []}
                 await hal0.load(size)  # warm the page cache and both paths once
+                command = hal0.backend_command(size)
                 await router.load(size)
                 for i in range(rounds):
-                    order = ["direct", "hal0", "router"]
-                    order = order[i % 3:] + order[:i % 3]
+                    order = list(runs)
+                    order = order[i % len(order):] + order[:i % len(order)]
                     for name in order:
                         if name == "direct":
                             runs[name].append(await bare_cold(root, path, size))
+                        elif name == "hal0-cmd":
+                            runs[name].append(await bare_cold(root, path, size, command))
                         elif name == "hal0":
                             runs[name].append(await hal0_cold(hal0, size))
                         else:
@@ -95,10 +102,16 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                     # the machine's speed drifts during the run.
                     paired = [r["ttft_ms"] - d["ttft_ms"] for r, d in zip(rows, runs["direct"], strict=True)]
                     out[name]["ttft_over_direct_ms"] = med(paired)
-                    print(f"{size:<5} {name:<7} cold TTFT {spread(figures['ttft_ms']):<28} ms | ready->first token "
+                    print(f"{size:<5} {name:<8} cold TTFT {spread(figures['ttft_ms']):<28} ms | ready->first token "
                           f"{spread(figures['lag_ms']):<26} ms | spawn->/health 200 {spread(figures['load_ms'])} ms"
                           + (f" | TTFT over direct, paired by round {med(paired):+.1f} ms" if name != "direct"
                              else ""))
+                # hal0's figure split: its own path (the request, admission, spawn, probes) and its backend's command.
+                out["hal0_own_path_ms"] = med([h["ttft_ms"] - c["ttft_ms"]
+                                               for h, c in zip(runs["hal0"], runs["hal0-cmd"], strict=True)])
+                print(f"{size:<5} of hal0's {out['hal0']['ttft_over_direct_ms']:+.1f} ms over direct: its backend's "
+                      f"command {out['hal0-cmd']['ttft_over_direct_ms']:+.1f} ms, its own path "
+                      f"{out['hal0_own_path_ms']:+.1f} ms (each paired by round)")
                 results[size] = out
         finally:
             router.stop()
