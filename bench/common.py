@@ -283,6 +283,11 @@ def compile_hal0(pythonpath: str | None = None) -> None:
         compileall.compile_dir(tree, quiet=1)
 
 
+def _pid_in(pidfile: Path) -> int:
+    """The pid an embedded supervisor's `backend.pid` records."""
+    return int(json.loads(pidfile.read_text())["pid"])
+
+
 class Hal0:
     """The real hal0 API (`hal0 serve`) with its own HAL0_HOME; chat slots on fixed ports."""
 
@@ -343,7 +348,7 @@ class Hal0:
 
     def backend_command(self, slot: str) -> tuple[list[str], dict[str, str]]:
         """The command line and environment hal0 gave the running backend of `slot`, read from /proc."""
-        pid = int(json.loads((self.home / "state" / "slots" / slot / "backend.pid").read_text())["pid"])
+        pid = _pid_in(self.home / "state" / "slots" / slot / "backend.pid")
         env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
         return cmdline(pid)[:-1], dict(kv.decode().split("=", 1) for kv in env if b"=" in kv)
 
@@ -351,7 +356,7 @@ class Hal0:
         out = []
         for pidfile in (self.home / "state" / "slots").glob("*/backend.pid"):
             try:
-                out.append(int(json.loads(pidfile.read_text())["pid"]))
+                out.append(_pid_in(pidfile))
             except (OSError, ValueError, KeyError):
                 pass
         return out
@@ -503,27 +508,20 @@ class Bare:
 
     name = "direct"
 
-    def __init__(self, root: Path, model: Path, alias: str) -> None:
+    def __init__(self, root: Path, model: Path, alias: str,
+                 command: tuple[list[str], dict[str, str]] | None = None) -> None:
+        """`command`: another control plane's command line and environment for the same backend (as
+        `Hal0.backend_command` read them), started on a port of its own instead of the bare command."""
         self.port = free_port()
         self.argv = [llama_server(), "--host", "127.0.0.1", "--port", str(self.port), "-m", str(model),
                      "--alias", alias, "--no-webui"]
         self.env: dict[str, str] | None = None
-        self.log = root / f"bare-{alias}.log"
+        if command is not None:
+            argv, self.env = command
+            at = argv.index("--port") + 1
+            self.argv = [*argv[:at], str(self.port), *argv[at + 1:]]
+        self.log = root / f"{'bare' if command is None else 'command'}-{alias}.log"
         self.proc: subprocess.Popen[bytes] | None = None
-
-    @classmethod
-    def like(cls, root: Path, command: tuple[list[str], dict[str, str]], alias: str) -> Bare:
-        """A backend started by hand with another control plane's command line and environment (`command`, as
-        `Hal0.backend_command` read it), on a port of its own."""
-        bare = cls.__new__(cls)
-        bare.port = free_port()
-        argv, env = command
-        at = argv.index("--port") + 1
-        bare.argv = [*argv[:at], str(bare.port), *argv[at + 1:]]
-        bare.env = env
-        bare.log = root / f"command-{alias}.log"
-        bare.proc = None
-        return bare
 
     @property
     def url(self) -> str:

@@ -50,7 +50,7 @@ async def bare_cold(root: Path, model: Path, alias: str,
                     command: tuple[list[str], dict[str, str]] | None = None) -> dict[str, float]:
     """The floor: spawn llama-server (with `command`, another control plane's command line and environment), and
     send the request the moment the watcher sees /health 200."""
-    bare = Bare(root, model, alias) if command is None else Bare.like(root, command, alias)
+    bare = Bare(root, model, alias, command)
     try:
         async with Watcher(parent=os.getpid()) as watch, session(1) as http:
             sent = bare.spawn()
