@@ -27,6 +27,11 @@ from tests.conftest import Hal0, free_port, wait_until
     ({"type": "chat", "host": "10.0.0.2"}, "invalid_field"),
     ({"type": "chat", "rpc": ("10.0.0.2",)}, "invalid_rpc"),
     ({"type": "chat", "rpc": ("10.0.0.2:70000",)}, "invalid_rpc"),
+    ({"type": "rpc", "host": "10.0.0.2\n"}, "invalid_host"),
+    ({"type": "chat", "rpc": ("10.0.0.2:50052\n",)}, "invalid_rpc"),
+    ({"type": "chat", "aliases": ("fast\n",)}, "invalid_alias"),
+    ({"type": "chat", "env": {"KEY\n": "v"}}, "invalid_env"),
+    ({"type": "chat", "group": "pool\n"}, "invalid_value"),
     ({"type": "stt", "rpc": ("10.0.0.2:50052",)}, "invalid_field"),
 ])
 def test_rpc_settings_that_are_refused(fields: dict[str, object], code: str) -> None:

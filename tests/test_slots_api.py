@@ -456,7 +456,7 @@ def test_built_in_slots_cannot_be_deleted(bare_hal0: Hal0) -> None:
 
 
 HOSTILE_NAMES = ["../x", "..", "a/b", "x\x00y", "x\ny", "tab\there", "bell\x07", "x" * 500, "", "Upper",
-                 "-leading", "naïve"]
+                 "-leading", "naïve", "trailing\n"]  # `$` once let the last one through
 
 
 def test_hostile_slot_names_are_refused_with_an_error_body(bare_hal0: Hal0) -> None:

@@ -30,12 +30,12 @@ GPU_GROUPS = ("video", "render")
 #: Below this much free space on the state dir, doctor warns (a small chat model alone is a few GiB).
 MIN_FREE_BYTES = 5 * 1024**3
 # Characters a path may use inside a unit file without quoting (no spaces, quotes, `%` or `$`).
-_SAFE_PATH = re.compile(r"^/[A-Za-z0-9._+@:/-]*$")
+_SAFE_PATH = re.compile(r"/[A-Za-z0-9._+@:/-]*")
 
 
 def _unit_path(value: Path | str, what: str) -> str:
     text = str(value)
-    if not _SAFE_PATH.match(text):
+    if not _SAFE_PATH.fullmatch(text):
         raise ConfigError(f"{what} {text!r} cannot go into a systemd unit: use an absolute path without "
                           "spaces, quotes, % or $")
     return text

@@ -107,7 +107,7 @@ def test_auto_placement_picks_the_gpu_with_most_room_that_fits() -> None:
 def test_placement_settings_are_validated_and_become_arguments_and_variables() -> None:
     for good in ("auto", "cpu", "gpu", "gpu:0", "gpu:0,1"):
         assert validate_device(good) == good
-    for bad in ("GPU", "gpu:", "gpu:a", "cuda:0", "gpu:0;rm", ""):
+    for bad in ("GPU", "gpu:", "gpu:a", "cuda:0", "gpu:0;rm", "", "gpu\n", "cpu\n"):
         with pytest.raises(InvalidRequest):
             validate_device(bad)
     assert requested_gpus("gpu:1,0,1") == (1, 0) and requested_gpus("gpu") is None

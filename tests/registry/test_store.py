@@ -13,7 +13,7 @@ from hal0.registry.store import MANIFEST, ModelStore, sha256_file, validate_ref
 
 
 @pytest.mark.parametrize("ref", ["../etc", "..", ".", "a/b", "/abs", "a\\b", "UPPER", "", "a..b", ".hidden",
-                                 "-dash", "x" * 97, "a b", "caf\u00e9", "a\x00b", "a/../../b"])
+                                 "-dash", "x" * 97, "a b", "caf\u00e9", "a\x00b", "a/../../b", "trailing\n"])
 def test_ref_validation_rejects_traversal_and_junk(ref: str) -> None:
     with pytest.raises(InvalidRef):
         validate_ref(ref)

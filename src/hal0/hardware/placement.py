@@ -11,7 +11,7 @@ import re
 from hal0.datatypes import datatype
 from hal0.errors import InvalidRequest
 
-DEVICE_PATTERN = re.compile(r"^(auto|cpu|gpu|gpu:\d{1,2}(,\d{1,2}){0,15})$")
+DEVICE_PATTERN = r"auto|cpu|gpu|gpu:\d{1,2}(,\d{1,2}){0,15}"
 #: `-ngl` for "every layer, and the output": llama.cpp clamps it to the model's layers.
 ALL_LAYERS = 999
 #: The variable each GPU runtime reads to know which devices the process may see.
@@ -19,7 +19,7 @@ VISIBILITY_VARS = {"cuda": "CUDA_VISIBLE_DEVICES", "rocm": "HIP_VISIBLE_DEVICES"
 
 
 def validate_device(device: str) -> str:
-    if not isinstance(device, str) or not DEVICE_PATTERN.match(device):
+    if not isinstance(device, str) or not re.fullmatch(DEVICE_PATTERN, device):
         raise InvalidRequest(f'device must be "auto", "cpu", "gpu", "gpu:N" or "gpu:N,M"; got {str(device)[:40]!r}',
                              code="invalid_device")
     return device

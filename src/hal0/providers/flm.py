@@ -20,7 +20,7 @@ from hal0.providers.speech import explain
 
 _ENDPOINTS = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/models"})
 _PROBE_TIMEOUT = Timeout(total=60, connect=1)
-_TAG = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$")
+_TAG = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}")
 INSTALL_HINT = "install FastFlowLM from https://github.com/FastFlowLM/FastFlowLM/releases (Linux: see its " \
                "docs/linux-getting-started.md), then `flm validate`"
 
@@ -51,7 +51,7 @@ def read_tag(model_path: Path) -> str:
             f'{{"tag": "llama3.2:1b"}}; {path.name} is not one ({type(exc).__name__})',
             detail={"model_path": str(path)}) from None
     tag = data.get("tag") if isinstance(data, dict) else None
-    if not isinstance(tag, str) or not _TAG.match(tag):
+    if not isinstance(tag, str) or not _TAG.fullmatch(tag):
         raise FlmModelInvalid(f"{path.name} has no valid FLM model tag under \"tag\"",
                               detail={"model_path": str(path)})
     return tag

@@ -32,8 +32,8 @@ from hal0.errors import (
 from hal0.fsio import atomic_write_json
 
 MAX_REF_LEN = 96
-_REF_RE = re.compile(r"^[a-z0-9][a-z0-9._-]*$")
-_FILENAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
+_REF_RE = r"[a-z0-9][a-z0-9._-]*"
+_FILENAME_RE = r"[A-Za-z0-9][A-Za-z0-9._+-]*"
 MANIFEST = "manifest.json"
 PARTIAL_SUFFIX = ".partial"
 #: Kept free beyond the download itself so a pull never fills the disk to the last byte.
@@ -46,7 +46,7 @@ _FORMATS = {".gguf": "gguf", ".onnx": "onnx", ".safetensors": "safetensors", ".p
 
 def validate_ref(ref: str) -> str:
     """Return `ref` if it is a legal model ref (lowercase letters, digits, `.`, `_`, `-`); else InvalidRef."""
-    if not isinstance(ref, str) or not ref or len(ref) > MAX_REF_LEN or not _REF_RE.match(ref) or ".." in ref:
+    if not isinstance(ref, str) or not ref or len(ref) > MAX_REF_LEN or not re.fullmatch(_REF_RE, ref) or ".." in ref:
         raise InvalidRef(
             f"invalid model ref {str(ref)[:80]!r}: use 1-{MAX_REF_LEN} of a-z 0-9 . _ - starting with a-z or 0-9",
             detail={"ref": str(ref)[:200]},
@@ -56,7 +56,7 @@ def validate_ref(ref: str) -> str:
 
 def validate_filename(name: str) -> str:
     """A model file name: one path component, no hidden files, nothing the store uses itself."""
-    if (not _FILENAME_RE.match(name) or len(name) > 200 or ".." in name or name == MANIFEST
+    if (not re.fullmatch(_FILENAME_RE, name) or len(name) > 200 or ".." in name or name == MANIFEST
             or name.endswith(PARTIAL_SUFFIX)):
         raise InvalidRef(f"invalid model file name {name!r}", detail={"file": name[:200]})
     return name

@@ -18,17 +18,17 @@ from hal0.hardware.placement import validate_device
 from hal0.kinds import BUILTIN_ALIASES, BUILTIN_SLOTS, DEFAULT_PROVIDER, MODEL_LESS_TYPES, NETWORK_TYPES, SLOT_TYPES
 from hal0.registry.store import validate_ref
 
-_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
-_ALIAS = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/@-]{0,127}$")
-_ARG = re.compile(r"^[^\x00-\x1f\x7f]{1,512}$")
-_ENV_KEY = re.compile(r"^[A-Z_][A-Z0-9_]{0,63}$")
-_HOST = re.compile(r"^(\[[0-9A-Fa-f:.]{2,45}\]|[0-9A-Fa-f:.]{2,45}|[A-Za-z0-9]([A-Za-z0-9.-]{0,252}))$")
-_ENDPOINT = re.compile(r"^(\[[0-9A-Fa-f:.]{2,45}\]|[A-Za-z0-9][A-Za-z0-9.-]{0,252}):([0-9]{1,5})$")
+_NAME = r"[a-z0-9][a-z0-9_-]{0,62}"
+_ALIAS = r"[A-Za-z0-9][A-Za-z0-9._:/@-]{0,127}"
+_ARG = r"[^\x00-\x1f\x7f]{1,512}"
+_ENV_KEY = r"[A-Z_][A-Z0-9_]{0,63}"
+_HOST = r"\[[0-9A-Fa-f:.]{2,45}\]|[0-9A-Fa-f:.]{2,45}|[A-Za-z0-9][A-Za-z0-9.-]{0,252}"
+_ENDPOINT = r"(\[[0-9A-Fa-f:.]{2,45}\]|[A-Za-z0-9][A-Za-z0-9.-]{0,252}):([0-9]{1,5})"
 _UNSPECIFIED = frozenset({"0.0.0.0", "::", "[::]"})
 
 
 def validate_slot_name(name: str) -> str:
-    if not isinstance(name, str) or not _NAME.match(name):
+    if not isinstance(name, str) or not re.fullmatch(_NAME, name):
         raise InvalidRequest(
             "slot names are 1-63 characters of lowercase letters, digits, '-' and '_', starting with a "
             f"letter or digit; got {name[:80]!r}" if isinstance(name, str) else "slot name must be a string",
@@ -83,13 +83,13 @@ class SlotConfig:
         if self.port and not (1024 <= self.port < 65536):
             raise InvalidRequest(f"port must be 1024-65535; got {self.port}", code="invalid_port")
         for alias in self.aliases:
-            if not isinstance(alias, str) or not _ALIAS.match(alias):
+            if not isinstance(alias, str) or not re.fullmatch(_ALIAS, alias):
                 raise InvalidRequest(f"invalid alias {str(alias)[:80]!r}", code="invalid_alias")
         for arg in self.args:
-            if not isinstance(arg, str) or not _ARG.match(arg):
+            if not isinstance(arg, str) or not re.fullmatch(_ARG, arg):
                 raise InvalidRequest(f"invalid backend argument {str(arg)[:80]!r}", code="invalid_arg")
         for key, value in self.env.items():
-            if not _ENV_KEY.match(key) or not isinstance(value, str) or "\x00" in value:
+            if not re.fullmatch(_ENV_KEY, key) or not isinstance(value, str) or "\x00" in value:
                 raise InvalidRequest(f"invalid environment entry {key[:64]!r}", code="invalid_env")
         validate_device(self.device)
         if self.gpu_layers is not None and (isinstance(self.gpu_layers, bool) or not isinstance(self.gpu_layers, int)
@@ -98,7 +98,7 @@ class SlotConfig:
                                  code="invalid_value")
         if not isinstance(self.pinned, bool):
             raise InvalidRequest(f"pinned must be true or false; got {self.pinned!r}", code="invalid_value")
-        if self.group is not None and (not isinstance(self.group, str) or not _NAME.match(self.group)):
+        if self.group is not None and (not isinstance(self.group, str) or not re.fullmatch(_NAME, self.group)):
             raise InvalidRequest("group names are 1-63 characters of lowercase letters, digits, '-' and '_'; "
                                  f"got {str(self.group)[:80]!r}", code="invalid_value")
         self._check_network()
@@ -115,7 +115,7 @@ class SlotConfig:
             if self.type not in NETWORK_TYPES:
                 raise InvalidRequest(f"only {' and '.join(sorted(NETWORK_TYPES))} slots take `host`; a {self.type} "
                                      "slot listens on 127.0.0.1 behind hal0's API", code="invalid_field")
-            if not isinstance(self.host, str) or not _HOST.match(self.host):
+            if not isinstance(self.host, str) or not re.fullmatch(_HOST, self.host):
                 raise InvalidRequest(f"invalid host {str(self.host)[:80]!r}", code="invalid_host")
             if self.host in _UNSPECIFIED and self.insecure_bind is not True:
                 raise InvalidRequest(
@@ -129,7 +129,7 @@ class SlotConfig:
                 raise InvalidRequest(f"`rpc` workers need a llama.cpp slot, not {self.provider}",
                                      code="invalid_field")
             for endpoint in self.rpc:
-                match = _ENDPOINT.match(endpoint) if isinstance(endpoint, str) else None
+                match = re.fullmatch(_ENDPOINT, endpoint) if isinstance(endpoint, str) else None
                 if match is None or not 0 < int(match.group(2)) < 65536:
                     raise InvalidRequest(f"rpc worker {str(endpoint)[:80]!r} must be host:port",
                                          code="invalid_rpc")
