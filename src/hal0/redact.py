@@ -5,17 +5,18 @@ Environment entries with a secret-looking name and the value of a secret-taking 
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping, Sequence
 
 MASK = "***"
-_SECRET_NAME = re.compile(r"(?i)(token|key|secret|passw|auth|credential|cookie)")
+#: A name with any of these in it, in any case, is a secret's.
+_SECRET_WORDS = ("token", "key", "secret", "passw", "auth", "credential", "cookie")
 #: Backend flags whose next argument (or `=value`) is a secret: llama-server's and the HF tools'.
 SECRET_FLAGS = frozenset({"--api-key", "--hf-token", "-hft", "--token", "--password"})
 
 
 def is_secret_name(name: str) -> bool:
-    return bool(_SECRET_NAME.search(name))
+    lowered = name.lower()
+    return any(word in lowered for word in _SECRET_WORDS)
 
 
 def redact_env(env: Mapping[str, str]) -> dict[str, str]:

@@ -12,7 +12,6 @@ import contextlib
 import json
 import logging
 import os
-import re
 import time
 from collections.abc import Awaitable, Callable, MutableMapping
 from types import TracebackType
@@ -69,7 +68,9 @@ _RESPONSE_DROP = frozenset({
     b"date", b"server", b"x-request-id", b"access-control-allow-origin",
 })
 log = logging.getLogger("hal0.dispatch")
-_REQUEST_ID = re.compile(rb"^[A-Za-z0-9._:-]{1,128}$")
+#: What a client's x-request-id may be made of (1-128 of them): kept, else hal0 makes one. Checked without a
+#: regular expression, whose compiling is ~0.2 ms of every API start.
+_REQUEST_ID_CHARS = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._:-"
 _JSON = [(b"content-type", b"application/json")]
 _JSON_HEADERS = {"Content-Type": "application/json"}
 #: The backend's token count for a stream that skipped `message_start`: one prompt tokenized, no decode.
@@ -123,7 +124,7 @@ class Dispatcher:
         request_id = b""
         prefetch = False
         for key, value in headers:
-            if key == b"x-request-id" and _REQUEST_ID.match(value):
+            if key == b"x-request-id" and 0 < len(value) <= 128 and not value.translate(None, _REQUEST_ID_CHARS):
                 request_id = value
             elif key == PREFETCH_HEADER and value.strip().lower() in (b"1", b"true", b"yes"):
                 prefetch = True

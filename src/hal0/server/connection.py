@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
@@ -34,8 +33,11 @@ HIGH_WATER = 64 * 1024
 #: A request head (request line and headers) longer than this is answered 431 and the connection closed.
 MAX_HEAD_BYTES = 64 * 1024
 
-_BAD_NAME = re.compile(b'[\x00-\x1f\x7f()<>@,;:\\[\\]={} \t\\\\"]')
-_BAD_VALUE = re.compile(b"[\x00-\x08\x0a-\x1f\x7f]")
+#: Bytes a response header's name (RFC 9110 token) or value (no control character but tab) may not hold: a
+#: header is refused when deleting them changes it (`bytes.translate` in C, without a regular expression).
+_BAD_NAME = bytes(range(0x20)) + b'\x7f()<>@,;:[]={} \t\\"'
+_BAD_VALUE = bytes(range(0x09)) + bytes(range(0x0a, 0x20)) + b"\x7f"
+_SAME = bytes(range(256))
 ASGI = {"version": "3.0", "spec_version": "2.3"}
 #: The scope extension through which an app learns that the client went away without a task that waits on
 #: `receive` for `http.disconnect`: `scope["extensions"][DISCONNECT]["watch"](callback)` calls `callback` once,
@@ -466,7 +468,7 @@ class Exchange:
         closing = False
         framed = False
         for name, value in message.get("headers", ()):
-            if _BAD_NAME.search(name) or _BAD_VALUE.search(value):
+            if name.translate(_SAME, _BAD_NAME) != name or value.translate(_SAME, _BAD_VALUE) != value:
                 raise RuntimeError(f"invalid response header {name!r}: {value!r}")
             name = name.lower()
             if name == b"content-length" and not self._chunked:
