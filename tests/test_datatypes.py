@@ -7,7 +7,7 @@ import copy
 import dataclasses
 import pickle
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 
@@ -224,3 +224,50 @@ def test_a_compiled_init_has_the_stdlib_signature_and_takes_any_field_name() -> 
             class Misordered:
                 a: int = 0
                 b: int  # type: ignore[misc]
+
+
+FIELD_ATTRS = ("name", "type", "default", "default_factory", "init", "repr", "hash", "compare", "metadata", "kw_only",
+               "_field_type")
+
+
+@pytest.mark.parametrize("own", [True, False], ids=["own-fields", "stdlib-fields"])
+def test_the_fields_are_the_ones_the_stdlib_sets(own: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`@datatype` sets `__dataclass_fields__` itself where the stdlib's markers exist (`_own_fields`), and leaves it
+    to `@dataclass` where they do not: both leave what the stdlib would, down to the class attributes."""
+    import hal0.datatypes
+
+    monkeypatch.setattr(hal0.datatypes, "_INTERNALS", own)
+
+    def made(decorate: Any) -> type[Any]:
+        @decorate
+        class Base:
+            """A base."""
+
+            a: int
+            shared: str = "base"
+
+        @decorate
+        class Point(Base):
+            """A point."""
+
+            x: int = 0
+            shared: str = "point"  # a field declared again keeps its place and takes the new default
+            tags: tuple[str, ...] = field(default_factory=tuple)
+            secret: str = field(default="", repr=False, metadata={"why": "hidden"})
+            seen: int = field(default=0, init=False)
+            counter: ClassVar[int] = 3
+
+        return Point
+
+    std, ours = made(dataclass), made(datatype)
+    assert list(ours.__dataclass_fields__) == list(std.__dataclass_fields__)
+    for name, theirs in std.__dataclass_fields__.items():
+        mine = ours.__dataclass_fields__[name]
+        assert [getattr(mine, a) for a in FIELD_ATTRS] == [getattr(theirs, a) for a in FIELD_ATTRS], name
+    for name in ("x", "shared", "tags", "secret", "seen", "counter"):
+        assert getattr(ours, name, None) == getattr(std, name, None), name  # defaults on the class, no Field left
+    assert ours.__match_args__ == std.__match_args__
+    assert [f.name for f in dataclasses.fields(ours)] == [f.name for f in dataclasses.fields(std)]
+    assert dataclasses.replace(ours(1, "s"), x=5) == ours(1, "s", 5)
+    with pytest.raises(TypeError, match="no type annotation"):
+        datatype(type("Loose", (), {"__annotations__": {}, "x": field(default=1)}))

@@ -1,21 +1,25 @@
 """`@datatype`: a dataclass whose methods are shared closures, not code compiled for each class.
 
-On Python 3.11 `@dataclass(frozen=True, slots=True)` compiles six small functions per class (`exec`) and builds
-the class twice: ~1.2 ms and ~15 KB a class, 35-42 ms and ~0.45 MB of an API start over the 32 dataclasses it
-imported (the largest single item of a restart: docs/performance.md, eleventh round). A datatype is still a
-dataclass to everything that asks (`dataclasses.fields`, `replace`, `asdict`, `is_dataclass`, `field(...)`,
-mypy through `dataclass_transform`): the stdlib reads the fields; `__init__`, `__repr__`, `__eq__`, and when
-frozen `__hash__` and a refusing `__setattr__`, are closures over them. The price is a slower `__init__` (~1.9
-against ~0.6 us for three fields), so a class built on every request (a decision, a resolution, an event) asks
-for `compiled_init=True`: its `__init__` alone is compiled, as fast as the stdlib's, for ~0.15 ms at import
-against ~1.2 ms for the whole dataclass. Supported: defaults, `default_factory`, `field(repr=False,
+On Python 3.11 `@dataclass(frozen=True, slots=True)` compiles six small functions per class (`exec`) and builds the
+class twice: ~1.2 ms and ~15 KB a class, 35-42 ms and ~0.45 MB of an API start over the 32 dataclasses it imported
+(the largest single item of a restart: docs/performance.md, eleventh round). A datatype is still a dataclass to
+everything that asks (`dataclasses.fields`, `replace`, `asdict`, `is_dataclass`, `field(...)`, mypy through
+`dataclass_transform`): its fields are set as the stdlib sets them (`_own_fields`); `__init__`, `__repr__`,
+`__eq__`, and when frozen `__hash__` and a refusing `__setattr__`, are closures over them. The price is a slower
+`__init__` (~1.9 against ~0.6 us for three fields), so a class built on every request (a decision, a resolution, an
+event) asks for `compiled_init=True`: its `__init__` alone is compiled, as fast as the stdlib's, for ~0.15 ms at
+import against ~1.2 ms for the whole dataclass. Supported: defaults, `default_factory`, `field(repr=False,
 compare=False, init=False)`, `__post_init__`, `frozen`, `slots`; not `InitVar`, `kw_only` or `order`.
 """
 
 from __future__ import annotations
 
+import abc
 import dataclasses
+import inspect
 import operator
+import types
+import typing
 from collections.abc import Callable
 from typing import Any, TypeVar, dataclass_transform, overload
 
@@ -49,16 +53,8 @@ def _build(cls: type[T], *, frozen: bool, slots: bool, compiled_init: bool = Fal
     for name in ("__setattr__", "__delattr__"):
         if frozen and name in own:
             raise TypeError(f"cannot overwrite attribute {name} in frozen datatype {cls.__name__}")
-    # The stdlib does the field work (annotations, defaults, `field()`, mutable-default checks, inheritance) and
-    # compiles no method when asked for none (3.13 still execs its empty builder, ~0.05 ms).
     documented = bool(cls.__doc__)
-    if not documented:  # else the stdlib makes one from inspect.signature, ~0.1 ms, and of the wrong __init__
-        cls.__doc__ = cls.__name__
-    dataclasses.dataclass(cls, init=False, repr=False, eq=False)
-    for f in cls.__dataclass_fields__.values():  # type: ignore[attr-defined]
-        if f.kw_only is True or f._field_type is dataclasses._FIELD_INITVAR:  # type: ignore[attr-defined]
-            raise TypeError(f"datatype {cls.__name__}: field {f.name!r} is InitVar or kw_only, which @datatype lacks")
-    fields = dataclasses.fields(cls)  # type: ignore[arg-type]
+    fields = _own_fields(cls) if _INTERNALS else _stdlib_fields(cls)
     if slots:
         cls = _with_slots(cls, tuple(f.name for f in fields))
     names = tuple(f.name for f in fields if f.init)
@@ -97,6 +93,87 @@ def _build(cls: type[T], *, frozen: bool, slots: bool, compiled_init: bool = Fal
     if not documented:
         cls.__doc__ = f"{cls.__name__}({', '.join(names)})"
     return cls
+
+
+#: What the stdlib marks a dataclass and its fields with. Where a Python lacks any of them, the stdlib's own
+#: decorator does the field work (`_stdlib_fields`).
+_INTERNALS = all(hasattr(dataclasses, name) for name in ("_FIELDS", "_PARAMS", "_FIELD", "_FIELD_CLASSVAR"))
+_PARAMS: list[Any] = []  # the `__dataclass_params__` of `@dataclass(init=False, repr=False, eq=False)`, made once
+
+
+def _own_fields(cls: type) -> tuple[dataclasses.Field[Any], ...]:
+    """Set `cls`'s fields as `@dataclass(init=False, repr=False, eq=False)` sets them, and return those
+    `dataclasses.fields` returns. The same work as the stdlib's for what hal0 writes (annotations as strings, no
+    `InitVar` or `kw_only`), without matching each annotation against a regular expression and resolving its
+    module: ~3 ms less of an API start over its 32 datatypes on 3.11 (docs/performance.md, twentieth round)."""
+    every: dict[str, dataclasses.Field[Any]] = {}
+    for base in cls.__mro__[-1:0:-1]:  # inherited fields first, the nearest base's last, as the stdlib orders them
+        every.update(getattr(base, "__dataclass_fields__", None) or {})
+    annotations = inspect.get_annotations(cls)  # its own, not its bases': strings, as hal0's modules write them
+    for name, kind in annotations.items():
+        default: Any = getattr(cls, name, _MISSING)
+        if isinstance(default, dataclasses.Field):
+            f = default
+        else:
+            if isinstance(default, types.MemberDescriptorType):  # a slot of a base, not a default
+                default = _MISSING
+            f = dataclasses.field(default=default)
+        f.name, f.type = name, kind
+        if _annotated(kind, _REFUSED, _REFUSED_OBJECTS) or isinstance(kind, dataclasses.InitVar) or f.kw_only is True:
+            raise TypeError(f"datatype {cls.__name__}: field {name!r} is InitVar or kw_only, which @datatype lacks")
+        if _annotated(kind, _CLASSVAR, (typing.ClassVar,)):
+            f._field_type = dataclasses._FIELD_CLASSVAR  # type: ignore[attr-defined]
+            if f.default_factory is not _MISSING:
+                raise TypeError(f"field {name} cannot have a default factory")
+        else:
+            f._field_type = dataclasses._FIELD  # type: ignore[attr-defined]
+            f.kw_only = False
+            if f.default.__class__.__hash__ is None:  # the stdlib's own test of a mutable default
+                raise ValueError(f"mutable default {type(f.default)} for field {name} is not allowed: use "
+                                 "default_factory")
+        every[name] = f
+        if isinstance(getattr(cls, name, None), dataclasses.Field):
+            if f.default is _MISSING:
+                delattr(cls, name)
+            else:
+                setattr(cls, name, f.default)
+    for name, value in cls.__dict__.items():
+        if isinstance(value, dataclasses.Field) and name not in annotations:
+            raise TypeError(f"{name!r} is a field but has no type annotation")
+    if not _PARAMS:  # a class asked for no method: the stdlib compiles nothing for it
+        _PARAMS.append(dataclasses.dataclass(type("Params", (), {"__doc__": "-"}), init=False, repr=False,
+                                             eq=False).__dataclass_params__)  # type: ignore[attr-defined]
+    cls.__dataclass_fields__ = every  # type: ignore[attr-defined]
+    cls.__dataclass_params__ = _PARAMS[0]  # type: ignore[attr-defined]
+    fields = tuple(f for f in every.values() if f._field_type is dataclasses._FIELD)  # type: ignore[attr-defined]
+    if "__match_args__" not in cls.__dict__:
+        cls.__match_args__ = tuple(f.name for f in fields if f.init)  # type: ignore[attr-defined,misc]
+    abc.update_abstractmethods(cls)
+    return fields
+
+
+_CLASSVAR = frozenset({"ClassVar", "typing.ClassVar"})
+_REFUSED = frozenset({"InitVar", "dataclasses.InitVar", "KW_ONLY", "dataclasses.KW_ONLY"})
+_REFUSED_OBJECTS = (dataclasses.InitVar, dataclasses.KW_ONLY)
+
+
+def _annotated(kind: Any, names: frozenset[str], objects: tuple[Any, ...]) -> bool:
+    """Whether an annotation is one of `objects` (or subscripts one): `names` are how a string spells them."""
+    if isinstance(kind, str):
+        return kind.partition("[")[0].strip() in names
+    return kind in objects or getattr(kind, "__origin__", None) in objects
+
+
+def _stdlib_fields(cls: type) -> tuple[dataclasses.Field[Any], ...]:
+    """The field work done by the stdlib itself: `@dataclass` asked for no method compiles none (3.13 still
+    execs its empty builder, ~0.05 ms)."""
+    if not cls.__doc__:  # else the stdlib makes one from inspect.signature, ~0.1 ms, and of the wrong __init__
+        cls.__doc__ = cls.__name__
+    dataclasses.dataclass(cls, init=False, repr=False, eq=False)
+    for f in cls.__dataclass_fields__.values():  # type: ignore[attr-defined]
+        if f.kw_only is True or f._field_type is getattr(dataclasses, "_FIELD_INITVAR", None):
+            raise TypeError(f"datatype {cls.__name__}: field {f.name!r} is InitVar or kw_only, which @datatype lacks")
+    return dataclasses.fields(cls)
 
 
 def _set(cls: type, name: str, fn: Callable[..., Any]) -> None:
