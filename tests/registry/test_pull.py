@@ -119,6 +119,14 @@ async def test_explicit_sha256_mismatch_is_caught(registry: Registry, file_serve
     assert _leftovers(registry, "x") == []
 
 
+@pytest.mark.parametrize("given", ["ab" * 31, "ab" * 32 + "\n", "zz" * 32, "ab" * 33])
+def test_a_sha256_that_is_not_64_hex_digits_is_refused_before_anything_starts(registry: Registry,
+                                                                               given: str) -> None:
+    with pytest.raises(InvalidRequest) as refused:  # not a pull that downloads, then reports a mismatch
+        registry.plan("x", "https://example.invalid/x.gguf", sha256=given)
+    assert refused.value.code == "invalid_sha256"
+
+
 async def test_401_and_404_are_clear_and_leave_nothing(registry: Registry, file_server: FileServer) -> None:
     file_server.add("gated.gguf", 1000)
     with pytest.raises(SourceUnauthorized) as unauthorized:

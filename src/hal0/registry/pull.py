@@ -52,7 +52,7 @@ _CHUNK = 1024 * 1024
 #: Downloaded bytes are handed to a worker thread in batches of this size, which appends and hashes them: the
 #: event loop only collects chunks. Hashing a batch takes a few ms; the socket's buffers cover the pause.
 WRITE_BATCH = 4 * _CHUNK
-_SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
+_SHA256_RE = re.compile(r"[0-9a-f]{64}")
 _CONTENT_RANGE_RE = re.compile(r"^bytes (\d+)-(\d+)/(\d+|\*)$")
 
 SourceKind = Literal["hf", "url", "file"]
@@ -150,7 +150,7 @@ def _linked_sha256(resp: httpx.Response) -> str | None:
     for r in (*resp.history, resp):
         raw = str(r.headers.get("x-linked-etag", "")).strip().removeprefix("W/")
         value = raw.strip('"').lower()
-        if _SHA256_RE.match(value):
+        if _SHA256_RE.fullmatch(value):
             return value
     return None
 
@@ -403,7 +403,7 @@ class Registry:
              slot_type: str | None = None, provider: str | None = None) -> PullPlan:
         """What a pull of `ref` would fetch: the given source, else the catalog entry."""
         validate_ref(ref)
-        if sha256 is not None and not _SHA256_RE.match(sha256.lower()):
+        if sha256 is not None and not _SHA256_RE.fullmatch(sha256.lower()):
             raise InvalidRequest(f"sha256 must be 64 hex digits, got {sha256!r}", code="invalid_sha256")
         if source:
             src = parse_source(source, self.hf_endpoint)
