@@ -376,3 +376,21 @@ def test_the_api_answers_at_once_while_a_large_pull_writes_hashes_and_fsyncs(
     manifest = h.client.get("/api/models/big-pull").json()
     assert manifest["files"][0]["sha256"] == digest and manifest["size"] == BIG_BLOCK * BIG_BLOCKS, manifest
     print(f"\n{answered_while_pulling} health answers during a {BIG_BLOCKS} MiB pull, slowest {slowest * 1000:.0f} ms")
+
+
+# -- a loading backend whose log never says it is up -------------------------------------------------------------
+def test_a_backend_whose_log_never_says_it_loaded_is_still_found_ready(hal0_factory: Any, llama_server: str,
+                                                                       model_files: dict[str, Path],
+                                                                       tmp_path: Path) -> None:
+    """While llama-server answers "loading", the next probe waits for a log line that says it may be up
+    (`ready_lines`); one that never logs such a line (another version, its own wording) is still found ready
+    by the probing backoff, and answers."""
+    wrapper = tmp_path / "llama-server"
+    # The real server, its log rewritten on the way to the slot's log: the ready lines never appear.
+    wrapper.write_text(f'#!/bin/sh\n"{llama_server}" "$@" 2>&1 | sed -u -e "s/model loaded/model up/" '
+                       '-e "s/listening/serving/" -e "s/all slots are idle/idle/"\n')
+    wrapper.chmod(0o755)
+    h = ready_primary(hal0_factory(str(wrapper)), model_files)
+    log = (h.home / "logs" / "slots" / "primary.log").read_text()
+    assert "model up" in log and "model loaded" not in log and "listening" not in log
+    assert chat(h).status_code == 200

@@ -84,6 +84,10 @@ class Provider(Protocol):
     name: str
     #: Slot types this provider can serve (chat, embed, rerank, stt, tts).
     slot_types: frozenset[str]
+    #: Text the backend logs when it may have finished loading. While its probe says "loading", the next probe
+    #: waits for a log write with one of these in it (or the probing backoff) instead of following every write:
+    #: each probe of a loading backend takes CPU from the load. Empty: every write is news.
+    ready_lines: tuple[bytes, ...]
 
     def endpoints(self, slot_type: str) -> frozenset[str]:
         """The /v1 paths a slot of this type answers through this provider."""

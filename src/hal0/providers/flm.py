@@ -59,6 +59,7 @@ def read_tag(model_path: Path) -> str:
 
 class FlmProvider:
     name = "flm"
+    ready_lines: tuple[bytes, ...] = ()  # every log write is news
     slot_types = frozenset({"chat"})
 
     def __init__(self, binary: str = "", accel_dir: Path = Path("/dev/accel")) -> None:

@@ -23,6 +23,7 @@ _ENDPOINTS = frozenset({"/v1/audio/speech", "/v1/audio/voices", "/v1/models"})
 
 class KokoroProvider:
     name = "kokoro"
+    ready_lines: tuple[bytes, ...] = ()  # every log write is news
     slot_types = frozenset({"tts"})
 
     def endpoints(self, slot_type: str) -> frozenset[str]:

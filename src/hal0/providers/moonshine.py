@@ -28,6 +28,7 @@ _SENTINEL_AUDIO = silent_wav()
 
 class MoonshineProvider:
     name = "moonshine"
+    ready_lines: tuple[bytes, ...] = ()  # every log write is news
     slot_types = frozenset({"stt"})
 
     def endpoints(self, slot_type: str) -> frozenset[str]:

@@ -138,6 +138,7 @@ def find_rpc_server(llama_server: str = "") -> Path:
 
 class RpcProvider:
     name = "rpc"
+    ready_lines: tuple[bytes, ...] = ()  # every log write is news
     slot_types = frozenset({"rpc"})
 
     def __init__(self, llama_server: str = "") -> None:

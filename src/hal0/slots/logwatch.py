@@ -1,8 +1,10 @@
 """Waiting for a backend's log to grow: how a warming slot hears that its backend has news.
 
 A backend announces readiness in its log ("model loaded", "all slots are idle"), so the probe that follows a
-write finds it up at once instead of waiting out the probing backoff. inotify wakes the event loop when the
-file is written; where there is none (another kernel, a log that is not a file), a stat every millisecond.
+write finds it up at once instead of waiting out the probing backoff. While the backend already answers that it
+is loading, only a write with one of its provider's `ready_lines` in it is news: each probe takes CPU from the
+load. inotify wakes the event loop when the file is written; where there is none (another kernel, a log that is
+not a file), a stat every millisecond.
 """
 
 from __future__ import annotations
@@ -81,7 +83,34 @@ class LogWatch:
                 pass
         self._news.set()
 
-    async def grown(self, size: int, interval: float) -> None:
+    async def grown(self, size: int, interval: float, lines: tuple[bytes, ...] = ()) -> None:
+        """Return once the file is no longer `size` bytes, or after `interval`; with `lines`, once what was written
+        past `size` holds one of them (a file that shrank, rotated or truncated, counts as news too)."""
+        if not lines:
+            return await self._grown(size, interval)
+        deadline = time.monotonic() + interval
+        while (left := deadline - time.monotonic()) > 0:
+            await self._grown(size, left)
+            now = size_of(self.path)
+            if now == size:
+                continue  # the interval is up, or a wake for a write already looked at
+            if now < size or self._written_since(size, lines):
+                return
+            size = now
+
+    def _written_since(self, size: int, lines: tuple[bytes, ...]) -> bool:
+        """Whether the bytes from `size` on hold one of `lines`, read a line's length back so that one written in
+        two pieces is still found."""
+        back = max(len(line) for line in lines) - 1
+        try:
+            with self.path.open("rb") as f:
+                f.seek(max(size - back, 0))
+                new = f.read()
+        except OSError:
+            return True
+        return any(line in new for line in lines)
+
+    async def _grown(self, size: int, interval: float) -> None:
         if size_of(self.path) != size:
             return
         if self._fd is None:

@@ -527,7 +527,9 @@ class Slot:
                                      f"(last probe: {probe.stage} {probe.status or ''} {probe.message})".strip(),
                                      probe=probe)
                     return
-                await news.grown(log_size, interval)
+                # A backend that answers "loading" is probed again when its log says it may be up (or the
+                # backoff is over), not after every line it logs.
+                await news.grown(log_size, interval, provider.ready_lines if probe.loading else ())
                 interval = min(interval * PROBE_BACKOFF, PROBE_MAX_S)
 
     async def _died(self, status: ProcessStatus, provider: Provider) -> None:
