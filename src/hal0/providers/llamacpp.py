@@ -160,9 +160,9 @@ def build_kind_of(binary: Path) -> str:
 class LlamaCppProvider:
     name = "llama.cpp"
     slot_types = frozenset({"chat", "embed", "rerank"})
-    # "model loaded" and "listening" (on, or "HTTP server listening") since 2023, "all slots are idle" before.
-    # llama-server logs ~10 lines while it loads the tiny model; probing after each took 4-8 ms of a cold first
-    # token on 2 cores (docs/performance.md, twentieth round).
+    # What llama-server logs as it finishes loading ("model loaded", "listening on", "HTTP server listening",
+    # "all slots are idle", depending on its version). It logs ~10 other lines while it loads the tiny model;
+    # a probe after each cost 4-8 ms of a cold first token on 2 cores (docs/performance.md, twentieth round).
     ready_lines: tuple[bytes, ...] = (b"model loaded", b"listening", b"all slots are idle")
 
     def __init__(self, binary: str = "") -> None:
