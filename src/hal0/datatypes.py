@@ -98,7 +98,9 @@ def _build(cls: type[T], *, frozen: bool, slots: bool, compiled_init: bool = Fal
 #: What the stdlib marks a dataclass and its fields with. Where a Python lacks any of them, the stdlib's own
 #: decorator does the field work (`_stdlib_fields`).
 _INTERNALS = all(hasattr(dataclasses, name) for name in ("_FIELDS", "_PARAMS", "_FIELD", "_FIELD_CLASSVAR"))
-_PARAMS: list[Any] = []  # the `__dataclass_params__` of `@dataclass(init=False, repr=False, eq=False)`, made once
+#: The `__dataclass_params__` of `@dataclass(init=False, repr=False, eq=False)`: the stdlib compiles nothing for it.
+_PARAMS: Any = dataclasses.dataclass(type("Params", (), {"__doc__": "-"}), init=False, repr=False,
+                                     eq=False).__dataclass_params__  # type: ignore[attr-defined]
 
 
 def _own_fields(cls: type) -> tuple[dataclasses.Field[Any], ...]:
@@ -112,7 +114,8 @@ def _own_fields(cls: type) -> tuple[dataclasses.Field[Any], ...]:
     annotations = inspect.get_annotations(cls)  # its own, not its bases': strings, as hal0's modules write them
     for name, kind in annotations.items():
         default: Any = getattr(cls, name, _MISSING)
-        if isinstance(default, dataclasses.Field):
+        given = isinstance(default, dataclasses.Field)  # `x: int = field(...)`: its default goes on the class
+        if given:
             f = default
         else:
             if isinstance(default, types.MemberDescriptorType):  # a slot of a base, not a default
@@ -132,7 +135,7 @@ def _own_fields(cls: type) -> tuple[dataclasses.Field[Any], ...]:
                 raise ValueError(f"mutable default {type(f.default)} for field {name} is not allowed: use "
                                  "default_factory")
         every[name] = f
-        if isinstance(getattr(cls, name, None), dataclasses.Field):
+        if given:
             if f.default is _MISSING:
                 delattr(cls, name)
             else:
@@ -140,11 +143,8 @@ def _own_fields(cls: type) -> tuple[dataclasses.Field[Any], ...]:
     for name, value in cls.__dict__.items():
         if isinstance(value, dataclasses.Field) and name not in annotations:
             raise TypeError(f"{name!r} is a field but has no type annotation")
-    if not _PARAMS:  # a class asked for no method: the stdlib compiles nothing for it
-        _PARAMS.append(dataclasses.dataclass(type("Params", (), {"__doc__": "-"}), init=False, repr=False,
-                                             eq=False).__dataclass_params__)  # type: ignore[attr-defined]
     cls.__dataclass_fields__ = every  # type: ignore[attr-defined]
-    cls.__dataclass_params__ = _PARAMS[0]  # type: ignore[attr-defined]
+    cls.__dataclass_params__ = _PARAMS  # type: ignore[attr-defined]
     fields = tuple(f for f in every.values() if f._field_type is dataclasses._FIELD)  # type: ignore[attr-defined]
     if "__match_args__" not in cls.__dict__:
         cls.__match_args__ = tuple(f.name for f in fields if f.init)  # type: ignore[attr-defined,misc]
