@@ -289,13 +289,17 @@ def _pid_in(pidfile: Path) -> int:
 
 
 class Hal0:
-    """The real hal0 API (`hal0 serve`) with its own HAL0_HOME; chat slots on fixed ports."""
+    """The real hal0 API (`hal0 serve`) with its own HAL0_HOME; chat slots on fixed ports. With `held_socket`, the
+    bench holds the API's listening socket and hands it to every process it spawns, as systemd's hal0-api.socket
+    does (socket activation: descriptor 3, LISTEN_FDS, LISTEN_PID set by a bash that execs `hal0 serve`)."""
 
     name = "hal0"
 
-    def __init__(self, home: Path, models: dict[str, Path], slots: dict[str, str], **env: str) -> None:
+    def __init__(self, home: Path, models: dict[str, Path], slots: dict[str, str], *, held_socket: bool = False,
+                 **env: str) -> None:
         self.home = home
         self.port = free_port()
+        self.socket = socket.create_server(("127.0.0.1", self.port), backlog=2048) if held_socket else None
         self.slot_ports: dict[str, int] = {}
         store = ModelStore(home / "state" / "models")
         for ref, path in models.items():
@@ -322,10 +326,14 @@ class Hal0:
         return self.proc.pid
 
     def spawn(self) -> None:
+        argv = [sys.executable, "-m", "hal0.cli", "serve", "--port", str(self.port), "--no-demo", "--log-level",
+                "warning"]
+        fds: tuple[int, ...] = ()
+        if self.socket is not None:
+            fds = (self.socket.fileno(),)
+            argv = ["bash", "-c", f'LISTEN_PID=$$ LISTEN_FDS=1 exec "$@" 3<&{fds[0]}', "bash", *argv]
         with self.log.open("ab") as log:
-            self.proc = subprocess.Popen([sys.executable, "-m", "hal0.cli", "serve", "--port", str(self.port),
-                                          "--no-demo", "--log-level", "warning"],
-                                         env=self.env, stdout=log, stderr=subprocess.STDOUT)
+            self.proc = subprocess.Popen(argv, env=self.env, stdout=log, stderr=subprocess.STDOUT, pass_fds=fds)
 
     async def start(self) -> Hal0:
         self.spawn()
@@ -373,6 +381,8 @@ class Hal0:
                 os.killpg(pid, signal.SIGKILL)
             except OSError:
                 pass
+        if self.socket is not None:
+            self.socket.close()
 
 
 class Router:

@@ -102,7 +102,9 @@ def rows(res: dict[str, Any]) -> list[tuple[str, dict[str, str], str]]:
             continue
         out.append((f"API restart, {size}: serving again ms / model reloaded", each(
             lambda n, size=size: "n/a" if get(t, size, n) is None else
-            f"{get(t, size, n, 'serves_again_ms'):.0f} / {'yes' if any(get(t, size, n, 'reloaded')) else 'no'}"),
+            f"{get(t, size, n, 'serves_again_ms'):.0f} / {'yes' if any(get(t, size, n, 'reloaded')) else 'no'}"
+            + (f" (socket held, as under systemd: {get(t, size, 'hal0-socket', 'serves_again_ms'):.0f})"
+               if n == "hal0" and get(t, size, "hal0-socket") else "")),
             "hal0: ≤ 150 ms, no reload"))
     out.append(("control plane RSS MB idle / under load", each(
         lambda n: "n/a" if get(f, n) is None else

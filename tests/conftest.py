@@ -213,15 +213,19 @@ class Hal0:
         folder.mkdir(parents=True, exist_ok=True)
         (folder / f"{name}.toml").write_text(text)
 
-    def start(self, *extra: str, env: dict[str, str] | None = None, wait: bool = True) -> Hal0:
-        """Run `hal0 serve`; with `wait`, until GET /api/health answers 200."""
+    def start(self, *extra: str, env: dict[str, str] | None = None, wait: bool = True,
+              socket_fd: int | None = None) -> Hal0:
+        """Run `hal0 serve`; with `wait`, until GET /api/health answers 200. With `socket_fd`, the API is handed
+        that listening socket as systemd's socket activation does (descriptor 3, LISTEN_FDS, LISTEN_PID): a shell
+        sets its own pid and execs `hal0 serve` in its place."""
         self.home.mkdir(parents=True, exist_ok=True)
         log = self.log.open("ab")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "hal0.cli", "serve", "--port", str(self.port), "--no-demo",
-             "--log-level", "warning", *extra],
-            env={**self.env, **(env or {})}, stdout=log, stderr=subprocess.STDOUT,
-        )
+        argv = [sys.executable, "-m", "hal0.cli", "serve", "--port", str(self.port), "--no-demo",
+                "--log-level", "warning", *extra]
+        if socket_fd is not None:
+            argv = ["bash", "-c", f'LISTEN_PID=$$ LISTEN_FDS=1 exec "$@" 3<&{socket_fd}', "bash", *argv]
+        self.proc = subprocess.Popen(argv, env={**self.env, **(env or {})}, stdout=log, stderr=subprocess.STDOUT,
+                                     pass_fds=() if socket_fd is None else (socket_fd,))
         log.close()
         if not wait:
             return self

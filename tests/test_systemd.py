@@ -20,7 +20,7 @@ import pytest
 from hal0.errors import ConfigError
 from hal0.providers.base import Command
 from hal0.settings import Settings, load_settings
-from hal0.setup_systemd import API_UNIT, doctor_checks, install_units, render_unit
+from hal0.setup_systemd import API_SOCKET, API_UNIT, doctor_checks, install_units, listen_address, render_unit
 from hal0.supervisors.base import Handle, ProcessStatus
 from hal0.supervisors.choose import TEMPLATE_UNIT, choose_supervisor
 from hal0.supervisors.systemd import (
@@ -31,7 +31,7 @@ from hal0.supervisors.systemd import (
     unit_name,
 )
 from tests import nspawn
-from tests.conftest import alive, wait_until
+from tests.conftest import alive, free_port, wait_until
 
 IN_CI = bool(os.environ.get("CI"))
 TRICKY_ARGV = ("a b", 'q"x', "100%", "$HOME", "${HOME}", "back\\slash", ";", "it's", "tab\there", "")
@@ -68,7 +68,7 @@ def test_rendered_units_pass_systemd_analyze_verify(tmp_path: Path, analyze: str
     settings = _settings(tmp_path)
     unit_dir = tmp_path / "etc/systemd/system"
     unit_dir.mkdir(parents=True)
-    for name in (TEMPLATE_UNIT, API_UNIT):
+    for name in (TEMPLATE_UNIT, API_UNIT, API_SOCKET):
         (unit_dir / name).write_text(render_unit(name, settings, hal0=_hal0_bin(), unit_dir=unit_dir))
     dropin = dropin_path(unit_dir, "primary")
     dropin.parent.mkdir(parents=True)
@@ -77,6 +77,7 @@ def test_rendered_units_pass_systemd_analyze_verify(tmp_path: Path, analyze: str
                                     stop_timeout_s=7))
 
     _verify(analyze, unit_dir, API_UNIT)
+    _verify(analyze, unit_dir, API_SOCKET)
     _verify(analyze, unit_dir, TEMPLATE_UNIT)
     _verify(analyze, unit_dir, unit_name("primary"))
 
@@ -125,8 +126,26 @@ def test_units_carry_restart_policy_user_and_sandbox(tmp_path: Path) -> None:
         assert line in slot.splitlines()
     assert any(ln.startswith("StartLimitBurst=") for ln in slot.splitlines())
     api = render_unit(API_UNIT, settings, hal0=Path("/opt/hal0/bin/hal0"))
-    assert "ExecStart=/opt/hal0/bin/hal0 serve" in api.splitlines()
-    assert "WantedBy=multi-user.target" in api.splitlines()
+    for line in ("ExecStart=/opt/hal0/bin/hal0 serve", "WantedBy=multi-user.target", "Restart=on-failure",
+                 # Restarted at once: its socket keeps clients waiting meanwhile, and a crash loop hits the limit.
+                 "RestartSec=0", "Requires=hal0-api.socket", "After=network.target hal0-api.socket",
+                 "Also=hal0-api.socket"):
+        assert line in api.splitlines()
+    assert any(ln.startswith("StartLimitBurst=") for ln in api.splitlines())
+    sock = render_unit(API_SOCKET, replace(settings, port=8123))
+    assert "ListenStream=127.0.0.1:8123" in sock.splitlines()
+    assert "WantedBy=sockets.target" in sock.splitlines()
+
+
+def test_the_socket_unit_listens_on_an_ip_address() -> None:
+    assert listen_address("127.0.0.1", 8080) == "127.0.0.1:8080"
+    assert listen_address("localhost", 8080) == "127.0.0.1:8080"  # systemd resolves no names
+    assert listen_address("::1", 8080) == "[::1]:8080"
+    assert listen_address("[::]", 9000) == "[::]:9000"
+    assert listen_address("0.0.0.0", 80) == "0.0.0.0:80"
+    for name in ("hal0.example", "127.0.0.1\n", ""):
+        with pytest.raises(ConfigError, match="systemd listens on an IP address"):
+            listen_address(name, 8080)
 
 
 def test_paths_a_unit_cannot_hold_are_refused(tmp_path: Path) -> None:
@@ -137,8 +156,7 @@ def test_paths_a_unit_cannot_hold_are_refused(tmp_path: Path) -> None:
 
 def test_install_dry_run_lists_the_units_and_changes_nothing(tmp_path: Path) -> None:
     paths = install_units(_settings(tmp_path), root=tmp_path / "root", dry_run=True, hal0=_hal0_bin())
-    assert paths == [tmp_path / "root/etc/systemd/system" / TEMPLATE_UNIT,
-                     tmp_path / "root/etc/systemd/system" / API_UNIT]
+    assert paths == [tmp_path / "root/etc/systemd/system" / name for name in (TEMPLATE_UNIT, API_UNIT, API_SOCKET)]
     assert not (tmp_path / "root").exists()
 
 
@@ -254,8 +272,9 @@ def container(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, 
 @pytest.fixture(scope="module")
 def installed(container: tuple[Path, list[str]]) -> Iterator[tuple[SystemdSupervisor, Path, list[str]]]:
     root, prefix = container
+    # The container shares this machine's network: its hal0-api.socket listens on a free port, not on 8080.
     settings = Settings(config_dir=Path("/etc/hal0"), state_dir=Path("/var/lib/hal0"),
-                        log_dir=Path("/var/log/hal0"))
+                        log_dir=Path("/var/log/hal0"), port=free_port())
     install_units(settings, root=root, hal0=Path("/usr/bin/true"))
     (root / "var/lib/hal0").chmod(0o777)  # the backend user dumps its argv there
     subprocess.run([*prefix, "systemctl", "daemon-reload"], check=True, timeout=60)

@@ -27,6 +27,7 @@ REPO = Path(__file__).resolve().parent.parent
 VENV = "/opt/hal0"
 LLAMA_DIR = "/opt/llama-server"
 SLOT_UNIT = "hal0-slot@primary.service"
+API_UNIT = "hal0-api.service"
 
 
 def _dependency_wheels() -> Path:
@@ -110,7 +111,7 @@ def booted(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Booted]:
         box.run([f"{VENV}/bin/pip", "install", "-q", "--no-index", "--find-links", "/opt/wheels", "hal0"],
                 timeout=600)
         setup = box.run([f"{VENV}/bin/hal0", "setup", "--systemd"])
-        assert "hal0-api.service is enabled" in setup.stdout
+        assert "hal0-api.socket and hal0-api.service are enabled" in setup.stdout
         box.run(["systemctl", "start", "hal0-api.service"])
         booted = Booted(box, port)
         wait_until(booted.api_up, 120, "hal0-api.service to answer")
@@ -148,6 +149,21 @@ def test_hal0_under_systemd_survives_api_restarts_kills_and_reboots(booted: Boot
     assert after == {k: unit[k] for k in after}, (unit, after)
     assert booted.slot()["pid"] == slot["pid"]
 
+    # SIGKILL to the API: systemd starts it again at once, and hal0-api.socket keeps the port open meanwhile, so
+    # a request sent while no API process exists waits in the backlog and is answered: never refused.
+    api = booted.unit(API_UNIT, "MainPID", "NRestarts")
+    box.run(["systemctl", "kill", "-s", "KILL", API_UNIT])
+    t0 = time.monotonic()
+    during = httpx.post(f"{booted.url}/v1/chat/completions", timeout=60, json={
+        "model": "primary", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4})
+    kill_to_served = time.monotonic() - t0
+    assert during.status_code == 200, during.text
+    again = booted.unit(API_UNIT, "MainPID", "NRestarts", "ActiveState")
+    assert again["ActiveState"] == "active" and again["MainPID"] != api["MainPID"], (api, again)
+    assert int(again["NRestarts"]) == int(api["NRestarts"]) + 1, (api, again)
+    assert booted.slot()["pid"] == slot["pid"]  # adopted again: no reload
+    assert booted.unit("hal0-api.socket", "ActiveState")["ActiveState"] == "active"
+
     # SIGKILL to the unit: the slot turns `error` with systemd's exit reason, and the next request reloads it.
     t0 = time.monotonic()
     box.run(["systemctl", "kill", "-s", "KILL", SLOT_UNIT])
@@ -180,5 +196,6 @@ def test_hal0_under_systemd_survives_api_restarts_kills_and_reboots(booted: Boot
         assert "stopped" in slot["reason"] or "not run since systemd started" in slot["reason"], slot
     assert booted.chat().status_code == 200
     reboot_to_served = time.monotonic() - t0
-    print(f"\nsystemd: API restart to served again {_ms(restart_to_served)}; SIGKILL of the slot unit to "
+    print(f"\nsystemd: API restart to served again {_ms(restart_to_served)}; SIGKILL of the API to a request "
+          f"sent meanwhile answered {_ms(kill_to_served)}; SIGKILL of the slot unit to "
           f"`error` {_ms(detected)}; API up after boot to served {_ms(reboot_to_served)}")

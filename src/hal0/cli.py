@@ -88,15 +88,30 @@ def _serve_options(argv: Sequence[str]) -> SimpleNamespace | None:
 
 
 def cmd_serve(args: argparse.Namespace | SimpleNamespace) -> int:
+    import dataclasses
     import gc
     import logging
 
     from hal0.eventloop import import_without_ssl
 
     import_without_ssl()  # before anything imports asyncio: ~10 ms and ~4.5 MB that `/v1` never uses
-    from hal0.server import listen
+    from hal0.server import inherited_sockets, listen
 
+    # Under systemd, hal0-api.socket holds the port and passes it: the socket is what is served, whatever the
+    # settings say (they rendered it; `hal0 setup --systemd` renders it again after a change).
+    try:
+        socks = inherited_sockets()
+    except OSError as exc:
+        print(f"hal0: the socket the service manager passed cannot be served: {exc}", file=sys.stderr)
+        return 1
     settings = load_settings(overrides={"host": args.host, "port": args.port})
+    if socks:
+        host, port = socks[0].getsockname()[:2]
+        if (_LOOPBACK[0] if settings.host == "localhost" else settings.host, settings.port) != (host, port):
+            print(f"hal0: serving {host}:{port}, the socket systemd passed, not {settings.host}:{settings.port} "
+                  "as configured: run `hal0 setup --systemd` and restart hal0-api.socket to move it",
+                  file=sys.stderr)
+            settings = dataclasses.replace(settings, host=host, port=port)
     if settings.host not in _LOOPBACK and not settings.api_keys:
         print(f"hal0: refusing to bind {settings.host}: set HAL0_API_KEYS first (only loopback is open "
               "without keys)", file=sys.stderr)
@@ -109,11 +124,13 @@ def cmd_serve(args: argparse.Namespace | SimpleNamespace) -> int:
     except Hal0Error as exc:
         print(f"hal0: {exc.message}", file=sys.stderr)
         return 1
-    try:
-        sock = listen(settings.host, settings.port)
-    except OSError as exc:
-        print(f"hal0: cannot listen on {settings.host}:{settings.port}: {exc.strerror or exc}", file=sys.stderr)
-        return 1
+    if not socks:
+        try:
+            socks = [listen(settings.host, settings.port)]
+        except OSError as exc:
+            print(f"hal0: cannot listen on {settings.host}:{settings.port}: {exc.strerror or exc}",
+                  file=sys.stderr)
+            return 1
     # Listening from here on: a client that connects while the API imports and starts waits in the socket's
     # backlog and is answered as soon as it serves, instead of being refused (a restart looks like a pause).
     # The collector is off meanwhile (what the start makes lives as long as the process, and walking it again
@@ -126,7 +143,7 @@ def cmd_serve(args: argparse.Namespace | SimpleNamespace) -> int:
     server = Server(create_app(settings, AppOptions(demo=not args.no_demo)),
                     head_timeout_s=settings.header_timeout_s, graceful_s=5)
     try:
-        return server.run([sock])
+        return server.run(socks)
     finally:
         lock.release()
 
@@ -336,7 +353,7 @@ def cmd_setup(args: argparse.Namespace) -> int:
     for path in paths:
         print(("would write " if args.dry_run else "wrote ") + str(path))
     if not args.dry_run:
-        print("hal0-api.service is enabled; start it with: systemctl start hal0-api")
+        print("hal0-api.socket and hal0-api.service are enabled; start them with: systemctl start hal0-api")
     return 0
 
 

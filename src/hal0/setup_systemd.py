@@ -23,7 +23,9 @@ from hal0.supervisors.choose import TEMPLATE_UNIT, choose_supervisor
 from hal0.supervisors.systemd import UNIT_DIR
 
 API_UNIT = "hal0-api.service"
-UNITS = (TEMPLATE_UNIT, API_UNIT)
+#: The API's listening socket, held by systemd across the API's restarts and passed to it (socket activation).
+API_SOCKET = "hal0-api.socket"
+UNITS = (TEMPLATE_UNIT, API_UNIT, API_SOCKET)
 USER = "hal0"
 #: Groups that grant GPU access on common distributions; the backend user joins those that exist.
 GPU_GROUPS = ("video", "render")
@@ -39,6 +41,19 @@ def _unit_path(value: Path | str, what: str) -> str:
         raise ConfigError(f"{what} {text!r} cannot go into a systemd unit: use an absolute path without "
                           "spaces, quotes, % or $")
     return text
+
+
+def listen_address(host: str, port: int) -> str:
+    """`host:port` as a socket unit's `ListenStream=` takes it: an IP address (`localhost` is 127.0.0.1; systemd
+    resolves no names), an IPv6 one in brackets."""
+    import ipaddress
+
+    try:
+        ip = ipaddress.ip_address("127.0.0.1" if host == "localhost" else host.strip("[]"))
+    except ValueError:
+        raise ConfigError(f"host {host!r} cannot go into hal0-api.socket: systemd listens on an IP address, "
+                          "not a name; set host to one (127.0.0.1, ::1, 0.0.0.0)") from None
+    return f"[{ip}]:{port}" if ip.version == 6 else f"{ip}:{port}"
 
 
 def hal0_executable() -> Path:
@@ -67,6 +82,7 @@ def render_unit(name: str, settings: Settings, *, hal0: Path | None = None, unit
         "UNIT_DIR": _unit_path(unit_dir, "unit directory"),
         "HOST": settings.host,
         "PORT": str(settings.port),
+        "LISTEN": listen_address(settings.host, settings.port),
     }
     if name == API_UNIT:
         values["HAL0"] = _unit_path(hal0 or hal0_executable(), "hal0 executable")
@@ -111,11 +127,11 @@ def _run(argv: list[str]) -> None:
 
 def install_units(settings: Settings, *, root: Path = Path("/"), dry_run: bool = False,
                   unit_dir: Path = UNIT_DIR, hal0: Path | None = None, user: str = USER) -> list[Path]:
-    """Install hal0's units under `root` and enable the API unit; returns the unit files written.
+    """Install hal0's units under `root` and enable the API's socket and service; returns the unit files written.
 
     Creates the `hal0` system user if missing (in the GPU groups that exist), the state/log/config dirs, writes
-    both units, then `systemctl daemon-reload` and `systemctl enable hal0-api.service` (offline, with
-    `--root`, when `root` is not `/`). With `dry_run` nothing is changed and the paths are only listed.
+    the units, then `systemctl daemon-reload` and `systemctl enable hal0-api.socket hal0-api.service` (offline,
+    with `--root`, when `root` is not `/`). With `dry_run` nothing is changed and the paths are only listed.
     """
     rendered = {name: render_unit(name, settings, hal0=hal0, unit_dir=unit_dir, user=user) for name in UNITS}
     paths = [_under(root, unit_dir) / name for name in UNITS]
@@ -135,9 +151,9 @@ def install_units(settings: Settings, *, root: Path = Path("/"), dry_run: bool =
         atomic_write_text(path, rendered[name], mode=0o644)
     if root == Path("/"):
         _run(["systemctl", "daemon-reload"])
-        _run(["systemctl", "enable", API_UNIT])
+        _run(["systemctl", "enable", API_SOCKET, API_UNIT])
     else:
-        _run(["systemctl", "--root", str(root), "enable", API_UNIT])
+        _run(["systemctl", "--root", str(root), "enable", API_SOCKET, API_UNIT])
     return paths
 
 

@@ -9,6 +9,6 @@ every start of a restarted API, paid before it answers /v1 again.
 """
 
 from hal0.server.connection import HIGH_WATER, MAX_HEAD_BYTES
-from hal0.server.core import STARTUP_FAILED, Server, listen
+from hal0.server.core import STARTUP_FAILED, Server, inherited_sockets, listen
 
-__all__ = ["HIGH_WATER", "MAX_HEAD_BYTES", "STARTUP_FAILED", "Server", "listen"]
+__all__ = ["HIGH_WATER", "MAX_HEAD_BYTES", "STARTUP_FAILED", "Server", "inherited_sockets", "listen"]

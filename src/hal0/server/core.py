@@ -8,15 +8,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import signal
 import socket
-from collections.abc import Sequence
+from collections.abc import MutableMapping, Sequence
 from typing import Any
 
 from hal0.server.connection import ASGI, App, Connection, Message, log
 
 #: `serve`'s result when the app's lifespan refused to start (uvicorn's code for it, kept for scripts).
 STARTUP_FAILED = 3
+#: The first descriptor a socket-activating service manager passes (sd_listen_fds(3)'s SD_LISTEN_FDS_START).
+LISTEN_FDS_START = 3
 
 
 def listen(host: str, port: int) -> socket.socket:
@@ -31,6 +34,32 @@ def listen(host: str, port: int) -> socket.socket:
         sock.close()
         raise
     return sock
+
+
+def inherited_sockets(environ: MutableMapping[str, str] = os.environ) -> list[socket.socket]:
+    """The listening sockets a service manager passed this process: systemd's socket activation (`LISTEN_FDS`
+    descriptors from 3 on, for the process that `LISTEN_PID` names), as hal0-api.socket does. The variables are
+    taken out of the environment whether or not they were meant for this process, so that no backend it spawns
+    sees them; [] where none were passed. Such a socket outlives the process: while no API runs (a crash, a
+    restart), a client waits in its backlog instead of being refused. OSError for a descriptor that is not a
+    listening TCP socket."""
+    pid, count = environ.pop("LISTEN_PID", ""), environ.pop("LISTEN_FDS", "")
+    environ.pop("LISTEN_FDNAMES", None)
+    if not (pid.isdigit() and int(pid) == os.getpid() and count.isdigit()):
+        return []
+    out: list[socket.socket] = []
+    for fd in range(LISTEN_FDS_START, LISTEN_FDS_START + int(count)):
+        try:
+            os.set_inheritable(fd, False)
+            sock = socket.socket(fileno=fd)
+        except OSError as exc:
+            raise OSError(exc.errno, f"descriptor {fd} is not a socket ({exc.strerror})") from None
+        if (sock.family not in (socket.AF_INET, socket.AF_INET6) or sock.type != socket.SOCK_STREAM
+                or not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)):
+            sock.detach()
+            raise OSError(f"descriptor {fd} is not a listening TCP socket")
+        out.append(sock)
+    return out
 
 
 class Server:
@@ -162,4 +191,4 @@ class _Lifespan:
             done.set_result(kind.endswith(".complete"))
 
 
-__all__ = ["STARTUP_FAILED", "Server", "listen"]
+__all__ = ["LISTEN_FDS_START", "STARTUP_FAILED", "Server", "inherited_sockets", "listen"]
