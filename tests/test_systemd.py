@@ -326,6 +326,44 @@ async def test_real_systemd_runs_a_slot_with_its_exact_argv(
 
 
 @pytest.mark.slow
+async def test_real_systemd_reloads_its_units_only_for_a_command_it_has_not_loaded(
+        installed: tuple[SystemdSupervisor, Path, list[str]]) -> None:
+    """A daemon-reload re-reads every unit on the machine (~150 ms in the container): a slot loaded again with the
+    same command starts without one, one with another command gets it, and so does a drop-in that changed behind
+    systemd's back (an API stopped between writing it and reloading)."""
+    supervisor, root, prefix = installed
+    dump = root / "var/lib/hal0/dump-again.json"
+
+    def reloads() -> str:  # the manager's timestamp of its last (re)load of the units
+        return subprocess.run([*prefix, "systemctl", "show", "--property=UnitsLoadTimestampMonotonic"],
+                              capture_output=True, text=True, check=True, timeout=60).stdout.strip()
+
+    async def load(stop: bool = True, **env: str) -> dict[str, Any]:
+        dump.unlink(missing_ok=True)
+        handle = await supervisor.start("again", _command("again", **env))
+        data: dict[str, Any] = json.loads(wait_until(lambda: dump.read_text() if dump.is_file() else None, 30,
+                                                     "the backend's dump"))
+        if stop:
+            assert not (await supervisor.stop("again", handle, timeout=5)).alive
+        return data
+
+    await load()
+    before = reloads()
+    for _ in range(3):  # more loads than the template's StartLimitBurst: each start resets the unit's count
+        assert (await load())["env"]["ODD"] == 'x%y$z"\\'
+    assert reloads() == before, "the same command again: no daemon-reload"
+    assert (await load(ODD="another"))["env"]["ODD"] == "another"
+    after = reloads()
+    assert after != before, "another command: reloaded"
+    # While the unit runs, systemd keeps what it loaded: a drop-in written behind its back is found through its
+    # NeedDaemonReload, though the text hal0 writes is the same as the file's.
+    await load(stop=False, ODD="running")
+    supervisor._write_dropin("again", _command("again", ODD="behind"))
+    assert (await load(ODD="behind"))["env"]["ODD"] == "behind"
+    assert reloads() != after, "reloaded for the drop-in systemd had not loaded"
+
+
+@pytest.mark.slow
 async def test_real_systemd_reports_a_crash_with_exit_code_and_journal(
         installed: tuple[SystemdSupervisor, Path, list[str]]) -> None:
     supervisor, _, _ = installed
