@@ -375,3 +375,34 @@ async def test_a_lifespan_that_fails_to_start_never_serves() -> None:
     sock = listen("127.0.0.1", 0)
     assert await asyncio.wait_for(Server(app).serve([sock]), 10) == STARTUP_FAILED
     sock.close()
+
+
+async def test_a_second_stop_during_the_graceful_wait_cancels_what_still_runs() -> None:
+    """The graceful wait ends with the last request, or at once on a second signal (`exit` again, as a second
+    SIGTERM does): the request still running is cancelled and the server returns, long before `graceful_s`."""
+    started = asyncio.Event()
+    cancelled = asyncio.Event()
+
+    async def app(scope: dict[str, Any], receive: Receive, send: Send) -> None:
+        started.set()
+        try:
+            await asyncio.Event().wait()  # never answers
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+
+    async with serving(app, graceful_s=3600) as (server, port, task):
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as client:
+            pending = asyncio.create_task(client.get("/forever"))
+            await asyncio.wait_for(started.wait(), 10)
+            server.exit()
+            await asyncio.sleep(0.1)
+            assert not task.done(), "the first stop waits for the request"
+            server.exit()
+            assert await asyncio.wait_for(task, 10) == 0
+            assert cancelled.is_set()
+            try:
+                answer = (await pending).status_code
+            except httpx.TransportError:
+                answer = None
+            assert answer is None or answer >= 500, answer  # never answered as if it had run

@@ -119,3 +119,17 @@ async def test_a_subscription_returns_queued_events_even_without_waiting() -> No
         got.append(event.data["n"])
     assert got == [1, 3]
     assert await sub.get(0.01) is None
+
+
+def test_a_store_that_closes_writes_its_pending_record_at_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A written-behind record waits for a newer one to replace it; a stopping API (which waits for the writer)
+    does not wait that out: with an hour's delay, `close` still returns with the record on disk."""
+    import hal0.slots.store as store_module
+
+    monkeypatch.setattr(store_module, "WRITE_BEHIND_DELAY_S", 3600.0)
+    store = StateStore(tmp_path)
+    store.write(SlotRecord(name="primary", state=SlotState.READY, seq=7), mode="behind")
+    assert store.read("primary") is None  # still waiting for a newer record
+    store.close()
+    record = store.read("primary")
+    assert record is not None and (record.state, record.seq) == (SlotState.READY, 7)

@@ -143,6 +143,8 @@ class Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.server.connections.discard(self)
+        if self.server.stopping:
+            self.server.note_gone()
         self._disarm_head()
         self._disarm_idle()
         for exchange in (self.exchange, *self.pipeline, self._parsing):

@@ -83,6 +83,8 @@ class Server:
         #: Set once the lifespan has started and the sockets accept connections.
         self.started = asyncio.Event()
         self._exit = asyncio.Event()
+        #: Set while stopping once no connection is open and no request runs (or when the wait is skipped).
+        self._drained = asyncio.Event()
         self._force = False
 
     async def serve(self, sockets: Sequence[socket.socket]) -> int:
@@ -106,6 +108,13 @@ class Server:
         """Stop serving (from the server's loop); `force`: without waiting for responses in progress."""
         self._force = self._force or force or self._exit.is_set()
         self._exit.set()
+        if self._force:
+            self._drained.set()
+
+    def note_gone(self) -> None:
+        """A connection closed or a request ended while stopping: the stop's wait ends with the last of them."""
+        if not self.connections and not self.tasks:
+            self._drained.set()
 
     def run(self, sockets: Sequence[socket.socket]) -> int:
         """Serve on uvloop (asyncio's loop without it) until SIGTERM or SIGINT."""
@@ -130,9 +139,13 @@ class Server:
             server.close()
         for conn in list(self.connections):
             conn.shutdown()
-        deadline = self.loop.time() + self.graceful_s
-        while (self.connections or self.tasks) and not self._force and self.loop.time() < deadline:
-            await asyncio.sleep(0.02)
+        # Woken by the last connection or request to end, not polled: an idle API stops at once.
+        for task in list(self.tasks):
+            task.add_done_callback(lambda _task: self.note_gone())
+        self.note_gone()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(self.graceful_s):
+                await self._drained.wait()
         if self.tasks:
             log.warning("stopping: %d request(s) still running after %gs, cancelled", len(self.tasks),
                         self.graceful_s)

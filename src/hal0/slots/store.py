@@ -108,6 +108,8 @@ class StateStore:
         self._pending: dict[str, dict[str, Any]] = {}
         self._written: dict[str, int] = {}
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="hal0-state")
+        #: Set by `close`: a record waiting for a newer one to replace it is written at once.
+        self._closing = threading.Event()
 
     def slot_dir(self, name: str) -> Path:
         return self.root / name
@@ -132,8 +134,9 @@ class StateStore:
             self._write_now(record.name, data, durable=mode == "fsync")
 
     def _write_behind(self, name: str) -> None:
-        # A moment's wait lets back-to-back request flips (ready -> serving -> ready) collapse into one write.
-        time.sleep(WRITE_BEHIND_DELAY_S)
+        # A moment's wait lets back-to-back request flips (ready -> serving -> ready) collapse into one write; an API
+        # that stops writes at once (its stop waits for this thread).
+        self._closing.wait(WRITE_BEHIND_DELAY_S)
         with self._write_lock:
             with self._pending_lock:
                 data = self._pending.pop(name, None)
@@ -184,6 +187,7 @@ class StateStore:
         self._writer.submit(lambda: None).result()
 
     def close(self) -> None:
+        self._closing.set()
         self._writer.shutdown(wait=True)
 
     def read(self, name: str) -> SlotRecord | None:
