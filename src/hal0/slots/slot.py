@@ -40,6 +40,10 @@ PROBE_FIRST_S = 0.005
 PROBE_MAX_S = 0.25
 PROBE_BACKOFF = 1.5
 WATCH_INTERVAL_S = 0.25
+#: How often a loaded backend's supervisor is asked about it while a pidfd watches the process (its exit wakes the
+#: watch at once): a net under the pidfd, not the way a death is found. Under systemd each ask is a `systemctl
+#: show` process (~20 ms), four a second per loaded slot at WATCH_INTERVAL_S.
+STATUS_WITH_PIDFD_S = 5.0
 #: Liveness of a loaded backend: probed this often, each probe given this long, this many misses in a row
 #: mean it hung (so a frozen backend is found within about 4-7 s, with no request needed).
 LIVENESS_INTERVAL_S = 1.0
@@ -68,9 +72,9 @@ def _write_mode(dst: SlotState) -> WriteMode:
     return "fsync"
 
 
-def _watch_exit(pid: int | None, exited: asyncio.Event) -> int | None:
-    """Set `exited` when process `pid` ends, through a pidfd on the event loop; None where that is not to be
-    had (no pid, an old kernel, a process already gone): the watch loop's status check covers those."""
+def _watch_exit(pid: int | None, *exited: asyncio.Event) -> int | None:
+    """Set the `exited` events when process `pid` ends, through a pidfd on the event loop; None where that is not
+    to be had (no pid, an old kernel, a process already gone): the watch loop's status check covers those."""
     if pid is None or not hasattr(os, "pidfd_open"):
         return None
     try:
@@ -81,7 +85,8 @@ def _watch_exit(pid: int | None, exited: asyncio.Event) -> int | None:
 
     def on_exit() -> None:
         # Readable stays readable: one wake-up is the news, the status check does the rest.
-        exited.set()
+        for event in exited:
+            event.set()
         loop.remove_reader(fd)
 
     loop.add_reader(fd, on_exit)
@@ -733,7 +738,8 @@ class Slot:
         """While loaded: notice a dead or hung backend, move to idle after the idle timeout, unload after the TTL.
 
         A death is seen the moment it happens where the kernel can tell (a pidfd turns readable when its
-        process exits) or the dispatcher reports a refused connection, else by the status check every
+        process exits) or the dispatcher reports a refused connection: the supervisor is asked then, and every
+        STATUS_WITH_PIDFD_S besides; without a pidfd (or once it fired, until the supervisor agrees), every
         WATCH_INTERVAL_S. A backend that is alive but stops answering (frozen, deadlocked) fails
         LIVENESS_FAILURES liveness probes in a row and is stopped and marked `backend_unresponsive`, so the next
         request reloads it instead of waiting out its timeout. The status check awaits the supervisor (a
@@ -742,7 +748,10 @@ class Slot:
         settings = self._ctx.settings
         idle_timeout = self.config.idle_timeout_s or settings.idle_timeout_s
         self._wake.clear()
-        pidfd = _watch_exit(self.record.pid, self._wake)
+        exited = asyncio.Event()
+        watched = self.record.pid
+        pidfd = _watch_exit(watched, self._wake, exited)
+        next_status = 0.0
         next_liveness = time.monotonic() + LIVENESS_INTERVAL_S
         next_memory = 0.0
         misses = 0
@@ -757,21 +766,34 @@ class Slot:
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(WATCH_INTERVAL_S):
                         await self._wake.wait()
+                woken = self._wake.is_set()
                 self._wake.clear()
                 if self.state not in LOADED or self._op_lock.locked():
                     continue
-                async with self._op_lock:
-                    if self.state not in LOADED:
-                        continue
-                    handle = Handle(self.record.pid, self.record.unit)
-                    status = await self._ctx.supervisor.status(self.name, handle)
-                    if not status.alive:
-                        if not await self._lost_worker(held=True):
-                            await self._died(status, self._ctx.providers[self.config.provider])
-                        return
-                    if status.pid and status.pid != handle.pid:
-                        # systemd restarted the unit (Restart=on-failure): the record follows its process.
-                        self._update(f"backend restarted by its supervisor ({status.detail})", pid=status.pid)
+                if woken or time.monotonic() >= next_status:
+                    async with self._op_lock:
+                        if self.state not in LOADED:
+                            continue
+                        handle = Handle(self.record.pid, self.record.unit)
+                        status = await self._ctx.supervisor.status(self.name, handle)
+                        if not status.alive:
+                            if not await self._lost_worker(held=True):
+                                await self._died(status, self._ctx.providers[self.config.provider])
+                            return
+                        if status.pid and status.pid != handle.pid:
+                            # systemd restarted the unit (Restart=on-failure): the record follows its process.
+                            self._update(f"backend restarted by its supervisor ({status.detail})", pid=status.pid)
+                    if self.record.pid != watched:  # a new process: the pidfd follows it
+                        if pidfd is not None:
+                            asyncio.get_running_loop().remove_reader(pidfd)
+                            os.close(pidfd)
+                        watched = self.record.pid
+                        exited.clear()
+                        pidfd = _watch_exit(watched, self._wake, exited)
+                    # A pidfd that fired with the supervisor still calling the process alive (systemd has not
+                    # reaped it yet) is asked again at the fast pace, like a process no pidfd watches.
+                    fast = pidfd is None or exited.is_set()
+                    next_status = time.monotonic() + (WATCH_INTERVAL_S if fast else STATUS_WITH_PIDFD_S)
                 if time.monotonic() >= next_liveness:
                     await self._ctx.supervisor.trim_log(self.name)
                     if self._ctx.memory is not None and time.monotonic() >= next_memory:

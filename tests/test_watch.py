@@ -1,0 +1,69 @@
+"""A loaded slot's watch: its backend's death is seen through a pidfd the moment it happens, so the supervisor
+is asked about a watched process only now and then (under systemd each ask is a `systemctl show` process)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+from pathlib import Path
+from typing import Any
+
+from hal0.client import HttpClient
+from hal0.events import EventBus
+from hal0.providers.llamacpp import LlamaCppProvider
+from hal0.registry.store import ModelStore
+from hal0.settings import load_settings
+from hal0.slots import slot as slot_module
+from hal0.slots.manager import SlotManager
+from hal0.slots.state import SlotState
+from hal0.supervisors.base import Handle, ProcessStatus
+from hal0.supervisors.embedded import EmbeddedSupervisor
+from tests.conftest import StoreModels, free_port_range
+
+
+class CountedSupervisor(EmbeddedSupervisor):
+    """The embedded supervisor, counting the status checks the watch makes."""
+
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
+        self.asked = 0
+
+    async def status(self, slot: str, handle: Handle) -> ProcessStatus:
+        self.asked += 1
+        return await super().status(slot, handle)
+
+
+async def test_a_watched_backend_is_asked_about_rarely_and_its_death_is_seen_at_once(
+        tmp_path: Path, model_files: dict[str, Path], llama_server: str) -> None:
+    lo, hi = free_port_range(4)
+    settings = load_settings(env={"HAL0_HOME": str(tmp_path), "HAL0_PORT_MIN": str(lo), "HAL0_PORT_MAX": str(hi)})
+    settings.ensure_dirs()
+    store = ModelStore(settings.models_dir)
+    store.import_file("tiny", model_files["tiny"], link=True)
+    supervisor = CountedSupervisor(settings.slots_state_dir, settings.log_dir)
+    client = HttpClient()
+    manager = SlotManager(settings, EventBus(), supervisor, {"llama.cpp": LlamaCppProvider(llama_server)}, client,
+                          StoreModels(store))
+    await manager.start()
+    try:
+        await manager.assign("primary", "tiny")
+        slot = manager.get("primary")
+        assert await slot.ensure_loaded(60) and slot.state is SlotState.READY
+        pid = slot.record.pid
+        assert pid is not None
+        await asyncio.sleep(0.5)  # the watch's first check, right after the load
+        asked = supervisor.asked
+        # Two seconds of a quiet, watched backend: eight checks at the watch's tick, none now.
+        await asyncio.sleep(2 * slot_module.WATCH_INTERVAL_S * 4)
+        assert supervisor.asked == asked, supervisor.asked - asked
+        assert slot_module.STATUS_WITH_PIDFD_S > 2 * slot_module.WATCH_INTERVAL_S * 4
+        os.kill(pid, signal.SIGKILL)
+        async with asyncio.timeout(10):  # the pidfd wakes the watch
+            while slot.state is not SlotState.ERROR:
+                await asyncio.sleep(0.01)
+        assert supervisor.asked > asked
+        assert slot.record.error is not None and slot.record.error.code == "backend_exited", slot.record.error
+    finally:
+        await manager.close()
+        await client.close()
