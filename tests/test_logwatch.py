@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
-from hal0.slots.logwatch import LogWatch, size_of
+from hal0.supervisors.logwatch import LogWatch, size_of
 
 #: Far longer than any test may take: a wait that returns did so because of the write.
 FOREVER_S = 3600.0

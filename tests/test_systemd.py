@@ -10,6 +10,7 @@ import os
 import shutil
 import socket
 import subprocess
+import time
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -361,6 +362,29 @@ async def test_real_systemd_reloads_its_units_only_for_a_command_it_has_not_load
     supervisor._write_dropin("again", _command("again", ODD="behind"))
     assert (await load(ODD="behind"))["env"]["ODD"] == "behind"
     assert reloads() != after, "reloaded for the drop-in systemd had not loaded"
+
+
+@pytest.mark.slow
+async def test_real_systemd_log_watch_follows_the_run_that_start_began(
+        installed: tuple[SystemdSupervisor, Path, list[str]]) -> None:
+    """A warming slot's probe is woken by its backend's lines, which under systemd are in the journal: the watch
+    follows the unit's run (its InvocationID) from its first line, and returns on a ready line as it comes."""
+    supervisor, _, _ = installed
+    script = ("import time; print('loading the model', flush=True); time.sleep(1.5); "
+              "print('main: model loaded', flush=True); time.sleep(3600)")
+    handle = await supervisor.start("news", Command(("/usr/bin/python3", "-c", script), {}))
+    try:
+        async with supervisor.log_watch("news", handle) as news:
+            started = time.monotonic()
+            await news.grown(0, 60, (b"model loaded",))
+            assert time.monotonic() - started < 30, "returned on the line, not after the interval"
+            assert news.mark() == 2, "both lines of this run, the first from before the watch began"
+            # Nothing more comes: a wait for news past the mark lasts its interval.
+            before = news.mark()
+            await news.grown(before, 0.3)
+            assert news.mark() == before
+    finally:
+        assert not (await supervisor.stop("news", handle, timeout=5)).alive
 
 
 @pytest.mark.slow

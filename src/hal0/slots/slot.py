@@ -26,7 +26,6 @@ from hal0.redact import redact_argv, redact_env
 from hal0.settings import Settings, is_unspecified
 from hal0.slots.config import SlotConfig
 from hal0.slots.lease import HeldAnswers, Lease
-from hal0.slots.logwatch import LogWatch, size_of
 from hal0.slots.memory import SlotMemory
 from hal0.slots.state import ACTIVE, LOADED, LOADING, SlotState, check_transition
 from hal0.slots.store import SlotError, SlotRecord, StateStore, WriteMode
@@ -44,6 +43,9 @@ WATCH_INTERVAL_S = 0.25
 #: watch at once): a net under the pidfd, not the way a death is found. Under systemd each ask is a `systemctl
 #: show` process (~20 ms), four a second per loaded slot at WATCH_INTERVAL_S.
 STATUS_WITH_PIDFD_S = 5.0
+#: How soon the supervisor is asked again when the pidfd says the process exited and the supervisor does not yet
+#: (systemd reaps it a moment later); doubled each time, up to WATCH_INTERVAL_S.
+STATUS_AFTER_EXIT_S = 0.02
 #: Liveness of a loaded backend: probed this often, each probe given this long, this many misses in a row
 #: mean it hung (so a frozen backend is found within about 4-7 s, with no request needed).
 LIVENESS_INTERVAL_S = 1.0
@@ -512,7 +514,7 @@ class Slot:
     async def _probe_until_ready(self, handle: Handle, provider: Provider, budget: float, started: float,
                                  exited: asyncio.Event, unwatched: bool) -> None:
         interval = PROBE_FIRST_S
-        async with LogWatch(self._ctx.supervisor.log_path(self.name)) as news:
+        async with self._ctx.supervisor.log_watch(self.name, handle) as news:
             while True:
                 if unwatched or exited.is_set():
                     status = await self._ctx.supervisor.status(self.name, handle)
@@ -520,7 +522,7 @@ class Slot:
                         await self._died(status, provider)
                         return
                 # Taken before the probe: a line the backend logs while the probe is in flight is news too.
-                log_size = size_of(news.path)
+                log_mark = news.mark()
                 probe = await provider.probe(self._ctx.client, self.base_url, self.config.type,
                                              answering=self._release_held)
                 self.last_probe = probe
@@ -549,7 +551,7 @@ class Slot:
                     return
                 # A backend that answers "loading" is probed again when its log says it may be up (or the
                 # backoff is over), not after every line it logs.
-                await news.grown(log_size, interval, provider.ready_lines if probe.loading else ())
+                await news.grown(log_mark, interval, provider.ready_lines if probe.loading else ())
                 interval = min(interval * PROBE_BACKOFF, PROBE_MAX_S)
 
     async def _died(self, status: ProcessStatus, provider: Provider) -> None:
@@ -766,7 +768,8 @@ class Slot:
         exited = asyncio.Event()
         watched = self.record.pid
         pidfd = _watch_exit(watched, self._wake, exited)
-        next_status = 0.0
+        next_status = time.monotonic() + WATCH_INTERVAL_S
+        after_exit = STATUS_AFTER_EXIT_S  # doubling up to WATCH_INTERVAL_S while the supervisor disagrees
         next_liveness = time.monotonic() + LIVENESS_INTERVAL_S
         next_memory = 0.0
         misses = 0
@@ -778,8 +781,9 @@ class Slot:
                 self.memory = await asyncio.to_thread(self._ctx.memory.view, self)
                 next_memory = time.monotonic() + MEMORY_REFRESH_S
             while self.state in LOADED:
+                left = next_status - time.monotonic()  # a check due soon is waited for; an overdue one, a tick
                 with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(WATCH_INTERVAL_S):
+                    async with asyncio.timeout(left if 0 < left < WATCH_INTERVAL_S else WATCH_INTERVAL_S):
                         await self._wake.wait()
                 woken = self._wake.is_set()
                 self._wake.clear()
@@ -804,11 +808,15 @@ class Slot:
                             os.close(pidfd)
                         watched = self.record.pid
                         exited.clear()
+                        after_exit = STATUS_AFTER_EXIT_S
                         pidfd = _watch_exit(watched, self._wake, exited)
                     # A pidfd that fired with the supervisor still calling the process alive (systemd has not
-                    # reaped it yet) is asked again at the fast pace, like a process no pidfd watches.
-                    fast = pidfd is None or exited.is_set()
-                    next_status = time.monotonic() + (WATCH_INTERVAL_S if fast else STATUS_WITH_PIDFD_S)
+                    # reaped it yet) is asked again soon; a process no pidfd watches at the watch's pace.
+                    if exited.is_set():
+                        pace, after_exit = after_exit, min(after_exit * 2, WATCH_INTERVAL_S)
+                    else:
+                        pace = WATCH_INTERVAL_S if pidfd is None else STATUS_WITH_PIDFD_S
+                    next_status = time.monotonic() + pace
                 if time.monotonic() >= next_liveness:
                     await self._ctx.supervisor.trim_log(self.name)
                     if self._ctx.memory is not None and time.monotonic() >= next_memory:

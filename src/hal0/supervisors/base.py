@@ -33,6 +33,19 @@ class ProcessStatus:
     stopped_cleanly: bool = False
 
 
+class LogNews(Protocol):
+    """`async with` it while a backend warms up: `mark()` is where its log stands, `grown(mark, interval, lines)`
+    returns once a line past the mark came (with `lines`, one holding one of them) or after `interval`."""
+
+    async def __aenter__(self) -> LogNews: ...
+
+    async def __aexit__(self, *exc: object) -> None: ...
+
+    def mark(self) -> int: ...
+
+    async def grown(self, mark: int, interval: float, lines: tuple[bytes, ...] = ()) -> None: ...
+
+
 class Supervisor(Protocol):
     """Every method that touches a process, a file or another program is a coroutine: the API's event loop
     never waits on `systemctl`, the journal or a log file. Only `log_path` (a name) is plain."""
@@ -66,6 +79,10 @@ class Supervisor(Protocol):
         ...
 
     def log_path(self, slot: str) -> Path: ...
+
+    def log_watch(self, slot: str, handle: Handle) -> LogNews:
+        """What wakes a warming slot's probe when its backend logs a line (see `hal0.supervisors.logwatch`)."""
+        ...
 
     async def log_tail(self, slot: str, lines: int = 40) -> list[str]: ...
 

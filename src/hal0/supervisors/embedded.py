@@ -20,6 +20,7 @@ from hal0.fsio import atomic_write_json
 from hal0.providers.base import Command
 from hal0.redact import redact_argv
 from hal0.supervisors.base import Handle, ProcessStatus, log_due, rotate_log, tail_file
+from hal0.supervisors.logwatch import LogWatch
 
 
 def _proc_start_time(pid: int) -> int | None:
@@ -66,6 +67,9 @@ class EmbeddedSupervisor:
 
     def log_path(self, slot: str) -> Path:
         return self._log_dir / "slots" / f"{slot}.log"
+
+    def log_watch(self, slot: str, handle: Handle) -> LogWatch:
+        return LogWatch(self.log_path(slot))
 
     async def trim_log(self, slot: str) -> None:
         # A rotation copies up to LOG_MAX_BYTES: a thread's job, not the event loop's (the stat that tells is not).

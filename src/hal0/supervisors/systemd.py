@@ -19,14 +19,15 @@ from hal0.datatypes import datatype
 from hal0.errors import BackendError
 from hal0.fsio import atomic_write_text
 from hal0.providers.base import Command
-from hal0.supervisors.base import Handle, ProcessStatus
+from hal0.supervisors.base import Handle, LogNews, ProcessStatus
+from hal0.supervisors.logwatch import JournalWatch, LogWatch
 
 UNIT_DIR = Path("/etc/systemd/system")
 DROPIN_NAME = "10-hal0.conf"
 #: Bound on one systemctl/journalctl call; they talk to PID 1 over a local socket and answer in milliseconds.
 SYSTEMCTL_TIMEOUT_S = 30.0
 _SHOW_PROPERTIES = ("LoadState", "ActiveState", "SubState", "MainPID", "ExecMainCode", "ExecMainStatus",
-                    "Result", "NRestarts", "NeedDaemonReload")
+                    "Result", "NRestarts", "NeedDaemonReload", "InvocationID")
 #: States in which the unit's main process exists (with MainPID > 0): the process is alive, maybe not ready.
 _LIVE_STATES = frozenset({"active", "activating", "reloading", "deactivating"})
 # siginfo si_code values systemd reports as ExecMainCode.
@@ -106,6 +107,8 @@ class UnitState:
     restarts: int
     #: The unit's files on disk differ from what systemd loaded (a drop-in written since): a daemon-reload is due.
     need_daemon_reload: bool = False
+    #: This run of the unit, as the journal tags its lines (`_SYSTEMD_INVOCATION_ID`); "" before any run.
+    invocation: str = ""
 
     @classmethod
     def parse(cls, text: str) -> UnitState:
@@ -123,7 +126,7 @@ class UnitState:
 
         return cls(props.get("LoadState", ""), props.get("ActiveState", ""), props.get("SubState", ""),
                    num("MainPID"), num("ExecMainCode"), num("ExecMainStatus"), props.get("Result", ""),
-                   num("NRestarts"), props.get("NeedDaemonReload") == "yes")
+                   num("NRestarts"), props.get("NeedDaemonReload") == "yes", props.get("InvocationID", ""))
 
     @property
     def alive(self) -> bool:
@@ -205,11 +208,23 @@ class SystemdSupervisor:
         self._systemctl = tuple(systemctl)
         self._journalctl = tuple(journalctl)
         self._timeout_s = timeout_s
+        #: The run of each slot's unit that `start` began (its InvocationID), for `log_watch`.
+        self._invocations: dict[str, str] = {}
 
     def log_path(self, slot: str) -> Path:
         """Backends log to the journal (`journalctl -u hal0-slot@SLOT`); the nearest file is the drop-in that
         defines the unit's command."""
         return dropin_path(self._unit_dir, slot)
+
+    def log_watch(self, slot: str, handle: Handle) -> LogNews:
+        """The lines of the run `start` began, followed in the journal as they come. A run this API did not start
+        (one it found loading after a restart) has no watch of its lines: the drop-in, which does not change,
+        leaves the probing to its backoff."""
+        invocation = self._invocations.get(slot)
+        if not invocation:
+            return LogWatch(self.log_path(slot))
+        return JournalWatch([*self._journalctl, "--follow", "--lines=all", "--output=cat", "--no-pager",
+                             f"_SYSTEMD_INVOCATION_ID={invocation}"])
 
     # -- starting ------------------------------------------------------------------------------------------
     async def start(self, slot: str, command: Command) -> Handle:
@@ -225,6 +240,7 @@ class SystemdSupervisor:
         await self._systemctl_run("reset-failed", unit, what=f"reset {unit}")
         await self._systemctl_checked("restart", unit, what=f"start {unit}", unit=unit)
         state = await self._show(unit)
+        self._invocations[slot] = state.invocation
         return Handle(pid=state.main_pid or None, unit=unit)
 
     def _write_dropin(self, slot: str, command: Command) -> bool:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import signal
 import time
 from pathlib import Path
 from typing import Any
@@ -49,8 +50,8 @@ def _inotify(path: Path) -> int | None:
 
 
 class LogWatch:
-    """`async with LogWatch(path) as watch`: `await watch.grown(size, interval)` returns when the file's size is no
-    longer `size`, or after `interval`."""
+    """`async with LogWatch(path) as watch`: `await watch.grown(watch.mark(), interval)` returns when the file's size
+    is no longer what it was at the mark, or after `interval`. A supervisor makes one (`Supervisor.log_watch`)."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -75,6 +76,10 @@ class LogWatch:
     @property
     def inotify(self) -> bool:
         return self._fd is not None
+
+    def mark(self) -> int:
+        """Where the log stands now: `grown` waits for news past it."""
+        return size_of(self.path)
 
     def _drain(self) -> None:
         assert self._fd is not None
@@ -126,3 +131,67 @@ class LogWatch:
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(interval):
                 await self._news.wait()
+
+
+class JournalWatch:
+    """The same for a backend that logs to the journal (a systemd unit): `journalctl --follow` on the unit's
+    invocation streams its lines, and a mark is the number of lines seen. Where journalctl cannot be run, there is
+    no news: the caller's interval (the probing backoff) decides."""
+
+    def __init__(self, argv: list[str]) -> None:
+        self.argv = argv
+        self._proc: asyncio.subprocess.Process | None = None
+        self._reader: asyncio.Task[None] | None = None
+        self._lines: list[bytes] = []
+        self._news = asyncio.Event()
+
+    async def __aenter__(self) -> JournalWatch:
+        try:
+            # Its own process group: the stop takes down whatever the command is (a prefix such as nsenter forks
+            # journalctl off as a child of its own).
+            self._proc = await asyncio.create_subprocess_exec(
+                *self.argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.DEVNULL, start_new_session=True)
+        except OSError:
+            return self
+        self._reader = asyncio.create_task(self._read(self._proc), name="journal-watch")
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._reader is not None:
+            self._reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reader
+        if self._proc is not None:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self._proc.pid, signal.SIGKILL)
+            with contextlib.suppress(TimeoutError):  # the warm-up it served never waits on its end
+                async with asyncio.timeout(5):
+                    await self._proc.wait()
+
+    async def _read(self, proc: asyncio.subprocess.Process) -> None:
+        assert proc.stdout is not None
+        while line := await proc.stdout.readline():
+            self._lines.append(line)
+            self._news.set()
+
+    def mark(self) -> int:
+        return len(self._lines)
+
+    async def grown(self, mark: int, interval: float, lines: tuple[bytes, ...] = ()) -> None:
+        """Return once a line past `mark` came (with `lines`, one holding one of them), or after `interval`."""
+        deadline = time.monotonic() + interval
+        while True:
+            new = self._lines[mark:]
+            if new and (not lines or any(want in line for line in new for want in lines)):
+                return
+            mark += len(new)
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            self._news.clear()
+            if len(self._lines) > mark:
+                continue
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(left):
+                    await self._news.wait()
