@@ -95,6 +95,13 @@ def _watch_exit(pid: int | None, *exited: asyncio.Event) -> int | None:
     return fd
 
 
+def _unwatch_exit(pidfd: int | None) -> None:
+    """Undo `_watch_exit` (a pidfd that fired has already left the loop)."""
+    if pidfd is not None:
+        asyncio.get_running_loop().remove_reader(pidfd)
+        os.close(pidfd)
+
+
 class ModelSource(Protocol):
     """Where slots get model files: the registry, seen through the three questions a load asks."""
 
@@ -507,9 +514,7 @@ class Slot:
         try:
             await self._probe_until_ready(handle, provider, budget, started, exited, pidfd is None)
         finally:
-            if pidfd is not None:
-                asyncio.get_running_loop().remove_reader(pidfd)
-                os.close(pidfd)
+            _unwatch_exit(pidfd)
 
     async def _probe_until_ready(self, handle: Handle, provider: Provider, budget: float, started: float,
                                  exited: asyncio.Event, unwatched: bool) -> None:
@@ -803,9 +808,7 @@ class Slot:
                             # systemd restarted the unit (Restart=on-failure): the record follows its process.
                             self._update(f"backend restarted by its supervisor ({status.detail})", pid=status.pid)
                     if self.record.pid != watched:  # a new process: the pidfd follows it
-                        if pidfd is not None:
-                            asyncio.get_running_loop().remove_reader(pidfd)
-                            os.close(pidfd)
+                        _unwatch_exit(pidfd)
                         watched = self.record.pid
                         exited.clear()
                         after_exit = STATUS_AFTER_EXIT_S
@@ -840,9 +843,7 @@ class Slot:
                     await self.unload(f"ttl of {self.config.ttl_s:g}s expired")
                     return
         finally:
-            if pidfd is not None:
-                asyncio.get_running_loop().remove_reader(pidfd)
-                os.close(pidfd)
+            _unwatch_exit(pidfd)
 
     async def _alive(self) -> bool:
         """A cheap liveness probe off the request path: any HTTP answer from the backend counts (llama-server
